@@ -1,0 +1,92 @@
+//! Data-plane counters: one per verdict and per drop or pass reason, and traffic per
+//! service and backend. All per-CPU; userspace sums the CPUs.
+
+use crate::assert_size;
+
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $name:ident = $idx:literal, $label:literal; )*) => {
+        /// Index into the `COUNTERS` map. Every packet increments exactly one verdict
+        /// counter (`Pass*`, `Forward*`, `Reply*`, `Drop*`); `Event*` counters come on top.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter { $( $(#[doc = $doc])* $name = $idx, )* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            /// Stable name used in metrics and the CLI.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Not IPv4 (ARP, IPv6, ...): passed.
+    PassNotIpv4 = 0, "pass_not_ipv4";
+    /// IPv4 but neither TCP nor UDP (ICMP included): passed.
+    PassOtherProtocol = 1, "pass_other_protocol";
+    /// TCP/UDP not addressed to a service and not a reply of a tracked flow: passed.
+    PassNotService = 2, "pass_not_service";
+    /// Ethernet header cut short: passed (the stack discards it).
+    PassTruncatedEthernet = 3, "pass_truncated_ethernet";
+    /// IPv4 header cut short or invalid IHL: passed (the stack discards it).
+    PassTruncatedIpv4 = 4, "pass_truncated_ipv4";
+    /// IPv4 options, not to a VIP address: passed.
+    PassIpOptions = 5, "pass_ip_options";
+    /// IPv4 fragment, not to a VIP address: passed.
+    PassFragment = 6, "pass_fragment";
+    /// TCP/UDP header cut short, not to a VIP address: passed.
+    PassTruncatedL4 = 7, "pass_truncated_l4";
+    /// New connection: backend chosen, destination rewritten.
+    ForwardNew = 8, "forward_new";
+    /// Packet of a tracked connection: destination rewritten.
+    ForwardTracked = 9, "forward_tracked";
+    /// Reply of a tracked connection: source rewritten to the VIP.
+    ReplyTracked = 10, "reply_tracked";
+    /// IPv4 options to a VIP address: dropped (lb does not rewrite them).
+    DropIpOptions = 11, "drop_ip_options";
+    /// IPv4 fragment to a VIP address: dropped (later fragments carry no ports).
+    DropFragment = 12, "drop_fragment";
+    /// TCP/UDP header cut short to a VIP address: dropped.
+    DropTruncatedL4 = 13, "drop_truncated_l4";
+    /// Service has no backend in its table: new connection dropped.
+    DropNoBackend = 14, "drop_no_backend";
+    /// No active backend within the bounded re-selection: new connection dropped.
+    DropNoActiveBackend = 15, "drop_no_active_backend";
+    /// A packet rewrite failed in the kernel helper: dropped.
+    DropRewriteFailed = 16, "drop_rewrite_failed";
+    /// The first pick was not active and another slot was used.
+    EventReselected = 17, "event_reselected";
+    /// A TCP packet without SYN had no table entry (evicted or expired): re-selected by
+    /// flow hash, which gives the same backend while the table is unchanged.
+    EventMidflowMiss = 18, "event_midflow_miss";
+    /// Writing a connection table entry failed.
+    EventTrackFailed = 19, "event_track_failed";
+    /// Connection table entries created (two per connection).
+    EventTracked = 20, "event_tracked";
+    /// Egress: after DNAT, the route to the backend was not found; left to the stack.
+    EventEgressNoRoute = 21, "event_egress_no_route";
+}
+
+/// Number of slots of the `COUNTERS` map.
+pub const COUNTER_SLOTS: u32 = 32;
+const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+
+/// Traffic of a service or a backend (per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+}
+assert_size!(TrafficStats, 24);
+
+impl TrafficStats {
+    pub fn add(&mut self, o: &TrafficStats) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_connections += o.new_connections;
+    }
+}

@@ -1,0 +1,154 @@
+//! Map names, keys and values of the data plane.
+//!
+//! Names carry a layout version (`_v1`): an agent never reads a pinned map written with a
+//! different layout. The kernel keeps 15 characters of a map name.
+
+use crate::{assert_size, flow::AddrBe};
+
+/// Service frontends: `ServiceKey` → `Service`. Also holds one marker entry per VIP address
+/// (port 0, protocol 0) so packets that cannot be parsed to a port are still recognised as
+/// addressed to a VIP.
+pub const SERVICES: &str = "lb_svc_v1";
+/// Selection tables of all services in one array of backend ids; a service uses the
+/// `[table_offset, table_offset + table_len)` window named by its `Service` value.
+pub const SELECTION: &str = "lb_sel_v1";
+/// Backends by id (`u32` index; id 0 is reserved as "none" so an empty slot never routes).
+pub const BACKENDS: &str = "lb_be_v1";
+/// Connection table (LRU): `FlowKey` → `ConnEntry`, both directions of each connection.
+pub const CONNECTIONS: &str = "lb_ct_v1";
+/// Per-CPU `u64` counters indexed by `Counter`.
+pub const COUNTERS: &str = "lb_cnt_v1";
+/// Per-CPU `TrafficStats` indexed by service id.
+pub const SERVICE_STATS: &str = "lb_svc_st_v1";
+/// Per-CPU `TrafficStats` indexed by backend id.
+pub const BACKEND_STATS: &str = "lb_be_st_v1";
+/// Name of the read-only global holding `DataplaneConfig`.
+pub const CONFIG_GLOBAL: &str = "LB_CONFIG";
+
+/// Default sizes; the agent overrides them at load from its configuration.
+pub const DEFAULT_MAX_SERVICES: u32 = 256;
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// Each service has two table halves (active and next) of up to this many slots.
+pub const DEFAULT_TABLE_SLOTS: u32 = 4096;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 262_144;
+
+/// How many table slots a new connection may try when the first pick is not active.
+pub const MAX_RESELECT: u32 = 8;
+
+/// Key of the services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: AddrBe,
+    /// 0 together with `proto` 0 marks the VIP-address entry.
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+assert_size!(ServiceKey, 20);
+
+impl ServiceKey {
+    /// The marker key that says "this address is a VIP", whatever the port.
+    #[inline(always)]
+    pub const fn address_marker(addr: AddrBe, family: u8) -> Self {
+        Self {
+            addr,
+            port_be: 0,
+            proto: 0,
+            family,
+        }
+    }
+}
+
+/// Value of the services map. Replaced as a whole, so the kernel sees either the old or
+/// the new table window, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into the per-service stats map; 0 for address markers.
+    pub id: u32,
+    /// First slot of the active table in `SELECTION`.
+    pub table_offset: u32,
+    /// Number of slots in the active table; 0 means no backend (new connections dropped).
+    pub table_len: u32,
+    pub _pad: u32,
+}
+assert_size!(Service, 16);
+
+/// Lifecycle state of a backend. Only `Active` backends receive new connections;
+/// established connections stay on their backend in every state.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// Unused id.
+    Unset = 0,
+    Active = 1,
+    /// Being removed: keeps its connections, takes no new ones.
+    Draining = 2,
+    /// Removed by outlier detection or an operator: takes no new connections.
+    Ejected = 3,
+}
+
+impl BackendState {
+    pub const fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Active,
+            2 => Self::Draining,
+            3 => Self::Ejected,
+            _ => Self::Unset,
+        }
+    }
+}
+
+/// Value of the backends map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: AddrBe,
+    pub port_be: u16,
+    pub family: u8,
+    /// A `BackendState` as `u8`.
+    pub state: u8,
+}
+assert_size!(Backend, 20);
+
+/// Which way a tracked packet travels.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnDirection {
+    /// Client → VIP: destination is rewritten to the backend.
+    Original = 1,
+    /// Backend → client: source is rewritten back to the VIP.
+    Reply = 2,
+}
+
+/// State of a tracked connection (per direction entry); selects its idle timeout.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnState {
+    /// TCP: SYN seen, handshake not complete.
+    TcpSyn = 1,
+    TcpEstablished = 2,
+    /// TCP: FIN or RST seen.
+    TcpClosing = 3,
+    Udp = 4,
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    /// Address written into the packet: the backend (original direction) or the VIP (reply).
+    pub nat_addr: AddrBe,
+    pub nat_port_be: u16,
+    /// A `ConnDirection` as `u8`.
+    pub direction: u8,
+    /// A `ConnState` as `u8`.
+    pub state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second).
+    pub last_seen_ns: u64,
+}
+assert_size!(ConnEntry, 40);

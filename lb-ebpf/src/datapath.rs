@@ -1,0 +1,289 @@
+//! The core shared by every hook: classify a packet, track its connection, pick a backend
+//! for a new one, and rewrite it.
+//!
+//! Per packet, in order:
+//! 1. parse (what cannot be parsed follows the rule in `parse`);
+//! 2. one connection-table lookup under the packet's own 5-tuple: a hit says which way
+//!    the packet goes and what to write (backend for the original direction, VIP for
+//!    replies), so tracked packets cost a single hash lookup;
+//! 3. otherwise a service lookup: a hit is a new connection, a miss is not lb's traffic.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    flow::{flow_hash, selection_slot},
+    maps::MAX_RESELECT,
+    proto, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
+    ServiceKey,
+};
+
+use crate::{
+    maps::{config, BACKENDS, CONNECTIONS, SELECTION, SERVICES},
+    packet::{End, Endpoint, Packet},
+    parse::{parse, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+/// What happened to a packet; each hook maps it to its own return code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not lb's packet (or not rewritable by rule): untouched.
+    Pass,
+    /// Original direction, destination rewritten to the backend.
+    Forwarded,
+    /// Reply, source rewritten to the VIP.
+    Replied,
+    Drop,
+}
+
+/// Entries are refreshed at most this often, so an established flow mostly reads.
+const REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
+    let (outcome, counter) = match parse(pkt.data(), pkt.data_end()) {
+        Ok(parsed) => handle(pkt, &parsed),
+        Err(u) => (
+            if u.drop {
+                Outcome::Drop
+            } else {
+                Outcome::Pass
+            },
+            u.counter,
+        ),
+    };
+    stats::count(counter);
+    outcome
+}
+
+#[inline(always)]
+fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(entry) = CONNECTIONS.get_ptr_mut(&p.flow) {
+        // SAFETY: pointer to a live map value returned by the kernel.
+        let entry = unsafe { &mut *entry };
+        if let Some(result) = tracked(pkt, p, entry, now) {
+            return result;
+        }
+    }
+    let key = ServiceKey {
+        addr: p.flow.dst,
+        port_be: p.flow.dst_port_be,
+        proto: p.flow.proto,
+        family: p.flow.family,
+    };
+    match SERVICES.get_ptr(&key) {
+        // SAFETY: pointer to a live map value returned by the kernel.
+        Some(svc) => new_connection(pkt, p, unsafe { &*svc }, now),
+        None => (Outcome::Pass, Counter::PassNotService),
+    }
+}
+
+/// Idle timeout of an entry in `state`.
+#[inline(always)]
+fn timeout_ns(state: u8) -> u64 {
+    let cfg = config();
+    match state {
+        s if s == ConnState::TcpEstablished as u8 => cfg.tcp_established_timeout_ns,
+        s if s == ConnState::TcpClosing as u8 => cfg.tcp_closing_timeout_ns,
+        s if s == ConnState::Udp as u8 => cfg.udp_timeout_ns,
+        _ => cfg.tcp_syn_timeout_ns,
+    }
+}
+
+/// The state a TCP entry moves to when a packet with `flags` passes.
+#[inline(always)]
+fn next_tcp_state(current: u8, flags: u8) -> u8 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
+        ConnState::TcpClosing as u8
+    } else if current == ConnState::TcpSyn as u8 && flags & TCP_ACK != 0 && flags & TCP_SYN == 0
+    {
+        ConnState::TcpEstablished as u8
+    } else {
+        current
+    }
+}
+
+/// Handles a packet whose 5-tuple has an entry. `None` means the entry no longer stands
+/// (expired, or a closed TCP connection whose ports are reused by a new SYN), and the
+/// packet is treated as untracked.
+#[inline(always)]
+fn tracked<P: Packet>(
+    pkt: &mut P,
+    p: &Parsed,
+    entry: &mut ConnEntry,
+    now: u64,
+) -> Option<(Outcome, Counter)> {
+    if now.saturating_sub(entry.last_seen_ns) > timeout_ns(entry.state) {
+        return None;
+    }
+    let is_tcp = p.flow.proto == proto::TCP;
+    let original = entry.direction == ConnDirection::Original as u8;
+    if is_tcp
+        && original
+        && entry.state == ConnState::TcpClosing as u8
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
+        return None;
+    }
+    let state = if is_tcp {
+        next_tcp_state(entry.state, p.tcp_flags)
+    } else {
+        entry.state
+    };
+    if state != entry.state || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS {
+        entry.state = state;
+        entry.last_seen_ns = now;
+        // Keep the other direction's entry alive and in step, so a connection that is
+        // busy one way does not lose its translation the other way.
+        if let Some(partner) = CONNECTIONS.get_ptr_mut(partner_key(&p.flow, entry)) {
+            // SAFETY: pointer to a live map value returned by the kernel.
+            let partner = unsafe { &mut *partner };
+            if state == ConnState::TcpClosing as u8 {
+                partner.state = state;
+            }
+            partner.last_seen_ns = now;
+        }
+    }
+
+    let nat = Endpoint {
+        addr: entry.nat_addr.0[0],
+        port: entry.nat_port_be,
+    };
+    let (end, old, outcome, counter) = if original {
+        let old = Endpoint {
+            addr: p.flow.dst.0[0],
+            port: p.flow.dst_port_be,
+        };
+        (End::Dst, old, Outcome::Forwarded, Counter::ForwardTracked)
+    } else {
+        let old = Endpoint {
+            addr: p.flow.src.0[0],
+            port: p.flow.src_port_be,
+        };
+        (End::Src, old, Outcome::Replied, Counter::ReplyTracked)
+    };
+    let (service_id, backend_id) = (entry.service_id, entry.backend_id);
+    if pkt.rewrite(end, p.flow.proto, old, nat).is_err() {
+        return Some((Outcome::Drop, Counter::DropRewriteFailed));
+    }
+    stats::traffic(service_id, backend_id, pkt.len(), false);
+    Some((outcome, counter))
+}
+
+/// The key under which the other direction of `entry`'s connection is tracked.
+#[inline(always)]
+fn partner_key(flow: &FlowKey, entry: &ConnEntry) -> FlowKey {
+    if entry.direction == ConnDirection::Original as u8 {
+        // client → VIP; the reply travels backend → client.
+        FlowKey {
+            src: entry.nat_addr,
+            dst: flow.src,
+            src_port_be: entry.nat_port_be,
+            dst_port_be: flow.src_port_be,
+            ..*flow
+        }
+    } else {
+        // backend → client; the original travelled client → VIP.
+        FlowKey {
+            src: flow.dst,
+            dst: entry.nat_addr,
+            src_port_be: flow.dst_port_be,
+            dst_port_be: entry.nat_port_be,
+            ..*flow
+        }
+    }
+}
+
+/// Picks an active backend from the service's selection table: the flow's slot, then up
+/// to `MAX_RESELECT - 1` following slots when that backend is not active.
+#[inline(always)]
+fn select(svc: &Service, hash: u32) -> Result<(u32, lb_common::Backend, bool), Counter> {
+    if svc.table_len == 0 {
+        return Err(Counter::DropNoBackend);
+    }
+    for attempt in 0..MAX_RESELECT {
+        let slot = svc.table_offset + selection_slot(hash, attempt, svc.table_len);
+        let Some(&id) = SELECTION.get(slot) else {
+            break;
+        };
+        if id == 0 {
+            continue;
+        }
+        if let Some(backend) = BACKENDS.get(id) {
+            if backend.state == BackendState::Active as u8 {
+                return Ok((id, *backend, attempt > 0));
+            }
+        }
+    }
+    Err(Counter::DropNoActiveBackend)
+}
+
+#[inline(always)]
+fn new_connection<P: Packet>(
+    pkt: &mut P,
+    p: &Parsed,
+    svc: &Service,
+    now: u64,
+) -> (Outcome, Counter) {
+    let is_tcp = p.flow.proto == proto::TCP;
+    let starts_connection = !is_tcp || p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !starts_connection {
+        // The table lost this flow (evicted or expired). The flow hash gives the same
+        // backend as long as the selection table has not changed since.
+        stats::count(Counter::EventMidflowMiss);
+    }
+    let (backend_id, backend, reselected) = match select(svc, flow_hash(&p.flow)) {
+        Ok(chosen) => chosen,
+        Err(counter) => return (Outcome::Drop, counter),
+    };
+    if reselected {
+        stats::count(Counter::EventReselected);
+    }
+
+    let state = if !is_tcp {
+        ConnState::Udp as u8
+    } else if starts_connection {
+        ConnState::TcpSyn as u8
+    } else {
+        next_tcp_state(ConnState::TcpEstablished as u8, p.tcp_flags)
+    };
+    let original = ConnEntry {
+        nat_addr: backend.addr,
+        nat_port_be: backend.port_be,
+        direction: ConnDirection::Original as u8,
+        state,
+        backend_id,
+        service_id: svc.id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let reply = ConnEntry {
+        nat_addr: p.flow.dst,
+        nat_port_be: p.flow.dst_port_be,
+        direction: ConnDirection::Reply as u8,
+        ..original
+    };
+    let reply_key = partner_key(&p.flow, &original);
+    if CONNECTIONS.insert(&reply_key, &reply, 0).is_ok()
+        && CONNECTIONS.insert(&p.flow, &original, 0).is_ok()
+    {
+        stats::count(Counter::EventTracked);
+    } else {
+        // Still balanced: later packets re-select by hash to the same backend.
+        stats::count(Counter::EventTrackFailed);
+    }
+
+    let old = Endpoint {
+        addr: p.flow.dst.0[0],
+        port: p.flow.dst_port_be,
+    };
+    let new = Endpoint {
+        addr: backend.addr.0[0],
+        port: backend.port_be,
+    };
+    if pkt.rewrite(End::Dst, p.flow.proto, old, new).is_err() {
+        return (Outcome::Drop, Counter::DropRewriteFailed);
+    }
+    stats::traffic(svc.id, backend_id, pkt.len(), true);
+    (Outcome::Forwarded, Counter::ForwardNew)
+}

@@ -1,0 +1,60 @@
+//! lb's data plane: per-connection L4 load balancing with connection tracking and NAT.
+//!
+//! Three thin entry points share one core (`datapath::process`):
+//! - `lb_xdp`: XDP on ingress, for NICs with XDP;
+//! - `lb_tc_ingress`: TC (clsact) ingress, for everything else;
+//! - `lb_tc_egress`: TC egress, for connections the node itself opens to a VIP.
+//!
+//! The core parses, looks up the connection table, picks a backend for new connections
+//! and rewrites addresses. The entries only translate its outcome into their verdicts.
+#![no_std]
+#![no_main]
+
+mod datapath;
+mod maps;
+mod packet;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use datapath::Outcome;
+use packet::{TcPacket, XdpPacket};
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    match datapath::process(&mut XdpPacket::new(ctx)) {
+        // Rewritten packets go up the stack, which routes them to the backend or client.
+        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => xdp_action::XDP_PASS,
+        Outcome::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[classifier]
+pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
+    match datapath::process(&mut TcPacket::new(ctx)) {
+        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => TC_ACT_OK as i32,
+        Outcome::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[classifier]
+pub fn lb_tc_egress(ctx: TcContext) -> i32 {
+    let mut pkt = TcPacket::new(ctx);
+    match datapath::process(&mut pkt) {
+        // The route the node chose was the VIP's; after DNAT the packet must leave
+        // towards the backend instead.
+        Outcome::Forwarded => pkt.reroute(),
+        Outcome::Pass | Outcome::Replied => TC_ACT_OK as i32,
+        Outcome::Drop => TC_ACT_SHOT as i32,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

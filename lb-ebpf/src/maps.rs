@@ -1,0 +1,59 @@
+//! Every map of the data plane. Names and layouts are shared with userspace through
+//! `lb_common::maps`; sizes here are defaults the agent overrides at load.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counters::COUNTER_SLOTS,
+    maps::{
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS,
+    },
+    Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
+};
+
+/// Frontends (VIP, port, protocol) → service, plus one marker entry per VIP address.
+#[map(name = "lb_svc_v1")]
+pub static SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
+
+/// Selection tables of all services: slot → backend id (two halves per service).
+#[map(name = "lb_sel_v1")]
+pub static SELECTION: Array<u32> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_TABLE_SLOTS, 0);
+
+/// Backend id → address, port and state. Id 0 is never written: it means "none".
+#[map(name = "lb_be_v1")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Connection table, both directions of each balanced connection (LRU: when full, the
+/// least recently used entries make room).
+#[map(name = "lb_ct_v1")]
+pub static CONNECTIONS: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// Verdict, drop-reason and event counters, indexed by `lb_common::Counter`.
+#[map(name = "lb_cnt_v1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Traffic per service id.
+#[map(name = "lb_svc_st_v1")]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+/// Traffic per backend id.
+#[map(name = "lb_be_st_v1")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Load-time settings; the agent overrides this read-only global when it loads the object.
+#[no_mangle]
+static LB_CONFIG: DataplaneConfig = DataplaneConfig::DEFAULT;
+
+/// Reads one setting. Volatile, so the compiler cannot fold in the default value.
+#[inline(always)]
+pub fn config() -> &'static DataplaneConfig {
+    // SAFETY: LB_CONFIG is a valid static; the read is volatile only to defeat folding.
+    unsafe { &*core::ptr::read_volatile(&&raw const LB_CONFIG) }
+}

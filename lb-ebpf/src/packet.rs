@@ -1,0 +1,236 @@
+//! The two packet contexts (XDP and TC) behind one interface, so the core is written
+//! once. They differ in how a rewrite keeps checksums right:
+//! - XDP sees complete checksums (from the wire) and updates them in place (RFC 1624);
+//! - TC uses the kernel's checksum helpers, which also handle `CHECKSUM_PARTIAL` skbs
+//!   (locally generated or offloaded) and keep `skb->csum` right for `CHECKSUM_COMPLETE`.
+
+use core::mem::{offset_of, size_of};
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::{TcContext, XdpContext},
+    EbpfContext,
+};
+use lb_common::{csum, proto, Counter};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+
+use crate::{
+    parse::{header_at, ETH_LEN, L4_OFF, MAX_HEADERS},
+    stats,
+};
+
+/// Which end of the packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Destination: DNAT, client → backend.
+    Dst,
+    /// Source: reverse NAT, backend → VIP.
+    Src,
+}
+
+/// An address and port as they sit in the packet (network byte order).
+#[derive(Clone, Copy)]
+pub struct Endpoint {
+    pub addr: u32,
+    pub port: u16,
+}
+
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Bytes of the whole packet, for traffic counters.
+    fn len(&self) -> u32;
+    /// Rewrites one end's IPv4 address and L4 port, keeping the IPv4 and TCP/UDP
+    /// checksums valid. `l4` is the IP protocol (TCP or UDP).
+    fn rewrite(&mut self, end: End, l4: u8, old: Endpoint, new: Endpoint) -> Result<(), ()>;
+}
+
+const IP_CHECK_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, check);
+const IP_SRC_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, src_addr);
+const IP_DST_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, dst_addr);
+const TCP_CHECK_OFF: usize = L4_OFF + offset_of!(TcpHdr, check);
+const UDP_CHECK_OFF: usize = L4_OFF + offset_of!(UdpHdr, check);
+
+#[inline(always)]
+const fn offsets(end: End) -> (usize, usize) {
+    // (address offset, port offset); source port precedes destination port in TCP and UDP.
+    match end {
+        End::Dst => (IP_DST_OFF, L4_OFF + 2),
+        End::Src => (IP_SRC_OFF, L4_OFF),
+    }
+}
+
+pub struct XdpPacket {
+    ctx: XdpContext,
+}
+
+impl XdpPacket {
+    #[inline(always)]
+    pub fn new(ctx: XdpContext) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Packet for XdpPacket {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.ctx.data_end() - self.ctx.data()) as u32
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, end: End, l4: u8, old: Endpoint, new: Endpoint) -> Result<(), ()> {
+        let (data, data_end) = (self.data(), self.data_end());
+        let (addr_off, port_off) = offsets(end);
+        let ip: *mut Ipv4Hdr = header_at(data, data_end, ETH_LEN).ok_or(())?;
+        let check_off = if l4 == proto::TCP {
+            TCP_CHECK_OFF
+        } else {
+            UDP_CHECK_OFF
+        };
+        let l4_check: *mut u16 = header_at(data, data_end, check_off).ok_or(())?;
+        let port: *mut u16 = header_at(data, data_end, port_off).ok_or(())?;
+        let addr: *mut [u8; 4] = header_at(data, data_end, addr_off).ok_or(())?;
+        // SAFETY: every pointer was bounds-checked by header_at; the XDP buffer is writable.
+        unsafe {
+            let ip = &mut *ip;
+            ip.check = csum::replace4(u16::from_ne_bytes(ip.check), old.addr, new.addr)
+                .to_ne_bytes();
+            let c = l4_check.read_unaligned();
+            let c = if l4 == proto::TCP {
+                csum::replace2(csum::replace4(c, old.addr, new.addr), old.port, new.port)
+            } else {
+                csum::udp_replace2(csum::udp_replace4(c, old.addr, new.addr), old.port, new.port)
+            };
+            l4_check.write_unaligned(c);
+            port.write_unaligned(new.port);
+            addr.write_unaligned(new.addr.to_ne_bytes());
+        }
+        Ok(())
+    }
+}
+
+pub struct TcPacket {
+    ctx: TcContext,
+}
+
+impl TcPacket {
+    #[inline(always)]
+    pub fn new(ctx: TcContext) -> Self {
+        // Headers may sit in a non-linear part of the skb; make them directly readable.
+        let linear = ctx.data_end() - ctx.data();
+        if linear < MAX_HEADERS && ctx.len() as usize > linear {
+            let want = if (ctx.len() as usize) < MAX_HEADERS {
+                ctx.len()
+            } else {
+                MAX_HEADERS as u32
+            };
+            let _ = ctx.pull_data(want);
+        }
+        Self { ctx }
+    }
+
+    /// After DNAT on egress: send the packet out of the interface that routes to the
+    /// backend, with its L2 addresses, instead of the one the VIP's route picked.
+    #[inline(always)]
+    pub fn reroute(&mut self) -> i32 {
+        let (data, data_end) = (self.data(), self.data_end());
+        let Some(ip) = header_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
+            return TC_ACT_OK as i32;
+        };
+        // SAFETY: bounds checked by header_at.
+        let ip = unsafe { &*ip };
+        // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid starting value.
+        let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+        fib.family = 2; // AF_INET
+        fib.l4_protocol = ip.proto;
+        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
+        fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+        // SAFETY: valid context and a correctly sized parameter block.
+        let rc = unsafe {
+            bpf_fib_lookup(
+                self.ctx.as_ptr(),
+                &mut fib,
+                size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        };
+        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+            let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
+                return TC_ACT_OK as i32;
+            };
+            // SAFETY: bounds checked by header_at.
+            unsafe {
+                (*eth).dst_addr = fib.dmac;
+                (*eth).src_addr = fib.smac;
+                // Returns TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad ifindex.
+                bpf_redirect(fib.ifindex, 0) as i32
+            }
+        } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+            // The kernel resolves the neighbour itself and fills in the L2 header.
+            // SAFETY: a null parameter block asks the kernel to use the packet's route.
+            unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        } else {
+            stats::count(Counter::EventEgressNoRoute);
+            TC_ACT_OK as i32
+        }
+    }
+}
+
+impl Packet for TcPacket {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.ctx.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        self.ctx.data_end()
+    }
+
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        self.ctx.len()
+    }
+
+    #[inline(always)]
+    fn rewrite(&mut self, end: End, l4: u8, old: Endpoint, new: Endpoint) -> Result<(), ()> {
+        let (addr_off, port_off) = offsets(end);
+        let (check_off, mangled0) = if l4 == proto::TCP {
+            (TCP_CHECK_OFF, 0)
+        } else {
+            // UDP: a zero checksum means "none" and must stay zero.
+            (UDP_CHECK_OFF, BPF_F_MARK_MANGLED_0 as u64)
+        };
+        let c = &self.ctx;
+        c.l4_csum_replace(
+            check_off,
+            old.addr as u64,
+            new.addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | mangled0 | 4,
+        )
+        .map_err(|_| ())?;
+        c.l4_csum_replace(check_off, old.port as u64, new.port as u64, mangled0 | 2)
+            .map_err(|_| ())?;
+        c.l3_csum_replace(IP_CHECK_OFF, old.addr as u64, new.addr as u64, 4)
+            .map_err(|_| ())?;
+        c.store(addr_off, &new.addr, 0).map_err(|_| ())?;
+        c.store(port_off, &new.port, 0).map_err(|_| ())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+//! Per-CPU counters. Plain adds: each CPU owns its slot, so no atomics are needed.
+
+use lb_common::{Counter, TrafficStats};
+
+use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS};
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot returned by the kernel for this CPU only.
+        unsafe { *v += 1 };
+    }
+}
+
+/// Accounts one translated packet to its service and backend.
+#[inline(always)]
+pub fn traffic(service_id: u32, backend_id: u32, bytes: u32, new_connection: bool) {
+    let new = new_connection as u64;
+    for (map, idx) in [(&SERVICE_STATS, service_id), (&BACKEND_STATS, backend_id)] {
+        if let Some(s) = map.get_ptr_mut(idx) {
+            // SAFETY: per-CPU slot returned by the kernel for this CPU only.
+            let s: &mut TrafficStats = unsafe { &mut *s };
+            s.packets += 1;
+            s.bytes += bytes as u64;
+            s.new_connections += new;
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! Brings the data plane to a desired set of services, keeping ids stable across
+//! updates so tracked connections and counters keep their meaning.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::{bail, Result};
+use lb_common::BackendState;
+
+use super::{selection::build_table, Dataplane, Frontend};
+
+/// A backend as the control plane wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+/// A service as the control plane wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub name: String,
+    pub frontend: Frontend,
+    pub backends: Vec<DesiredBackend>,
+}
+
+type BackendKey = (Frontend, Ipv4Addr, u16);
+
+/// Remembers which ids the data plane uses for which service and backend.
+#[derive(Default)]
+pub struct Programmer {
+    services: BTreeMap<Frontend, u32>,
+    backends: BTreeMap<BackendKey, u32>,
+}
+
+fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (1..limit).find(|id| !used.contains(id))
+}
+
+impl Programmer {
+    pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
+        self.services.get(frontend).copied()
+    }
+
+    pub fn backend_id(&self, frontend: &Frontend, addr: Ipv4Addr, port: u16) -> Option<u32> {
+        self.backends.get(&(*frontend, addr, port)).copied()
+    }
+
+    /// Applies `desired`. Checks capacity first, so a configuration that does not fit is
+    /// refused before anything in the kernel changes.
+    pub fn apply(&mut self, dp: &mut Dataplane, desired: &[DesiredService]) -> Result<()> {
+        let opts = dp.options().clone();
+        let mut frontends = BTreeSet::new();
+        for s in desired {
+            if !frontends.insert(s.frontend) {
+                bail!("service {}: frontend {} is defined twice", s.name, s.frontend);
+            }
+        }
+        if desired.len() as u32 >= opts.max_services {
+            bail!(
+                "{} services do not fit dataplane.max_services = {} (one id is reserved)",
+                desired.len(),
+                opts.max_services
+            );
+        }
+        let wanted_backends: usize = desired.iter().map(|s| s.backends.len()).sum();
+        if wanted_backends as u32 >= opts.max_backends {
+            bail!(
+                "{wanted_backends} backends do not fit dataplane.max_backends = {} (id 0 is reserved)",
+                opts.max_backends
+            );
+        }
+
+        // Forget what is no longer wanted (ids are freed after the kernel stops using them).
+        let wanted_keys: BTreeSet<BackendKey> = desired
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (s.frontend, b.addr, b.port)))
+            .collect();
+        let stale_services: Vec<(Frontend, u32)> = self
+            .services
+            .iter()
+            .filter(|(f, _)| !frontends.contains(f))
+            .map(|(f, id)| (*f, *id))
+            .collect();
+        let stale_backends: Vec<(BackendKey, u32)> = self
+            .backends
+            .iter()
+            .filter(|(k, _)| !wanted_keys.contains(k))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+
+        // 1. Backends first, so every id a new table names is already valid.
+        let mut used: BTreeSet<u32> = self.backends.values().copied().collect();
+        for s in desired {
+            for b in &s.backends {
+                let key = (s.frontend, b.addr, b.port);
+                let id = match self.backends.get(&key) {
+                    Some(&id) => id,
+                    None => {
+                        let id = lowest_free(&used, opts.max_backends)
+                            .expect("capacity checked above");
+                        used.insert(id);
+                        self.backends.insert(key, id);
+                        id
+                    }
+                };
+                dp.set_backend(id, b.addr, b.port, b.state)?;
+            }
+        }
+        // 2. Tables, each flipped in one step.
+        let mut used: BTreeSet<u32> = self.services.values().copied().collect();
+        for s in desired {
+            let id = match self.services.get(&s.frontend) {
+                Some(&id) => id,
+                None => {
+                    let id =
+                        lowest_free(&used, opts.max_services).expect("capacity checked above");
+                    used.insert(id);
+                    self.services.insert(s.frontend, id);
+                    id
+                }
+            };
+            let weighted: Vec<(u32, u32)> = s
+                .backends
+                .iter()
+                .map(|b| (self.backends[&(s.frontend, b.addr, b.port)], b.weight))
+                .collect();
+            let table = build_table(&weighted, opts.table_slots as usize);
+            dp.publish_service(id, &s.frontend, &table)?;
+        }
+        // 3. Then what is gone.
+        for (frontend, id) in stale_services {
+            dp.remove_service(id, &frontend)?;
+            self.services.remove(&frontend);
+        }
+        for (key, id) in stale_backends {
+            dp.clear_backend(id)?;
+            self.backends.remove(&key);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! lb's userspace: the agent that loads and programs the data plane, and its CLI.
+//!
+//! - `config`: the configuration file and its validation;
+//! - `dataplane`: loading and attaching the eBPF programs, writing their maps
+//!   (`selection` builds tables, `sync` applies a desired state);
+//! - `agent`: the long-running process.
+
+pub mod agent;
+pub mod config;
+pub mod dataplane;

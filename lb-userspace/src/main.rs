@@ -1,0 +1,66 @@
+//! `lb`: the node agent and its command line.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use lb::agent::{self, AgentOptions, InterfaceSpec};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "eBPF node-level L4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load the data plane, attach it and program it from the configuration.
+    Agent {
+        /// Configuration file (YAML); reloaded when it changes or on SIGHUP.
+        #[arg(long)]
+        config: PathBuf,
+        /// Interface to attach to, as IFACE (TC), IFACE:tc or IFACE:xdp. Repeatable.
+        #[arg(long = "interface", required = true)]
+        interfaces: Vec<InterfaceSpec>,
+        /// Seconds between checks of the configuration file for changes.
+        #[arg(long, default_value_t = 2)]
+        watch_interval: u64,
+        /// Log the data-plane counters every this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        stats_interval: u64,
+    },
+    /// Check a configuration file and print what it defines.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::Agent {
+            config,
+            interfaces,
+            watch_interval,
+            stats_interval,
+        } => {
+            agent::run(AgentOptions {
+                config,
+                interfaces,
+                watch_interval: Duration::from_secs(watch_interval.max(1)),
+                stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
+            })
+            .await
+        }
+        Command::Check { config } => {
+            let c = lb::config::load(&config)?;
+            for s in &c.services {
+                println!("{}  {}  {} backends", s.name, s.frontend, s.backends.len());
+            }
+            Ok(())
+        }
+    }
+}

@@ -42,13 +42,21 @@ fn nightly_rust_src_present() -> bool {
         return false;
     };
     let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    out.status.success() && Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists()
+    out.status.success()
+        && Path::new(&sysroot)
+            .join("lib/rustlib/src/rust/library/core")
+            .exists()
 }
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let workspace = manifest_dir.parent().unwrap().to_path_buf();
-    for dir in ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-common/src", "Cargo.lock"] {
+    for dir in [
+        "lb-ebpf/src",
+        "lb-ebpf/Cargo.toml",
+        "lb-common/src",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=LB_EBPF_ROUTE");
@@ -65,7 +73,11 @@ fn main() {
              Run `cargo xtask setup`.",
         ),
     };
-    if Command::new("bpf-linker").arg("--version").output().is_err() {
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         fail(
             "bpf-linker is not on PATH. Run `cargo xtask setup` (it builds bpf-linker \
              against LLVM 22).",
@@ -89,26 +101,46 @@ fn main() {
         cmd.env_remove(var);
     }
     cmd.current_dir(&workspace)
-        .args(["build", "--package", "lb-ebpf", "--release", "--target", TARGET])
+        .args([
+            "build",
+            "--package",
+            "lb-ebpf",
+            "--release",
+            "--target",
+            TARGET,
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     match route {
         Route::DebianPrebuiltCore => {
             cmd.env("RUSTC", DEBIAN_RUSTC).env("RUSTC_BOOTSTRAP", "1");
         }
         Route::NightlyBuildStd => {
-            cmd.env("RUSTUP_TOOLCHAIN", "nightly").args(["-Z", "build-std=core"]);
+            cmd.env("RUSTUP_TOOLCHAIN", "nightly")
+                .args(["-Z", "build-std=core"]);
         }
     }
     let status = cmd
         .status()
         .unwrap_or_else(|e| fail(&format!("could not run {cargo}: {e}")));
     if !status.success() {
-        fail(&format!("building lb-ebpf failed ({status}): see the compiler output above"));
+        fail(&format!(
+            "building lb-ebpf failed ({status}): see the compiler output above"
+        ));
     }
-    let object = target_dir.join(TARGET).join("release").join("lb");
-    println!("cargo:rustc-env=LB_EBPF_OBJECT={}", object.display());
+    let out = target_dir.join(TARGET).join("release");
+    println!(
+        "cargo:rustc-env=LB_EBPF_OBJECT={}",
+        out.join("lb").display()
+    );
+    println!(
+        "cargo:rustc-env=LB_EBPF_BASELINE_OBJECT={}",
+        out.join("baseline").display()
+    );
 }
 
 fn fail(msg: &str) -> ! {

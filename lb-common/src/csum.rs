@@ -100,7 +100,9 @@ mod tests {
             let want = full(&buf);
             // 0x0000 and 0xffff are the same value in one's complement.
             assert!(
-                updated == want || (updated == 0xffff && want == 0) || (updated == 0 && want == 0xffff),
+                updated == want
+                    || (updated == 0xffff && want == 0)
+                    || (updated == 0 && want == 0xffff),
                 "{updated:#x} != {want:#x}"
             );
         }

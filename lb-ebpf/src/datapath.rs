@@ -43,11 +43,7 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let (outcome, counter) = match parse(pkt.data(), pkt.data_end()) {
         Ok(parsed) => handle(pkt, &parsed),
         Err(u) => (
-            if u.drop {
-                Outcome::Drop
-            } else {
-                Outcome::Pass
-            },
+            if u.drop { Outcome::Drop } else { Outcome::Pass },
             u.counter,
         ),
     };
@@ -95,8 +91,7 @@ fn timeout_ns(state: u8) -> u64 {
 fn next_tcp_state(current: u8, flags: u8) -> u8 {
     if flags & (TCP_FIN | TCP_RST) != 0 {
         ConnState::TcpClosing as u8
-    } else if current == ConnState::TcpSyn as u8 && flags & TCP_ACK != 0 && flags & TCP_SYN == 0
-    {
+    } else if current == ConnState::TcpSyn as u8 && flags & TCP_ACK != 0 && flags & TCP_SYN == 0 {
         ConnState::TcpEstablished as u8
     } else {
         current

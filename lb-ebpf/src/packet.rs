@@ -8,8 +8,8 @@ use core::mem::{offset_of, size_of};
 
 use aya_ebpf::{
     bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
@@ -107,13 +107,17 @@ impl Packet for XdpPacket {
         // SAFETY: every pointer was bounds-checked by header_at; the XDP buffer is writable.
         unsafe {
             let ip = &mut *ip;
-            ip.check = csum::replace4(u16::from_ne_bytes(ip.check), old.addr, new.addr)
-                .to_ne_bytes();
+            ip.check =
+                csum::replace4(u16::from_ne_bytes(ip.check), old.addr, new.addr).to_ne_bytes();
             let c = l4_check.read_unaligned();
             let c = if l4 == proto::TCP {
                 csum::replace2(csum::replace4(c, old.addr, new.addr), old.port, new.port)
             } else {
-                csum::udp_replace2(csum::udp_replace4(c, old.addr, new.addr), old.port, new.port)
+                csum::udp_replace2(
+                    csum::udp_replace4(c, old.addr, new.addr),
+                    old.port,
+                    new.port,
+                )
             };
             l4_check.write_unaligned(c);
             port.write_unaligned(new.port);

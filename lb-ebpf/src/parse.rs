@@ -98,16 +98,28 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
     let src = AddrBe::v4(ip.src_addr);
     let dst = AddrBe::v4(ip.dst_addr);
     if ip.vihl & 0x0f != 5 {
-        return Err(unsupported(dst, Counter::DropIpOptions, Counter::PassIpOptions));
+        return Err(unsupported(
+            dst,
+            Counter::DropIpOptions,
+            Counter::PassIpOptions,
+        ));
     }
     // More-fragments flag or a non-zero offset: this packet is part of a fragment train.
     if ip.frags[0] & 0x3f != 0 || ip.frags[1] != 0 {
-        return Err(unsupported(dst, Counter::DropFragment, Counter::PassFragment));
+        return Err(unsupported(
+            dst,
+            Counter::DropFragment,
+            Counter::PassFragment,
+        ));
     }
 
     let (ports, tcp_flags) = if l4_proto == proto::TCP {
         let Some(tcp) = header_at::<TcpHdr>(data, data_end, L4_OFF) else {
-            return Err(unsupported(dst, Counter::DropTruncatedL4, Counter::PassTruncatedL4));
+            return Err(unsupported(
+                dst,
+                Counter::DropTruncatedL4,
+                Counter::PassTruncatedL4,
+            ));
         };
         // SAFETY: header_at checked the bounds of the whole TCP header.
         let flags = unsafe { *((tcp as *const u8).add(TCP_FLAGS_OFF)) };
@@ -115,7 +127,11 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
         ((tcp.source, tcp.dest), flags)
     } else {
         let Some(udp) = header_at::<UdpHdr>(data, data_end, L4_OFF) else {
-            return Err(unsupported(dst, Counter::DropTruncatedL4, Counter::PassTruncatedL4));
+            return Err(unsupported(
+                dst,
+                Counter::DropTruncatedL4,
+                Counter::PassTruncatedL4,
+            ));
         };
         // SAFETY: header_at checked the bounds.
         let udp = unsafe { &*udp };

@@ -77,7 +77,9 @@ impl Agent {
     /// Applies a new configuration; on error the running state is kept.
     pub fn reload(&mut self, new: Config) -> Result<()> {
         if new.dataplane != self.config.dataplane {
-            warn!("dataplane sizes and timeouts are fixed at start; restart the agent to change them");
+            warn!(
+                "dataplane sizes and timeouts are fixed at start; restart the agent to change them"
+            );
         }
         self.programmer.apply(&mut self.dataplane, &new.services)?;
         self.config = Config {
@@ -127,8 +129,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         };
         if reload {
             match config::load(&opts.config).and_then(|c| agent.reload(c)) {
-                Ok(()) => info!("configuration reloaded: {} services", agent.config.services.len()),
-                Err(e) => error!("configuration not applied, the previous one stays in force: {e:#}"),
+                Ok(()) => info!(
+                    "configuration reloaded: {} services",
+                    agent.config.services.len()
+                ),
+                Err(e) => {
+                    error!("configuration not applied, the previous one stays in force: {e:#}")
+                }
             }
         }
     }

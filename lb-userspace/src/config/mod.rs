@@ -108,7 +108,11 @@ pub fn parse(text: &str) -> Result<Config> {
         table_slots: d.table_slots.unwrap_or(defaults.table_slots),
         max_connections: d.max_connections.unwrap_or(defaults.max_connections),
         timeouts: DataplaneConfig {
-            tcp_syn_timeout_ns: duration("dataplane.timeouts.tcp_syn", &t.tcp_syn, defaults.timeouts.tcp_syn_timeout_ns)?,
+            tcp_syn_timeout_ns: duration(
+                "dataplane.timeouts.tcp_syn",
+                &t.tcp_syn,
+                defaults.timeouts.tcp_syn_timeout_ns,
+            )?,
             tcp_established_timeout_ns: duration(
                 "dataplane.timeouts.tcp_established",
                 &t.tcp_established,
@@ -119,7 +123,11 @@ pub fn parse(text: &str) -> Result<Config> {
                 &t.tcp_closing,
                 defaults.timeouts.tcp_closing_timeout_ns,
             )?,
-            udp_timeout_ns: duration("dataplane.timeouts.udp", &t.udp, defaults.timeouts.udp_timeout_ns)?,
+            udp_timeout_ns: duration(
+                "dataplane.timeouts.udp",
+                &t.udp,
+                defaults.timeouts.udp_timeout_ns,
+            )?,
         },
     };
     let services = raw
@@ -229,7 +237,10 @@ services:
         let c = parse(GOOD).unwrap();
         assert_eq!(c.dataplane.max_connections, 1024);
         assert_eq!(c.dataplane.timeouts.udp_timeout_ns, 5_000_000_000);
-        assert_eq!(c.dataplane.max_services, DataplaneOptions::default().max_services);
+        assert_eq!(
+            c.dataplane.max_services,
+            DataplaneOptions::default().max_services
+        );
         assert_eq!(c.services.len(), 2);
         let web = &c.services[0];
         assert_eq!(web.frontend.to_string(), "10.96.0.10:80/TCP");
@@ -243,13 +254,34 @@ services:
     #[test]
     fn errors_name_the_field_and_the_problem() {
         let cases = [
-            (GOOD.replace("vip: 10.96.0.10\n    port: 80", "vip: 10.96.0.300\n    port: 80"), "services[0] (web).vip"),
-            (GOOD.replace("protocol: UDP", "protocol: SCTP"), "services[1] (dns).protocol"),
-            (GOOD.replace("state: draining", "state: sleepy"), "services[0] (web).backends[1].state"),
-            (GOOD.replace("udp: 5s", "udp: soon"), "dataplane.timeouts.udp"),
+            (
+                GOOD.replace(
+                    "vip: 10.96.0.10\n    port: 80",
+                    "vip: 10.96.0.300\n    port: 80",
+                ),
+                "services[0] (web).vip",
+            ),
+            (
+                GOOD.replace("protocol: UDP", "protocol: SCTP"),
+                "services[1] (dns).protocol",
+            ),
+            (
+                GOOD.replace("state: draining", "state: sleepy"),
+                "services[0] (web).backends[1].state",
+            ),
+            (
+                GOOD.replace("udp: 5s", "udp: soon"),
+                "dataplane.timeouts.udp",
+            ),
             (GOOD.replace("udp: 5s", "udp: 0s"), "dataplane.timeouts.udp"),
-            (GOOD.replace("port: 8080 }", "port: 0 }"), "services[0] (web).backends[0].port"),
-            (GOOD.replace("max_connections", "max_conections"), "max_conections"),
+            (
+                GOOD.replace("port: 8080 }", "port: 0 }"),
+                "services[0] (web).backends[0].port",
+            ),
+            (
+                GOOD.replace("max_connections", "max_conections"),
+                "max_conections",
+            ),
         ];
         for (text, field) in cases {
             let err = format!("{:#}", parse(&text).unwrap_err());

@@ -5,10 +5,7 @@
 pub mod selection;
 pub mod sync;
 
-use std::{
-    collections::HashMap as StdHashMap,
-    net::Ipv4Addr,
-};
+use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -23,6 +20,9 @@ use lb_common::{
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+/// Trivial programs (`baseline_xdp`, `baseline_tc`) whose cost benchmarks subtract.
+pub static BASELINE_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_BASELINE_OBJECT"));
 
 /// Program names in the object.
 pub const XDP_PROGRAM: &str = "lb_xdp";
@@ -236,7 +236,13 @@ impl Dataplane {
     }
 
     /// Writes backend `id` (address, port, state).
-    pub fn set_backend(&mut self, id: u32, addr: Ipv4Addr, port: u16, state: BackendState) -> Result<()> {
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        addr: Ipv4Addr,
+        port: u16,
+        state: BackendState,
+    ) -> Result<()> {
         self.check_backend_id(id)?;
         let value = Backend {
             addr: AddrBe::v4(addr.octets()),
@@ -408,7 +414,10 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
     } = timeouts;
     for (name, v) in [
         ("dataplane.timeouts.tcp_syn", tcp_syn_timeout_ns),
-        ("dataplane.timeouts.tcp_established", tcp_established_timeout_ns),
+        (
+            "dataplane.timeouts.tcp_established",
+            tcp_established_timeout_ns,
+        ),
         ("dataplane.timeouts.tcp_closing", tcp_closing_timeout_ns),
         ("dataplane.timeouts.udp", udp_timeout_ns),
     ] {

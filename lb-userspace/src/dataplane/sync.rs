@@ -57,7 +57,11 @@ impl Programmer {
         let mut frontends = BTreeSet::new();
         for s in desired {
             if !frontends.insert(s.frontend) {
-                bail!("service {}: frontend {} is defined twice", s.name, s.frontend);
+                bail!(
+                    "service {}: frontend {} is defined twice",
+                    s.name,
+                    s.frontend
+                );
             }
         }
         if desired.len() as u32 >= opts.max_services {
@@ -101,8 +105,8 @@ impl Programmer {
                 let id = match self.backends.get(&key) {
                     Some(&id) => id,
                     None => {
-                        let id = lowest_free(&used, opts.max_backends)
-                            .expect("capacity checked above");
+                        let id =
+                            lowest_free(&used, opts.max_backends).expect("capacity checked above");
                         used.insert(id);
                         self.backends.insert(key, id);
                         id
@@ -117,16 +121,18 @@ impl Programmer {
             let id = match self.services.get(&s.frontend) {
                 Some(&id) => id,
                 None => {
-                    let id =
-                        lowest_free(&used, opts.max_services).expect("capacity checked above");
+                    let id = lowest_free(&used, opts.max_services).expect("capacity checked above");
                     used.insert(id);
                     self.services.insert(s.frontend, id);
                     id
                 }
             };
+            // Only active backends get slots; the kernel also re-checks each pick's state,
+            // which covers a state change that reaches it before the next table does.
             let weighted: Vec<(u32, u32)> = s
                 .backends
                 .iter()
+                .filter(|b| b.state == BackendState::Active)
                 .map(|b| (self.backends[&(s.frontend, b.addr, b.port)], b.weight))
                 .collect();
             let table = build_table(&weighted, opts.table_slots as usize);

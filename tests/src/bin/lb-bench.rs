@@ -1,0 +1,196 @@
+//! `cargo xtask bench`: nanoseconds per packet of lb's XDP and TC programs on each path,
+//! measured with BPF_PROG_TEST_RUN.
+//!
+//! Each measurement is one single-iteration run on a freshly copied packet (with
+//! `repeat`, the kernel would feed a rewriting program its own output). The kernel's own
+//! timer reports each run; the same is done for a trivial program in the same process,
+//! and its median is subtracted, leaving what lb itself costs.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use clap::Parser;
+use lb::dataplane::{
+    sync::{DesiredBackend, DesiredService, Programmer},
+    Dataplane, DataplaneOptions, Frontend, Protocol, BASELINE_OBJECT, TC_INGRESS_PROGRAM,
+    XDP_PROGRAM,
+};
+use lb_common::BackendState;
+use lb_tests::packets::{PacketSpec, ACK, SYN};
+
+#[derive(Parser)]
+#[command(about = "ns/packet of lb's data plane (BPF_PROG_TEST_RUN)")]
+struct Args {
+    /// Single-iteration runs per path and program.
+    #[arg(long, default_value_t = 100_000)]
+    iterations: usize,
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB: Frontend = Frontend {
+    vip: VIP,
+    port: 80,
+    protocol: Protocol::Tcp,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Runs one packet once and returns the kernel-measured duration in ns.
+fn run_once(
+    ebpf_prog: &mut aya::programs::Program,
+    hook: Hook,
+    packet: &[u8],
+    out: &mut [u8],
+) -> Result<u64> {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(out);
+    let d = match hook {
+        Hook::Xdp => {
+            let p: &mut Xdp = ebpf_prog.try_into()?;
+            p.test_run(opts)?.duration
+        }
+        Hook::Tc => {
+            let p: &mut SchedClassifier = ebpf_prog.try_into()?;
+            p.test_run(opts)?.duration
+        }
+    };
+    Ok(d.as_nanos() as u64)
+}
+
+struct Stats {
+    median: f64,
+    mean: f64,
+}
+
+fn stats(mut v: Vec<u64>) -> Stats {
+    v.sort_unstable();
+    let median = v[v.len() / 2] as f64;
+    let mean = v.iter().sum::<u64>() as f64 / v.len() as f64;
+    Stats { median, mean }
+}
+
+/// Distinct client addresses so every "new flow" packet misses the connection table.
+fn client(i: usize) -> (Ipv4Addr, u16) {
+    let i = i as u32;
+    (
+        Ipv4Addr::from(0x0a80_0000 | (i >> 8 & 0xffff)),
+        1024 + (i & 0xff) as u16,
+    )
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let n = args.iterations.max(1000);
+    let mut dp = Dataplane::load(&DataplaneOptions {
+        // Room for every new flow of both programs without eviction.
+        max_connections: (4 * n as u32).next_power_of_two(),
+        ..Default::default()
+    })?;
+    let backends: Vec<DesiredBackend> = (0..3)
+        .map(|i| DesiredBackend {
+            addr: Ipv4Addr::new(10, 200, i + 1, 2),
+            port: 8080,
+            weight: 1,
+            state: BackendState::Active,
+        })
+        .collect();
+    Programmer::default().apply(
+        &mut dp,
+        &[DesiredService {
+            name: "web".into(),
+            frontend: WEB,
+            backends,
+        }],
+    )?;
+    let mut baseline = Ebpf::load(BASELINE_OBJECT).context("loading the baseline programs")?;
+    for name in ["baseline_xdp", "baseline_tc"] {
+        match baseline
+            .program_mut(name)
+            .context("baseline program missing")?
+        {
+            aya::programs::Program::Xdp(p) => p.load()?,
+            aya::programs::Program::SchedClassifier(p) => p.load()?,
+            _ => unreachable!(),
+        }
+    }
+
+    println!("lb data plane, ns/packet above a trivial program ({n} single runs per row)");
+    println!(
+        "kernel {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+    );
+    println!();
+    println!("| program | path | median ns | mean ns | trivial program median ns |");
+    println!("| --- | --- | ---: | ---: | ---: |");
+    let started = Instant::now();
+    let mut out = vec![0u8; 2048];
+    for (hook, prog_name, base_name, label) in [
+        (Hook::Xdp, XDP_PROGRAM, "baseline_xdp", "XDP"),
+        (Hook::Tc, TC_INGRESS_PROGRAM, "baseline_tc", "TC"),
+    ] {
+        // Offsets keep the two programs' flows apart.
+        let off = if hook == Hook::Xdp { 0 } else { 2 * n };
+        let new_flows: Vec<Vec<u8>> = (0..n)
+            .map(|i| PacketSpec::tcp(client(off + i), (VIP, 80), SYN).build())
+            .collect();
+        // One established connection, and its replies.
+        let est_client = client(off + n);
+        let est = PacketSpec::tcp(est_client, (VIP, 80), ACK)
+            .with_payload(&[0u8; 64])
+            .build();
+        let syn = PacketSpec::tcp(est_client, (VIP, 80), SYN).build();
+        let non_vip = PacketSpec::tcp(est_client, (Ipv4Addr::new(10, 200, 9, 9), 80), SYN).build();
+
+        let prog = dp.program_mut(prog_name)?;
+        run_once(prog, hook, &syn, &mut out)?;
+        let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        let reply = PacketSpec::tcp((chosen, 8080), est_client, ACK)
+            .with_payload(&[0u8; 64])
+            .build();
+
+        let base_prog = baseline.program_mut(base_name).context("baseline")?;
+        let mut base = Vec::with_capacity(n);
+        for _ in 0..n {
+            base.push(run_once(base_prog, hook, &est, &mut out)?);
+        }
+        let base = stats(base);
+
+        let prog = dp.program_mut(prog_name)?;
+        let mut rows = Vec::new();
+        let mut t = Vec::with_capacity(n);
+        for p in &new_flows {
+            t.push(run_once(prog, hook, p, &mut out)?);
+        }
+        rows.push(("new TCP flow", stats(std::mem::take(&mut t))));
+        for (path, packet) in [
+            ("established flow", &est),
+            ("reply (reverse NAT)", &reply),
+            ("non-VIP traffic", &non_vip),
+        ] {
+            for _ in 0..n {
+                t.push(run_once(prog, hook, packet, &mut out)?);
+            }
+            rows.push((path, stats(std::mem::take(&mut t))));
+        }
+        for (path, s) in rows {
+            println!(
+                "| {label} | {path} | {:.0} | {:.0} | {:.0} |",
+                s.median - base.median,
+                s.mean - base.mean,
+                base.median
+            );
+        }
+    }
+    println!();
+    println!("measured in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Clients for tests. Call them inside a namespace with [`Netns::run`](crate::Netns::run):
+//! the socket is created there and stays there, even when used later from another thread.
+//!
+//! Every connect, read and write has a timeout, so a broken data plane fails a test with an
+//! error that says what was asked of whom, instead of hanging it.
+
+use std::{
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Sends `GET path` on a new TCP connection (`Connection: close`) and returns the body of a
+/// `200` answer; any other status is an error that includes it.
+pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
+    let what = || format!("GET http://{addr}{path} (new connection)");
+    let stream = connect(addr, timeout).with_context(what)?;
+    let local = stream.local_addr().ok();
+    let mut reader = BufReader::new(stream.try_clone().with_context(what)?);
+    let mut writer = stream;
+    send_get(&mut writer, addr, path, false)
+        .and_then(|()| read_response(&mut reader))
+        .with_context(|| format!("{} from {local:?}", what()))
+}
+
+/// One TCP connection kept open for several requests, to test that the load balancer keeps a
+/// connection on one backend. Create it inside the client's namespace.
+#[derive(Debug)]
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl KeepAliveClient {
+    /// Opens the connection; `timeout` bounds the connect and every later read and write.
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self> {
+        let stream = connect(addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(KeepAliveClient {
+            addr,
+            reader,
+            writer: stream,
+        })
+    }
+
+    /// Sends `GET path` on the kept connection and returns the body of a `200` answer.
+    pub fn get(&mut self, path: &str) -> Result<String> {
+        send_get(&mut self.writer, self.addr, path, true)
+            .and_then(|()| read_response(&mut self.reader))
+            .with_context(|| {
+                format!(
+                    "GET http://{}{path} (kept connection from {:?})",
+                    self.addr,
+                    self.writer.local_addr().ok()
+                )
+            })
+    }
+
+    /// The client's end of the connection (the 5-tuple the load balancer tracks).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.writer.local_addr()?)
+    }
+}
+
+/// Sends `payload` from a new socket on an ephemeral port and returns the first reply as text.
+///
+/// A reply whose source is not `addr` is an error that names the source: behind a load
+/// balancer that means the reply was not translated back to the service address.
+pub fn udp_request(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Result<String> {
+    let what = || format!("UDP request to {addr}");
+    let bind: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(bind).with_context(what)?;
+    socket.send_to(payload, addr).with_context(what)?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("{}: no reply within {timeout:?}", what());
+        }
+        socket.set_read_timeout(Some(left)).with_context(what)?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == addr => {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            }
+            Ok((_, from)) => bail!("{}: reply came from {from}, expected {addr}", what()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("{}: no reply within {timeout:?}", what())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(what),
+        }
+    }
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn send_get(writer: &mut TcpStream, addr: SocketAddr, path: &str, keep_alive: bool) -> Result<()> {
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: {connection}\r\n\r\n");
+    writer
+        .write_all(request.as_bytes())
+        .context("sending request")
+}
+
+/// Reads one response and returns its body if the status is `200`.
+fn read_response(reader: &mut BufReader<TcpStream>) -> Result<String> {
+    let mut status_line = String::new();
+    if reader
+        .read_line(&mut status_line)
+        .context("reading status line")?
+        == 0
+    {
+        bail!("connection closed before a response");
+    }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut content_length = None;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).context("reading headers")? == 0 {
+            bail!("connection closed inside the response headers");
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((key, value)) = header.split_once(':') {
+            if key.eq_ignore_ascii_case("content-length") {
+                let len = value.trim().parse::<usize>();
+                content_length = Some(len.with_context(|| format!("bad header {header:?}"))?);
+            }
+        }
+    }
+    let mut body = Vec::new();
+    match content_length {
+        Some(len) => {
+            body.resize(len, 0);
+            reader
+                .read_exact(&mut body)
+                .with_context(|| format!("reading a {len}-byte body"))?;
+        }
+        // Without a length the body ends with the connection.
+        None => {
+            reader.read_to_end(&mut body).context("reading the body")?;
+        }
+    }
+    let body = String::from_utf8_lossy(&body).into_owned();
+    if status != 200 {
+        bail!("status {status}, body {body:?}");
+    }
+    Ok(body)
+}

@@ -1,0 +1,135 @@
+//! The build/run/test/bench/lint flows. Each one first makes sure the toolchain is complete
+//! (lb-userspace's build script compiles the eBPF programs, so even clippy needs it).
+
+use anyhow::Result;
+
+use crate::{cmd, root, setup};
+
+/// The binaries the other flows run: the agent (`lb`) and the demo/bench drivers.
+const BINARY_PACKAGES: &[&str] = &["--package", "lb-userspace", "--package", "lb-tests"];
+
+/// Prints a step header, so a CI log reads as a list of steps.
+fn step(title: &str) {
+    println!();
+    println!("==> {title}");
+}
+
+fn setup_check() -> Result<()> {
+    step("setup: checking the toolchain");
+    setup::ensure(setup::Mode::Quiet)
+}
+
+pub fn build(release: bool) -> Result<()> {
+    setup_check()?;
+    build_binaries(release)
+}
+
+fn build_binaries(release: bool) -> Result<()> {
+    let profile = if release { "release" } else { "debug" };
+    step(&format!(
+        "build: lb-userspace and lb-tests binaries ({profile})"
+    ));
+    let mut cargo = cmd::cargo(["build"]);
+    if release {
+        cargo.arg("--release");
+    }
+    cmd::run(cargo.args(BINARY_PACKAGES).arg("--bins"))
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    // Before the (long) build, so a forgotten sudo costs nothing.
+    root::require_root("run")?;
+    setup_check()?;
+    build_binaries(true)?;
+    if args.is_empty() {
+        step("run: lb-demo");
+        cmd::run(&mut cmd::cargo([
+            "run",
+            "--release",
+            "--package",
+            "lb-tests",
+            "--bin",
+            "lb-demo",
+        ]))
+    } else {
+        step("run: lb");
+        cmd::run(
+            cmd::cargo([
+                "run",
+                "--release",
+                "--package",
+                "lb-userspace",
+                "--bin",
+                "lb",
+                "--",
+            ])
+            .args(args),
+        )
+    }
+}
+
+pub fn lint() -> Result<()> {
+    setup_check()?;
+    lint_steps()
+}
+
+fn lint_steps() -> Result<()> {
+    step("lint: cargo fmt --check");
+    cmd::run(&mut cmd::cargo(["fmt", "--all", "--", "--check"]))?;
+    // lb-ebpf only builds for the BPF target; lb-userspace's build script compiles it.
+    step("lint: cargo clippy -D warnings");
+    cmd::run(&mut cmd::cargo([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+pub fn test(lint: bool, cargo_test_args: &[String]) -> Result<()> {
+    root::require_root("test")?;
+    setup_check()?;
+    if lint {
+        lint_steps()?;
+    }
+    // Tests may start the `lb` agent and the demo binaries as separate processes, and
+    // `cargo test` only builds binaries of the package under test; build them all first.
+    build_binaries(true)?;
+    // Release: the tests push real traffic through the datapath and time it.
+    step("test: cargo test --release");
+    cmd::run(
+        cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"])
+            .args(cargo_test_args),
+    )?;
+    println!();
+    println!("==> all steps passed");
+    Ok(())
+}
+
+pub fn bench(args: &[String]) -> Result<()> {
+    if !root::is_root() {
+        // Not fatal: lb-bench decides what it can do, but most benchmarks load eBPF.
+        println!(
+            "note: lb-bench usually needs root (eBPF, network namespaces); if it fails, use \
+             `sudo -E env PATH=$PATH cargo xtask bench`"
+        );
+    }
+    setup_check()?;
+    step("bench: lb-bench");
+    cmd::run(
+        cmd::cargo([
+            "run",
+            "--release",
+            "--package",
+            "lb-tests",
+            "--bin",
+            "lb-bench",
+            "--",
+        ])
+        .args(args),
+    )
+}

@@ -27,6 +27,7 @@ pub mod names;
 pub mod netns;
 pub mod packets;
 pub mod servers;
+pub mod topology;
 pub mod veth;
 
 #[cfg(test)]

@@ -1,0 +1,156 @@
+//! The end-to-end test bed: a client, a node running lb, and three backends, each its
+//! own network namespace.
+//!
+//! ```text
+//!  client 10.200.0.2 ── veth ── 10.200.0.1  node  10.200.i.1 ── veth ── 10.200.i.2 backend-i
+//!                                            │ lbvip (NOARP): route 10.96.0.0/16, src 10.200.0.1
+//! ```
+//!
+//! The node routes between client and backends. lb is attached to the client-facing
+//! interface (TC or XDP, the mode under test), to every backend-facing interface (TC,
+//! for the replies) and to `lbvip`, the device the node's own connections to a VIP are
+//! routed to, so TC egress balances them. Transmit checksum offload is off on every
+//! veth so each receiving kernel verifies the checksums lb rewrote.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::{Context as _, Result};
+use lb::{
+    agent::{Agent, InterfaceSpec},
+    config::{self, Config},
+    dataplane::AttachMode,
+};
+
+use crate::{add_dummy, add_route, veth, HttpNameServer, Netns, UdpNameServer};
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const HTTP_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+pub const BACKEND_HTTP_PORT: u16 = 8080;
+pub const BACKEND_UDP_PORT: u16 = 5353;
+pub const BACKEND_COUNT: u8 = 3;
+
+pub fn backend_addr(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 200, i, 2)
+}
+
+pub fn backend_name(i: u8) -> String {
+    format!("backend-{i}")
+}
+
+pub fn vip_http() -> SocketAddr {
+    (VIP, HTTP_PORT).into()
+}
+
+pub fn vip_udp() -> SocketAddr {
+    (VIP, UDP_PORT).into()
+}
+
+/// The agent configuration for the test bed, with `backends` (by number) in each service.
+pub fn config_yaml(backends: &[u8], extra_dataplane: &str) -> String {
+    let list = |port: u16| -> String {
+        backends
+            .iter()
+            .map(|&i| format!("      - {{ address: {}, port: {port} }}\n", backend_addr(i)))
+            .collect()
+    };
+    format!(
+        "dataplane:\n  max_connections: 65536\n{extra_dataplane}services:\n  - name: web\n    vip: {VIP}\n    port: {HTTP_PORT}\n    backends:\n{}  - name: dns\n    vip: {VIP}\n    port: {UDP_PORT}\n    protocol: UDP\n    backends:\n{}",
+        list(BACKEND_HTTP_PORT),
+        list(BACKEND_UDP_PORT)
+    )
+}
+
+pub fn config(backends: &[u8]) -> Config {
+    config::parse(&config_yaml(backends, "")).expect("test configuration is valid")
+}
+
+pub struct Backend {
+    pub ns: Netns,
+    pub http: HttpNameServer,
+    pub udp: UdpNameServer,
+}
+
+/// The namespaces, links and servers, without the agent.
+pub struct TestBed {
+    pub client: Netns,
+    pub node: Netns,
+    pub backends: Vec<Backend>,
+    /// Interfaces lb attaches to, in the node.
+    pub interfaces: Vec<InterfaceSpec>,
+}
+
+impl TestBed {
+    /// Builds the test bed; `client_mode` is how lb attaches to the client-facing side.
+    pub fn new(client_mode: AttachMode) -> Result<Self> {
+        let client = Netns::new("cli")?;
+        let node = Netns::new("node")?;
+        node.set_sysctl("net/ipv4/ip_forward", "1")?;
+        for conf in ["all", "default"] {
+            node.set_sysctl(&format!("net/ipv4/conf/{conf}/rp_filter"), "0")?;
+        }
+        let (cli_if, node_cli_if) =
+            veth::link(&client, "c", "10.200.0.2/24", &node, "nc", "10.200.0.1/24")?;
+        add_route(&client, "default via 10.200.0.1")?;
+        veth::disable_tx_checksum_offload(&client, &cli_if)?;
+        veth::disable_tx_checksum_offload(&node, &node_cli_if)?;
+        let mut interfaces = vec![InterfaceSpec {
+            name: node_cli_if,
+            mode: client_mode,
+        }];
+
+        let mut backends = Vec::new();
+        for i in 1..=BACKEND_COUNT {
+            let ns = Netns::new(&format!("be{i}"))?;
+            let (node_if, be_if) = veth::link(
+                &node,
+                &format!("nb{i}"),
+                &format!("10.200.{i}.1/24"),
+                &ns,
+                "b",
+                &format!("10.200.{i}.2/24"),
+            )?;
+            add_route(&ns, &format!("default via 10.200.{i}.1"))?;
+            veth::disable_tx_checksum_offload(&ns, &be_if)?;
+            veth::disable_tx_checksum_offload(&node, &node_if)?;
+            interfaces.push(InterfaceSpec {
+                name: node_if,
+                mode: AttachMode::Tc,
+            });
+            let http = HttpNameServer::start(
+                &ns,
+                (backend_addr(i), BACKEND_HTTP_PORT).into(),
+                &backend_name(i),
+            )?;
+            let udp = UdpNameServer::start(
+                &ns,
+                (backend_addr(i), BACKEND_UDP_PORT).into(),
+                &backend_name(i),
+            )?;
+            backends.push(Backend { ns, http, udp });
+        }
+
+        // The node's own connections to a VIP: routed to a NOARP device, so no neighbour
+        // lookup for the VIP is attempted, and seen by lb's TC egress program there.
+        let vip_dev = add_dummy(&node, "lbvip")?;
+        add_route(&node, &format!("10.96.0.0/16 dev {vip_dev} src 10.200.0.1"))?;
+        interfaces.push(InterfaceSpec {
+            name: vip_dev,
+            mode: AttachMode::Tc,
+        });
+        Ok(Self {
+            client,
+            node,
+            backends,
+            interfaces,
+        })
+    }
+
+    /// Starts lb's agent (in-process, the same code as `lb agent`) in the node.
+    pub fn start_agent(&self, config: Config) -> Result<Agent> {
+        let interfaces = self.interfaces.clone();
+        self.node
+            .run(move || Agent::start(config, &interfaces))
+            .context("starting the agent in the node namespace")
+    }
+}

@@ -29,6 +29,67 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Totals of the `test result:` lines of a `cargo test` run.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TestTotals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds one libtest summary line (`test result: ok. 5 passed; 0 failed; 1 ignored; ...`).
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Like [`run`] for `cargo test`: passes its output through and adds up the summary lines
+/// of every test binary, so the caller can print one total for the whole run.
+pub fn run_tests(cmd: &mut Command) -> (Result<()>, TestTotals) {
+    use std::io::{BufRead, BufReader, Write};
+    let line = display(cmd);
+    println!("+ {line}");
+    let mut totals = TestTotals::default();
+    let mut child = match cmd.stdout(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Err(anyhow::anyhow!("could not start `{line}`: {e}")),
+                totals,
+            )
+        }
+    };
+    if let Some(out) = child.stdout.take() {
+        let mut stdout = std::io::stdout();
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            totals.add_line(&l);
+            let _ = writeln!(stdout, "{l}");
+        }
+    }
+    let result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(status) => Err(anyhow::anyhow!("command failed ({status}): {line}")),
+        Err(e) => Err(anyhow::anyhow!("waiting for `{line}`: {e}")),
+    };
+    (result, totals)
+}
+
 /// Runs `program args` silently and returns its stdout if it started and exited 0.
 ///
 /// `None` means "not available or not working", which is what the setup checks want to know.
@@ -98,6 +159,24 @@ fn quote(word: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_totals_add_up_summary_lines() {
+        let mut t = TestTotals::default();
+        t.add_line("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add_line(
+            "test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_line("test foo ... ok");
+        assert_eq!(
+            t,
+            TestTotals {
+                passed: 7,
+                failed: 3,
+                ignored: 1
+            }
+        );
+    }
 
     #[test]
     fn display_shows_env_program_and_quoted_args() {

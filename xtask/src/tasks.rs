@@ -101,13 +101,20 @@ pub fn test(lint: bool, cargo_test_args: &[String]) -> Result<()> {
     build_binaries(true)?;
     // Release: the tests push real traffic through the datapath and time it.
     step("test: cargo test --release");
-    cmd::run(
+    let (result, totals) = cmd::run_tests(
         cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"])
             .args(cargo_test_args),
-    )?;
+    );
     println!();
-    println!("==> all steps passed");
-    Ok(())
+    if result.is_ok() {
+        println!("==> all steps passed");
+    }
+    // One closing line for the whole run (every test binary summed), last in the log.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    result
 }
 
 pub fn bench(args: &[String]) -> Result<()> {

@@ -10,14 +10,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    flow::{flow_hash, selection_slot},
+    flow::{addr_filter_bit, flow_hash, selection_slot},
     maps::MAX_RESELECT,
-    proto, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
+    proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey,
 };
 
 use crate::{
-    maps::{config, BACKENDS, CONNECTIONS, SELECTION, SERVICES},
+    maps::{config, ADDR_FILTER, BACKENDS, CONNECTIONS, SELECTION, SERVICES},
     packet::{End, Endpoint, Packet},
     parse::{parse, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -51,8 +51,22 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     outcome
 }
 
+/// May `addr` be a VIP or a backend? A clear bit means certainly not.
+#[inline(always)]
+fn maybe_ours(addr: &AddrBe) -> bool {
+    let bit = addr_filter_bit(addr);
+    match ADDR_FILTER.get(bit / 64) {
+        Some(word) => word & (1u64 << (bit % 64)) != 0,
+        None => true,
+    }
+}
+
 #[inline(always)]
 fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
+    // Original-direction packets go to a VIP, replies come from a backend.
+    if !maybe_ours(&p.flow.dst) && !maybe_ours(&p.flow.src) {
+        return (Outcome::Pass, Counter::PassNotService);
+    }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(entry) = CONNECTIONS.get_ptr_mut(&p.flow) {
         // SAFETY: pointer to a live map value returned by the kernel.

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS,
+        ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES,
+        DEFAULT_TABLE_SLOTS,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -32,6 +33,10 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 #[map(name = "lb_ct_v1")]
 pub static CONNECTIONS: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// Bitmap of VIP and backend addresses: lets unrelated packets skip every hash lookup.
+#[map(name = "lb_addr_v1")]
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
 
 /// Verdict, drop-reason and event counters, indexed by `lb_common::Counter`.
 #[map(name = "lb_cnt_v1")]

@@ -128,6 +128,7 @@ pub struct Dataplane {
     selection: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     connections: HashMap<MapData, FlowKey, ConnEntry>,
+    addr_filter: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -181,6 +182,7 @@ impl Dataplane {
             selection: take(&mut ebpf, names::SELECTION)?,
             backends: take(&mut ebpf, names::BACKENDS)?,
             connections: take(&mut ebpf, names::CONNECTIONS)?,
+            addr_filter: take(&mut ebpf, names::ADDR_FILTER)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -235,6 +237,20 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Sets `addr`'s bit in the address prefilter (never cleared: connections to a
+    /// removed backend may still need their replies translated).
+    fn mark_address(&mut self, addr: Ipv4Addr) -> Result<()> {
+        let bit = lb_common::flow::addr_filter_bit(&AddrBe::v4(addr.octets()));
+        let word = self.addr_filter.get(&(bit / 64), 0)?;
+        let marked = word | 1u64 << (bit % 64);
+        if marked != word {
+            self.addr_filter
+                .set(bit / 64, marked, 0)
+                .with_context(|| format!("marking {addr} in the address prefilter"))?;
+        }
+        Ok(())
+    }
+
     /// Writes backend `id` (address, port, state).
     pub fn set_backend(
         &mut self,
@@ -244,6 +260,7 @@ impl Dataplane {
         state: BackendState,
     ) -> Result<()> {
         self.check_backend_id(id)?;
+        self.mark_address(addr)?;
         let value = Backend {
             addr: AddrBe::v4(addr.octets()),
             port_be: port.to_be(),
@@ -286,6 +303,7 @@ impl Dataplane {
                 self.options.table_slots
             );
         }
+        self.mark_address(frontend.vip)?;
         let half = self.active_half.get(&id).map_or(0, |h| 1 - h);
         let offset = (id * 2 + half) * self.options.table_slots;
         for (i, &backend) in table.iter().enumerate() {

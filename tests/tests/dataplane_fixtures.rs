@@ -99,11 +99,17 @@ fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
 
 impl Harness {
     fn new(hook: Hook) -> Self {
-        let mut dp = Dataplane::load(&DataplaneOptions {
-            max_connections: 1024,
-            ..Default::default()
-        })
-        .expect("load the data plane");
+        Self::with_options(
+            hook,
+            DataplaneOptions {
+                max_connections: 1024,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn with_options(hook: Hook, options: DataplaneOptions) -> Self {
+        let mut dp = Dataplane::load(&options).expect("load the data plane");
         let mut programmer = Programmer::default();
         programmer
             .apply(&mut dp, &desired([BackendState::Active; 3]))
@@ -745,4 +751,93 @@ fn xdp_fixtures() {
 #[test]
 fn tc_fixtures() {
     run_fixtures(Hook::TcIngress);
+}
+
+/// A full connection table evicts the least recently used entries and counts what that
+/// costs: a later packet of an evicted flow is re-selected by hash (counted as a midflow
+/// miss) and lands on the same backend, because the selection table has not changed.
+#[test]
+fn full_connection_table_evicts_counts_and_keeps_routing() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::with_options(
+        Hook::Xdp,
+        DataplaneOptions {
+            max_connections: 64,
+            ..Default::default()
+        },
+    );
+    let vip80 = (VIP, 80);
+    let first = PacketSpec::tcp(client(30000), vip80, SYN);
+    let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&first));
+    let (verdict, out) = h.run(&first.build());
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(out, first.clone().with_dst((addr, port)).build());
+    for p in 30001..30501 {
+        let (verdict, _) = h.run(&PacketSpec::tcp(client(p), vip80, SYN).build());
+        assert_eq!(verdict, Verdict::Pass);
+    }
+    let entries = h.dp.connections().unwrap().len();
+    assert!(entries <= 64, "{entries} entries in a table of 64");
+    assert!(
+        h.entry(&flow_of(&first)).is_none(),
+        "the oldest flow was evicted"
+    );
+
+    let ack = PacketSpec::tcp(client(30000), vip80, ACK);
+    check(
+        &mut h,
+        Case {
+            name: "ACK of an evicted flow".into(),
+            input: ack.build(),
+            verdict: Verdict::Pass,
+            output: Some(ack.clone().with_dst((addr, port)).build()),
+            counters: vec![
+                (Counter::ForwardNew, 1),
+                (Counter::EventTracked, 1),
+                (Counter::EventMidflowMiss, 1),
+            ],
+        },
+    );
+}
+
+/// Idle timeouts are set when the programs are loaded: a UDP flow idle for longer than
+/// `dataplane.timeouts.udp` is a new flow (and is balanced afresh).
+#[test]
+fn idle_flows_expire_after_the_configured_timeout() {
+    if !require_root() {
+        return;
+    }
+    let mut options = DataplaneOptions::default();
+    options.timeouts.udp_timeout_ns = 1_000_000_000;
+    let mut h = Harness::with_options(Hook::TcIngress, options);
+    let q = PacketSpec::udp(client(6000), (VIP, 53), b"query");
+    let dnat = q.clone().with_dst((BACKENDS[0], 5353)).build();
+    let case = |name: &str, counters: Vec<(Counter, u64)>| Case {
+        name: name.into(),
+        input: q.build(),
+        verdict: Verdict::Pass,
+        output: Some(dnat.clone()),
+        counters,
+    };
+    check(
+        &mut h,
+        case(
+            "first datagram",
+            vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        ),
+    );
+    check(
+        &mut h,
+        case("within the timeout", vec![(Counter::ForwardTracked, 1)]),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    check(
+        &mut h,
+        case(
+            "after the timeout",
+            vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        ),
+    );
 }

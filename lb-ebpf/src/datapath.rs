@@ -8,6 +8,12 @@
 //!    replies), so tracked packets cost a single hash lookup;
 //! 3. otherwise a service lookup: a hit is a new connection, a miss is not lb's traffic.
 
+// Keys are passed by reference: by value, each lookup would copy the key on the stack.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "avoid a stack copy of each key on the per-packet path"
+)]
+
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     flow::{addr_filter_bit, flow_hash, selection_slot},

@@ -7,8 +7,9 @@
 //!
 //! The core parses, looks up the connection table, picks a backend for new connections
 //! and rewrites addresses. The entries only translate its outcome into their verdicts.
-#![no_std]
-#![no_main]
+// no_std/no_main only for the BPF target, so clippy can check this crate on the host.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod datapath;
 mod maps;
@@ -17,12 +18,12 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use datapath::Outcome;
-use packet::{TcPacket, XdpPacket};
+use packet::{TcPacket, XdpPacket, TC_ACT_OK, TC_ACT_SHOT};
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -36,8 +37,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     match datapath::process(&mut TcPacket::new(ctx)) {
-        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => TC_ACT_OK as i32,
-        Outcome::Drop => TC_ACT_SHOT as i32,
+        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => TC_ACT_OK,
+        Outcome::Drop => TC_ACT_SHOT,
     }
 }
 
@@ -48,13 +49,18 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
         // The route the node chose was the VIP's; after DNAT the packet must leave
         // towards the backend instead.
         Outcome::Forwarded => pkt.reroute(),
-        Outcome::Pass | Outcome::Replied => TC_ACT_OK as i32,
-        Outcome::Drop => TC_ACT_SHOT as i32,
+        Outcome::Pass | Outcome::Replied => TC_ACT_OK,
+        Outcome::Drop => TC_ACT_SHOT,
     }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    panic!("lb's eBPF programs are built for the BPF target only (see lb-userspace/build.rs)");
 }

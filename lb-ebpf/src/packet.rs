@@ -9,7 +9,7 @@ use core::mem::{offset_of, size_of};
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        BPF_F_PSEUDO_HDR,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::{TcContext, XdpContext},
@@ -38,6 +38,11 @@ pub struct Endpoint {
     pub addr: u32,
     pub port: u16,
 }
+
+/// TC verdicts (`TC_ACT_OK`, `TC_ACT_SHOT` in linux/pkt_cls.h), as the `i32` a classifier
+/// returns; aya's bindings type them differently per target.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
 
 pub trait Packet {
     fn data(&self) -> usize;
@@ -153,7 +158,7 @@ impl TcPacket {
     pub fn reroute(&mut self) -> i32 {
         let (data, data_end) = (self.data(), self.data_end());
         let Some(ip) = header_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
-            return TC_ACT_OK as i32;
+            return TC_ACT_OK;
         };
         // SAFETY: bounds checked by header_at.
         let ip = unsafe { &*ip };
@@ -176,7 +181,7 @@ impl TcPacket {
         };
         if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
             let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
-                return TC_ACT_OK as i32;
+                return TC_ACT_OK;
             };
             // SAFETY: bounds checked by header_at.
             unsafe {
@@ -191,7 +196,7 @@ impl TcPacket {
             unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
         } else {
             stats::count(Counter::EventEgressNoRoute);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
     }
 }

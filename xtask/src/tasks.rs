@@ -87,6 +87,18 @@ fn lint_steps() -> Result<()> {
         "--",
         "-D",
         "warnings",
+    ]))?;
+    // The eBPF crate is checked for the host target: its no_std/no_main attributes apply
+    // only to the BPF target, and clippy cannot load the BPF target's prebuilt core.
+    step("lint: cargo clippy -D warnings (lb-ebpf, host target)");
+    cmd::run(&mut cmd::cargo([
+        "clippy",
+        "--package",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
     ]))
 }
 

@@ -4,7 +4,8 @@
 //! Each measurement is one single-iteration run on a freshly copied packet (with
 //! `repeat`, the kernel would feed a rewriting program its own output). The kernel's own
 //! timer reports each run; the same is done for a trivial program in the same process,
-//! and its median is subtracted, leaving what lb itself costs.
+//! and its median is subtracted, leaving what lb itself costs. Rows are measured in
+//! interleaved rounds and the median over rounds is reported with the rounds' range.
 
 use std::{net::Ipv4Addr, time::Instant};
 
@@ -25,9 +26,13 @@ use lb_tests::packets::{PacketSpec, ACK, SYN};
 #[derive(Parser)]
 #[command(about = "ns/packet of lb's data plane (BPF_PROG_TEST_RUN)")]
 struct Args {
-    /// Single-iteration runs per path and program.
+    /// Single-iteration runs per path and program, over all rounds.
     #[arg(long, default_value_t = 100_000)]
     iterations: usize,
+    /// Rounds: each measures the trivial program and every path once, in turn, so slow
+    /// drift of the machine affects all rows alike.
+    #[arg(long, default_value_t = 9)]
+    rounds: usize,
     /// Size of the connection table (default: room for every flow of the run, so no
     /// eviction). A smaller table is faster (it stays in cache) until it evicts.
     #[arg(long)]
@@ -70,16 +75,14 @@ fn run_once(
     Ok(d.as_nanos() as u64)
 }
 
-struct Stats {
-    median: f64,
-    mean: f64,
+fn median(mut v: Vec<u64>) -> f64 {
+    v.sort_unstable();
+    v[v.len() / 2] as f64
 }
 
-fn stats(mut v: Vec<u64>) -> Stats {
-    v.sort_unstable();
-    let median = v[v.len() / 2] as f64;
-    let mean = v.iter().sum::<u64>() as f64 / v.len() as f64;
-    Stats { median, mean }
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Distinct client addresses so every "new flow" packet misses the connection table.
@@ -129,13 +132,18 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("lb data plane, ns/packet above a trivial program ({n} single runs per row)");
+    let rounds = args.rounds.max(1);
+    let per_round = n / rounds;
+    println!(
+        "lb data plane: ns/packet above a trivial program; {rounds} rounds of {per_round} \
+         single runs per row, median of the round medians (min-max of rounds)"
+    );
     println!(
         "kernel {}",
         std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
     );
     println!();
-    println!("| program | path | median ns | mean ns | trivial program median ns |");
+    println!("| program | path | ns above trivial | rounds min-max | trivial program ns |");
     println!("| --- | --- | ---: | ---: | ---: |");
     let started = Instant::now();
     let mut out = vec![0u8; 2048];
@@ -155,44 +163,53 @@ fn main() -> Result<()> {
             .build();
         let syn = PacketSpec::tcp(est_client, (VIP, 80), SYN).build();
         let non_vip = PacketSpec::tcp(est_client, (Ipv4Addr::new(10, 200, 9, 9), 80), SYN).build();
-
-        let prog = dp.program_mut(prog_name)?;
-        run_once(prog, hook, &syn, &mut out)?;
+        run_once(dp.program_mut(prog_name)?, hook, &syn, &mut out)?;
         let chosen = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
         let reply = PacketSpec::tcp((chosen, 8080), est_client, ACK)
             .with_payload(&[0u8; 64])
             .build();
 
-        let base_prog = baseline.program_mut(base_name).context("baseline")?;
-        let mut base = Vec::with_capacity(n);
-        for _ in 0..n {
-            base.push(run_once(base_prog, hook, &est, &mut out)?);
-        }
-        let base = stats(base);
-
-        let prog = dp.program_mut(prog_name)?;
-        let mut rows = Vec::new();
-        let mut t = Vec::with_capacity(n);
-        for p in &new_flows {
-            t.push(run_once(prog, hook, p, &mut out)?);
-        }
-        rows.push(("new TCP flow", stats(std::mem::take(&mut t))));
-        for (path, packet) in [
-            ("established flow", &est),
-            ("reply (reverse NAT)", &reply),
-            ("non-VIP traffic", &non_vip),
-        ] {
-            for _ in 0..n {
-                t.push(run_once(prog, hook, packet, &mut out)?);
+        const PATHS: [&str; 4] = [
+            "new TCP flow",
+            "established flow",
+            "reply (reverse NAT)",
+            "non-VIP traffic",
+        ];
+        // Per path: the round medians above the same round's trivial-program median.
+        let mut above: [Vec<f64>; 4] = Default::default();
+        let mut base_medians = Vec::new();
+        for round in 0..rounds {
+            let base_prog = baseline.program_mut(base_name).context("baseline")?;
+            let mut t = Vec::with_capacity(per_round);
+            for _ in 0..per_round {
+                t.push(run_once(base_prog, hook, &est, &mut out)?);
             }
-            rows.push((path, stats(std::mem::take(&mut t))));
+            let base = median(t);
+            base_medians.push(base);
+            let prog = dp.program_mut(prog_name)?;
+            for (path, row) in above.iter_mut().enumerate() {
+                let mut t = Vec::with_capacity(per_round);
+                for i in 0..per_round {
+                    let packet = match path {
+                        0 => &new_flows[round * per_round + i],
+                        1 => &est,
+                        2 => &reply,
+                        _ => &non_vip,
+                    };
+                    t.push(run_once(prog, hook, packet, &mut out)?);
+                }
+                row.push(median(t) - base);
+            }
         }
-        for (path, s) in rows {
+        let base = median_f(base_medians.clone());
+        for (path, row) in PATHS.iter().zip(above) {
+            let (lo, hi) = (
+                row.iter().cloned().fold(f64::MAX, f64::min),
+                row.iter().cloned().fold(f64::MIN, f64::max),
+            );
             println!(
-                "| {label} | {path} | {:.0} | {:.0} | {:.0} |",
-                s.median - base.median,
-                s.mean - base.mean,
-                base.median
+                "| {label} | {path} | {:.0} | {lo:.0}-{hi:.0} | {base:.0} |",
+                median_f(row)
             );
         }
     }

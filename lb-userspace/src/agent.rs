@@ -128,7 +128,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             }
         };
         if reload {
-            match config::load(&opts.config).and_then(|c| agent.reload(c)) {
+            let applied = config::load(&opts.config).and_then(|c| {
+                agent
+                    .reload(c)
+                    .with_context(|| format!("applying {}", opts.config.display()))
+            });
+            match applied {
                 Ok(()) => info!(
                     "configuration reloaded: {} services",
                     agent.config.services.len()

@@ -21,6 +21,7 @@
 //! # }
 //! ```
 
+pub mod agent_process;
 pub mod clients;
 pub mod cmd;
 pub mod names;

@@ -7,15 +7,15 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use lb::dataplane::AttachMode;
 use lb_tests::{
+    agent_process::{write_atomically, AgentProcess, TempDir},
     http_get,
     topology::{self, vip_http, vip_udp, TestBed, VIP},
     udp_request, DEFAULT_TIMEOUT,
@@ -34,46 +34,6 @@ struct Args {
     /// (e.g. `ip netns exec <client> curl http://10.96.0.10/`).
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
-}
-
-/// The agent process; stopped (SIGTERM, then killed) when dropped.
-struct AgentProcess(Child);
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let pid = self.0.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Temporary directory for the configuration, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn lb_binary() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let lb = exe.with_file_name("lb");
-    if !lb.exists() {
-        bail!(
-            "{} not found: build it with `cargo xtask build`",
-            lb.display()
-        );
-    }
-    Ok(lb)
 }
 
 fn tally(bed: &TestBed, n: usize) -> Result<BTreeMap<String, usize>> {
@@ -95,12 +55,7 @@ fn print_tally(title: &str, t: &BTreeMap<String, usize>) {
 }
 
 fn write_config(path: &Path, backends: &[u8]) -> Result<()> {
-    let yaml = topology::config_yaml(backends, "");
-    // Write then rename, so the agent never reads a half-written file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, yaml)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    write_atomically(path, &topology::config_yaml(backends, ""))
 }
 
 fn main() -> Result<()> {
@@ -115,30 +70,10 @@ fn main() -> Result<()> {
     };
     println!("building the test bed: client, node (lb), backend-1..3 ...");
     let bed = TestBed::new(mode)?;
-    let dir = TempDir(std::env::temp_dir().join(format!("lb-demo-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = TempDir::new("lb-demo")?;
     let config = dir.0.join("lb.yaml");
     write_config(&config, &[1, 2, 3])?;
-
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", bed.node.name()])
-        .arg(lb_binary()?)
-        .args(["agent", "--config"])
-        .arg(&config)
-        .args(["--watch-interval", "1", "--stats-interval", "5"]);
-    for i in &bed.interfaces {
-        let mode = match i.mode {
-            AttachMode::Xdp => "xdp",
-            AttachMode::Tc => "tc",
-        };
-        cmd.arg("--interface").arg(format!("{}:{mode}", i.name));
-    }
-    println!("starting: {cmd:?}");
-    let _agent = AgentProcess(
-        cmd.stdin(Stdio::null())
-            .spawn()
-            .context("starting lb agent")?,
-    );
+    let _agent = AgentProcess::start(&bed, &config)?;
 
     // Wait for the agent to program the VIP.
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,0 +1,124 @@
+//! The real `lb agent` binary, run inside a test bed's node namespace.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use lb::dataplane::AttachMode;
+
+use crate::{topology::TestBed, Netns};
+
+/// `target/<profile>/lb`, next to the running test or tool (`cargo xtask build` and
+/// `cargo xtask test` build it).
+pub fn lb_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // Test binaries live in target/<profile>/deps, tools in target/<profile>.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let lb = dir.join("lb");
+        if lb.is_file() {
+            return Ok(lb);
+        }
+    }
+    bail!(
+        "the lb binary was not found next to {}: build it with `cargo xtask build`",
+        exe.display()
+    )
+}
+
+/// A running `lb agent`; stopped with SIGTERM (then killed) when dropped.
+pub struct AgentProcess {
+    child: Child,
+}
+
+impl AgentProcess {
+    /// Starts `lb agent --config CONFIG` in the test bed's node, attached to its interfaces.
+    pub fn start(bed: &TestBed, config: &Path) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", bed.node.name()])
+            .arg(lb_binary()?)
+            .args(["agent", "--config"])
+            .arg(config)
+            .args(["--watch-interval", "1", "--stats-interval", "5"]);
+        for i in &bed.interfaces {
+            let mode = match i.mode {
+                AttachMode::Xdp => "xdp",
+                AttachMode::Tc => "tc",
+            };
+            cmd.arg("--interface").arg(format!("{}:{mode}", i.name));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Self { child })
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(crate::unique_name(prefix));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replaces `path` with `text` in one step (write, then rename), as an operator's tooling
+/// should, so the agent never reads a half-written file.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Retries `f` in `ns` until it succeeds or `timeout` passes.
+pub fn wait_until<T>(
+    ns: &Netns,
+    timeout: Duration,
+    f: impl Fn() -> Result<T> + Send + Sync,
+) -> Result<T>
+where
+    T: Send,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match ns.run(&f) {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}

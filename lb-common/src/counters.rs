@@ -24,7 +24,8 @@ macro_rules! counters {
 counters! {
     /// Not IPv4 (ARP, IPv6, ...): passed.
     PassNotIpv4 = 0, "pass_not_ipv4";
-    /// IPv4 but neither TCP nor UDP (ICMP included): passed.
+    /// IPv4 but neither TCP nor UDP, or ICMP that is not an error about a tracked
+    /// connection: passed.
     PassOtherProtocol = 1, "pass_other_protocol";
     /// TCP/UDP not addressed to a service and not a reply of a tracked flow: passed.
     PassNotService = 2, "pass_not_service";
@@ -67,6 +68,12 @@ counters! {
     EventTracked = 20, "event_tracked";
     /// Egress: after DNAT, the route to the backend was not found; left to the stack.
     EventEgressNoRoute = 21, "event_egress_no_route";
+    /// ICMP error about a tracked connection, sent towards the VIP (about a reply the
+    /// client side could not take): translated and passed on to the backend.
+    ForwardIcmpError = 22, "forward_icmp_error";
+    /// ICMP error about a tracked connection, from the backend side (about a packet the
+    /// backend side could not take): translated so the client sees it about the VIP.
+    ReplyIcmpError = 23, "reply_icmp_error";
 }
 
 /// Number of slots of the `COUNTERS` map.

@@ -23,9 +23,10 @@ use lb_common::{
 };
 
 use crate::{
+    icmp,
     maps::{config, ADDR_FILTER, BACKENDS, CONNECTIONS, SELECTION, SERVICES},
     packet::{End, Endpoint, Packet},
-    parse::{parse, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{parse, Classified, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -47,7 +48,10 @@ const REFRESH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     let (outcome, counter) = match parse(pkt.data(), pkt.data_end()) {
-        Ok(parsed) => handle(pkt, &parsed),
+        Ok(Classified::Flow(parsed)) => handle(pkt, &parsed),
+        Ok(Classified::IcmpError(outer_src)) => {
+            icmp::handle(pkt, outer_src, unsafe { bpf_ktime_get_coarse_ns() })
+        }
         Err(u) => (
             if u.drop { Outcome::Drop } else { Outcome::Pass },
             u.counter,
@@ -106,6 +110,12 @@ fn timeout_ns(state: u8) -> u64 {
     }
 }
 
+/// Whether `entry` has been idle longer than its state allows (then it no longer stands).
+#[inline(always)]
+pub fn expired(entry: &ConnEntry, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) > timeout_ns(entry.state)
+}
+
 /// The state a TCP entry moves to when a packet with `flags` passes.
 #[inline(always)]
 fn next_tcp_state(current: u8, flags: u8) -> u8 {
@@ -128,7 +138,7 @@ fn tracked<P: Packet>(
     entry: &mut ConnEntry,
     now: u64,
 ) -> Option<(Outcome, Counter)> {
-    if now.saturating_sub(entry.last_seen_ns) > timeout_ns(entry.state) {
+    if expired(entry, now) {
         return None;
     }
     let is_tcp = p.flow.proto == proto::TCP;

@@ -12,6 +12,7 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod datapath;
+mod icmp;
 mod maps;
 mod packet;
 mod parse;

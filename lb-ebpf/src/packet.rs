@@ -52,6 +52,11 @@ pub trait Packet {
     /// Rewrites one end's IPv4 address and L4 port, keeping the IPv4 and TCP/UDP
     /// checksums valid. `l4` is the IP protocol (TCP or UDP).
     fn rewrite(&mut self, end: End, l4: u8, old: Endpoint, new: Endpoint) -> Result<(), ()>;
+    /// Writes raw bytes (network order as in memory) at `off`. The caller keeps every
+    /// covering checksum right by writing its compensating change too, so the sum over
+    /// the packet, and with it `skb->csum` of a `CHECKSUM_COMPLETE` skb, is unchanged.
+    fn store_u16(&mut self, off: usize, v: u16) -> Result<(), ()>;
+    fn store_u32(&mut self, off: usize, v: u32) -> Result<(), ()>;
 }
 
 const IP_CHECK_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, check);
@@ -128,6 +133,22 @@ impl Packet for XdpPacket {
             port.write_unaligned(new.port);
             addr.write_unaligned(new.addr.to_ne_bytes());
         }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn store_u16(&mut self, off: usize, v: u16) -> Result<(), ()> {
+        let p: *mut u16 = header_at(self.data(), self.data_end(), off).ok_or(())?;
+        // SAFETY: bounds checked by header_at.
+        unsafe { p.write_unaligned(v) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn store_u32(&mut self, off: usize, v: u32) -> Result<(), ()> {
+        let p: *mut u32 = header_at(self.data(), self.data_end(), off).ok_or(())?;
+        // SAFETY: bounds checked by header_at.
+        unsafe { p.write_unaligned(v) };
         Ok(())
     }
 }
@@ -241,5 +262,15 @@ impl Packet for TcPacket {
         c.store(addr_off, &new.addr, 0).map_err(|_| ())?;
         c.store(port_off, &new.port, 0).map_err(|_| ())?;
         Ok(())
+    }
+
+    #[inline(always)]
+    fn store_u16(&mut self, off: usize, v: u16) -> Result<(), ()> {
+        self.ctx.store(off, &v, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store_u32(&mut self, off: usize, v: u32) -> Result<(), ()> {
+        self.ctx.store(off, &v, 0).map_err(|_| ())
     }
 }

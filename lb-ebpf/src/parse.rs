@@ -6,14 +6,22 @@ use core::mem::size_of;
 use lb_common::{family, proto, AddrBe, Counter, FlowKey, ServiceKey};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::maps::SERVICES;
+use crate::{
+    icmp::{ICMP_DEST_UNREACH, ICMP_TIME_EXCEEDED, MAX_ICMP_HEADERS},
+    maps::SERVICES,
+};
 
 pub const ETH_LEN: usize = size_of::<EthHdr>();
 pub const IPV4_LEN: usize = size_of::<Ipv4Hdr>();
 /// Offset of the L4 header: lb handles IPv4 without options only.
 pub const L4_OFF: usize = ETH_LEN + IPV4_LEN;
-/// Longest header stack the core reads (Ethernet + IPv4 + TCP).
-pub const MAX_HEADERS: usize = L4_OFF + size_of::<TcpHdr>();
+/// Longest header stack the core reads: Ethernet + IPv4 + TCP, or an ICMP error quoting
+/// an IPv4 and a TCP header.
+pub const MAX_HEADERS: usize = if MAX_ICMP_HEADERS > L4_OFF + size_of::<TcpHdr>() {
+    MAX_ICMP_HEADERS
+} else {
+    L4_OFF + size_of::<TcpHdr>()
+};
 
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
 const TCP_FLAGS_OFF: usize = 13;
@@ -30,6 +38,14 @@ pub fn header_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> 
         return None;
     }
     Some(start as *mut T)
+}
+
+/// What a packet is, for the core.
+pub enum Classified {
+    /// IPv4 TCP or UDP.
+    Flow(Parsed),
+    /// An ICMP error (maybe about a tracked connection); carries the outer source.
+    IcmpError(AddrBe),
 }
 
 /// A parsed IPv4 TCP/UDP packet.
@@ -77,7 +93,7 @@ fn unsupported(dst: AddrBe, to_vip: Counter, other: Counter) -> Unparsed {
 }
 
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
+pub fn parse(data: usize, data_end: usize) -> Result<Classified, Unparsed> {
     let eth: *mut EthHdr =
         header_at(data, data_end, 0).ok_or(Unparsed::pass(Counter::PassTruncatedEthernet))?;
     // SAFETY: header_at checked the bounds.
@@ -92,6 +108,16 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
         return Err(Unparsed::pass(Counter::PassTruncatedIpv4));
     }
     let l4_proto = ip.proto;
+    let unfragmented = ip.frags[0] & 0x3f == 0 && ip.frags[1] == 0;
+    if l4_proto == proto::ICMP && ip.vihl & 0x0f == 5 && unfragmented {
+        if let Some(kind) = header_at::<u8>(data, data_end, L4_OFF) {
+            // SAFETY: header_at checked the bounds.
+            let kind = unsafe { *kind };
+            if kind == ICMP_DEST_UNREACH || kind == ICMP_TIME_EXCEEDED {
+                return Ok(Classified::IcmpError(AddrBe::v4(ip.src_addr)));
+            }
+        }
+    }
     if l4_proto != proto::TCP && l4_proto != proto::UDP {
         return Err(Unparsed::pass(Counter::PassOtherProtocol));
     }
@@ -105,7 +131,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
         ));
     }
     // More-fragments flag or a non-zero offset: this packet is part of a fragment train.
-    if ip.frags[0] & 0x3f != 0 || ip.frags[1] != 0 {
+    if !unfragmented {
         return Err(unsupported(
             dst,
             Counter::DropFragment,
@@ -137,7 +163,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
         let udp = unsafe { &*udp };
         ((udp.src, udp.dst), 0)
     };
-    Ok(Parsed {
+    Ok(Classified::Flow(Parsed {
         flow: FlowKey {
             src,
             dst,
@@ -148,5 +174,5 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Unparsed> {
             _pad: [0; 2],
         },
         tcp_flags,
-    })
+    }))
 }

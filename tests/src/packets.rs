@@ -46,6 +46,8 @@ pub struct PacketSpec {
     pub frag_field: u16,
     /// UDP only: send without a checksum (0).
     pub udp_no_checksum: bool,
+    /// Raw L4 bytes to send instead of a generated header (e.g. an ICMP error).
+    pub raw_l4: Option<Vec<u8>>,
 }
 
 impl PacketSpec {
@@ -61,6 +63,7 @@ impl PacketSpec {
             ip_options: Vec::new(),
             frag_field: 0x4000, // don't fragment
             udp_no_checksum: false,
+            raw_l4: None,
         }
     }
 
@@ -130,6 +133,9 @@ impl PacketSpec {
     }
 
     fn l4(&self) -> Vec<u8> {
+        if let Some(raw) = &self.raw_l4 {
+            return raw.clone();
+        }
         let mut l4 = Vec::new();
         match self.proto {
             TCP => {
@@ -171,6 +177,30 @@ impl PacketSpec {
     }
 }
 
+/// An ICMP error (`kind`, `code`; for "fragmentation needed" `mtu` is the next-hop MTU)
+/// from `src` to `dst`, quoting the first `quote_len` bytes of `quoted`'s IPv4 packet.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    quoted: &PacketSpec,
+    quote_len: usize,
+) -> Vec<u8> {
+    let q = quoted.build();
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&q[14..14 + quote_len]);
+    let c = finish(sum(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut outer = PacketSpec::tcp((src, 0), (dst, 0), 0);
+    outer.proto = ICMP;
+    outer.frag_field = 0;
+    outer.raw_l4 = Some(icmp);
+    outer.build()
+}
+
 /// Checks every checksum of an Ethernet/IPv4/TCP-or-UDP frame from scratch.
 pub fn checksums_valid(frame: &[u8]) -> bool {
     if frame.len() < 34 {
@@ -191,6 +221,14 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
     match ip[9] {
         UDP if l4[6] == 0 && l4[7] == 0 => true,
         TCP | UDP => finish(sum(&pseudo) + sum(l4)) == 0,
+        // ICMP: its own checksum, and the quoted IPv4 header's (errors quote one).
+        ICMP => {
+            let quoted_ip_ok = match l4[0] {
+                3 | 11 if l4.len() >= 28 => finish(sum(&l4[8..28])) == 0,
+                _ => true,
+            };
+            finish(sum(l4)) == 0 && quoted_ip_ok
+        }
         _ => true,
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
     family, flow_hash, AddrBe, BackendState, ConnDirection, ConnState, Counter, FlowKey,
 };
 use lb_tests::{
-    packets::{self, arp_frame, checksums_valid, PacketSpec, ACK, FIN, PSH, RST, SYN},
+    packets::{self, arp_frame, checksums_valid, icmp_error, PacketSpec, ACK, FIN, PSH, RST, SYN},
     require_root,
 };
 
@@ -443,6 +443,82 @@ fn run_fixtures(hook: Hook) {
             verdict: Verdict::Pass,
             output: Some(nock.clone().with_dst((BACKENDS[0], 5353)).build()),
             counters: vec![(Counter::ForwardTracked, 1)],
+        },
+    );
+
+    // --- ICMP errors about tracked connections are translated like their packets.
+    let syn3 = PacketSpec::tcp(client(40010), vip80, SYN);
+    let (b3_addr, b3_port, _) = h.predicted_backend(&WEB, &flow_of(&syn3));
+    let b3 = (b3_addr, b3_port);
+    h.run(&syn3.build());
+    // What the backend received (after DNAT), and what the client sent.
+    let seen_by_backend = PacketSpec::tcp(client(40010), b3, ACK).with_payload(&[7; 1400]);
+    let sent_by_client = seen_by_backend.clone().with_dst(vip80);
+    check(
+        &mut h,
+        Case {
+            name: "fragmentation needed from the backend is translated for the client".into(),
+            input: icmp_error(b3_addr, CLIENT, 3, 4, 1280, &seen_by_backend, 40),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(VIP, CLIENT, 3, 4, 1280, &sent_by_client, 40)),
+            counters: vec![(Counter::ReplyIcmpError, 1)],
+        },
+    );
+    let router = Ipv4Addr::new(10, 200, 3, 1);
+    check(
+        &mut h,
+        Case {
+            name: "a router's error keeps the router's address; only the quote changes".into(),
+            input: icmp_error(router, CLIENT, 11, 0, 0, &seen_by_backend, 28),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(router, CLIENT, 11, 0, 0, &sent_by_client, 28)),
+            counters: vec![(Counter::ReplyIcmpError, 1)],
+        },
+    );
+    // A reply the client side could not take (after reverse NAT it came from the VIP).
+    let reply_as_sent = PacketSpec::tcp(vip80, client(40010), ACK).with_payload(&[7; 1400]);
+    let reply_from_backend = reply_as_sent.clone().with_src(b3);
+    let client_router = Ipv4Addr::new(10, 200, 0, 1);
+    check(
+        &mut h,
+        Case {
+            name: "fragmentation needed towards the VIP is translated and sent to the backend"
+                .into(),
+            input: icmp_error(client_router, VIP, 3, 4, 1280, &reply_as_sent, 40),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(
+                client_router,
+                b3_addr,
+                3,
+                4,
+                1280,
+                &reply_from_backend,
+                40,
+            )),
+            counters: vec![(Counter::ForwardIcmpError, 1)],
+        },
+    );
+    let udp_seen = PacketSpec::udp(client(5000), (BACKENDS[0], 5353), b"query");
+    let udp_sent = udp_seen.clone().with_dst((VIP, 53));
+    check(
+        &mut h,
+        Case {
+            name: "port unreachable about a UDP flow, with its quoted UDP checksum".into(),
+            input: icmp_error(BACKENDS[0], CLIENT, 3, 3, 0, &udp_seen, 28),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(VIP, CLIENT, 3, 3, 0, &udp_sent, 28)),
+            counters: vec![(Counter::ReplyIcmpError, 1)],
+        },
+    );
+    let untracked = PacketSpec::tcp(client(40999), b3, ACK);
+    check(
+        &mut h,
+        Case {
+            name: "ICMP error about an untracked flow passes untouched".into(),
+            input: icmp_error(b3_addr, CLIENT, 3, 4, 1280, &untracked, 40),
+            verdict: Verdict::Pass,
+            output: None,
+            counters: vec![(Counter::PassOtherProtocol, 1)],
         },
     );
 

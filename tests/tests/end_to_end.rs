@@ -216,3 +216,36 @@ fn udp_round_trips_through_the_vip() {
     assert_eq!(received, REQUESTS as u64);
     assert!(agent.dataplane.counter(Counter::ReplyTracked).unwrap() >= REQUESTS as u64);
 }
+
+/// Path MTU discovery works through the VIP. The node's link towards the client carries
+/// at most 1280 bytes while the client advertises an MSS for 1500, so the backend's
+/// full-size segments cannot be forwarded: the node answers "fragmentation needed" to
+/// their source, which after reverse NAT is the VIP. lb translates that error (TC egress
+/// on the VIP's device) and delivers it to the backend, which lowers its path MTU and
+/// resends; without it the transfer would stall.
+#[test]
+fn path_mtu_discovery_works_through_the_vip() {
+    if !require_root() {
+        return;
+    }
+    let bed = TestBed::new(AttachMode::Tc).unwrap();
+    let agent = bed.start_agent(topology::config(&[1, 2, 3])).unwrap();
+    let towards_client = &bed.interfaces[0].name;
+    bed.node
+        .ip(&["link", "set", towards_client, "mtu", "1280"])
+        .unwrap();
+    let len = 300_000;
+    let body = bed
+        .client
+        .run(|| {
+            http_get(
+                vip_http(),
+                &format!("/bytes/{len}"),
+                Duration::from_secs(10),
+            )
+        })
+        .expect("the transfer completes");
+    assert_eq!(body.len(), len);
+    let translated = agent.dataplane.counter(Counter::ForwardIcmpError).unwrap();
+    assert!(translated >= 1, "no ICMP error was translated");
+}

@@ -12,6 +12,19 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+/// From inside `ns`, `n` times `GET /` on a new connection each: the bodies (the names of
+/// the servers that answered), in order. The error names the request that failed.
+pub fn names_from(ns: &crate::Netns, addr: SocketAddr, n: usize) -> Result<Vec<String>> {
+    ns.run(|| {
+        (0..n)
+            .map(|i| {
+                http_get(addr, "/", crate::DEFAULT_TIMEOUT)
+                    .with_context(|| format!("request {} of {n}", i + 1))
+            })
+            .collect()
+    })
+}
+
 /// Sends `GET path` on a new TCP connection (`Connection: close`) and returns the body of a
 /// `200` answer; any other status is an error that includes it.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {

@@ -7,20 +7,16 @@ use std::{collections::BTreeSet, time::Duration};
 use lb::dataplane::AttachMode;
 use lb_tests::{
     agent_process::{wait_until, write_atomically, AgentProcess, TempDir},
-    http_get, require_root,
+    http_get, names_from, require_root,
     topology::{self, backend_name, vip_http, TestBed},
     DEFAULT_TIMEOUT,
 };
 
 fn names_seen(bed: &TestBed, requests: usize) -> BTreeSet<String> {
-    bed.client.run(|| {
-        (0..requests)
-            .map(|i| {
-                http_get(vip_http(), "/", DEFAULT_TIMEOUT)
-                    .unwrap_or_else(|e| panic!("request {i}: {e:#}"))
-            })
-            .collect()
-    })
+    names_from(&bed.client, vip_http(), requests)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::{
 use lb::dataplane::{AttachMode, Frontend, Protocol};
 use lb_common::{ConnDirection, Counter};
 use lb_tests::{
-    body_pattern, http_get, require_root,
+    body_pattern, http_get, names_from, require_root,
     topology::{self, backend_name, vip_http, vip_udp, TestBed, BACKEND_COUNT, VIP},
     udp_request, KeepAliveClient, DEFAULT_TIMEOUT,
 };
@@ -57,14 +57,7 @@ fn spread_and_stickiness(mode: AttachMode) {
     let bed = TestBed::new(mode).unwrap();
     let agent = bed.start_agent(topology::config(&[1, 2, 3])).unwrap();
 
-    let names: Vec<String> = bed.client.run(|| {
-        (0..REQUESTS)
-            .map(|i| {
-                http_get(vip_http(), "/", DEFAULT_TIMEOUT)
-                    .unwrap_or_else(|e| panic!("request {i}: {e:#}"))
-            })
-            .collect()
-    });
+    let names = names_from(&bed.client, vip_http(), REQUESTS).unwrap();
     let t = tally(names);
     println!("{mode:?}: {REQUESTS} new connections: {t:?}");
     assert_fair(&t, REQUESTS);
@@ -151,11 +144,7 @@ fn long_transfer_survives_a_selection_table_change() {
         assert_eq!(table_after.len(), 2);
 
         // New connections no longer reach the removed backend.
-        let names: Vec<String> = bed.client.run(|| {
-            (0..30)
-                .map(|_| http_get(vip_http(), "/", DEFAULT_TIMEOUT).unwrap())
-                .collect()
-        });
+        let names = names_from(&bed.client, vip_http(), 30).unwrap();
         assert!(!names.contains(&backend_name(serving_no)), "{names:?}");
 
         let body = transfer
@@ -179,14 +168,7 @@ fn connections_from_the_node_itself_are_balanced() {
     }
     let bed = TestBed::new(AttachMode::Tc).unwrap();
     let _agent = bed.start_agent(topology::config(&[1, 2, 3])).unwrap();
-    let names: Vec<String> = bed.node.run(|| {
-        (0..REQUESTS)
-            .map(|i| {
-                http_get(vip_http(), "/", DEFAULT_TIMEOUT)
-                    .unwrap_or_else(|e| panic!("request {i}: {e:#}"))
-            })
-            .collect()
-    });
+    let names = names_from(&bed.node, vip_http(), REQUESTS).unwrap();
     let t = tally(names);
     println!("node-originated: {t:?}");
     assert_fair(&t, REQUESTS);

@@ -16,7 +16,7 @@ use clap::Parser;
 use lb::dataplane::AttachMode;
 use lb_tests::{
     agent_process::{write_atomically, AgentProcess, TempDir},
-    http_get,
+    http_get, names_from,
     topology::{self, vip_http, vip_udp, TestBed, VIP},
     udp_request, DEFAULT_TIMEOUT,
 };
@@ -37,14 +37,11 @@ struct Args {
 }
 
 fn tally(bed: &TestBed, n: usize) -> Result<BTreeMap<String, usize>> {
-    bed.client.run(|| {
-        let mut t = BTreeMap::new();
-        for _ in 0..n {
-            *t.entry(http_get(vip_http(), "/", DEFAULT_TIMEOUT)?)
-                .or_default() += 1;
-        }
-        Ok(t)
-    })
+    let mut t = BTreeMap::new();
+    for name in names_from(&bed.client, vip_http(), n)? {
+        *t.entry(name).or_default() += 1;
+    }
+    Ok(t)
 }
 
 fn print_tally(title: &str, t: &BTreeMap<String, usize>) {

@@ -1,7 +1,10 @@
 //! Flow identity: the 5-tuple key of the connection table and the hash that picks a
 //! backend. The hash lives here so tests can predict the kernel's choice exactly.
 
-use crate::{assert_size, maps::ADDR_FILTER_WORDS};
+use crate::{
+    assert_size,
+    maps::{AddrRole, ADDR_FILTER_WORDS},
+};
 
 /// An IP address in network byte order. IPv4 uses word 0 and leaves words 1..3 zero.
 #[repr(C)]
@@ -75,10 +78,12 @@ pub const fn selection_slot(hash: u32, attempt: u32, len: u32) -> u32 {
     (hash % len + attempt) % len
 }
 
-/// Bit of `addr` in the address prefilter (`maps::ADDR_FILTER`).
+/// Word index and bit of `addr` in the `role` bitmap of the address prefilter
+/// (`maps::ADDR_FILTER`, which holds the VIP bitmap, then the backend bitmap).
 #[inline(always)]
-pub const fn addr_filter_bit(addr: &AddrBe) -> u32 {
+pub const fn addr_filter_slot(addr: &AddrBe, role: AddrRole) -> (u32, u32) {
     let a = addr.0;
-    fmix32(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24))
-        & (ADDR_FILTER_WORDS * 64 - 1)
+    let h = fmix32(a[0] ^ a[1].rotate_left(8) ^ a[2].rotate_left(16) ^ a[3].rotate_left(24));
+    let bit = h & (ADDR_FILTER_WORDS * 64 - 1);
+    (role as u32 * ADDR_FILTER_WORDS + bit / 64, bit % 64)
 }

@@ -16,13 +16,22 @@ pub const SELECTION: &str = "lb_sel_v1";
 pub const BACKENDS: &str = "lb_be_v1";
 /// Connection table (LRU): `FlowKey` → `ConnEntry`, both directions of each connection.
 pub const CONNECTIONS: &str = "lb_ct_v1";
-/// Address prefilter: a bitmap (`u64` words) with a bit set for every VIP and backend
-/// address (`flow::addr_filter_bit`). A packet whose source and destination bits are both
-/// clear cannot be lb's, and passes without a hash lookup. Bits are only ever set while
-/// the agent runs: a stale bit costs one lookup, a missing one would break a connection.
+/// Address prefilter: two bitmaps of `u64` words, one of VIP addresses and one of backend
+/// addresses (`flow::addr_filter_slot`). Packets of the original direction go to a VIP and
+/// replies come from a backend; a packet with neither cannot be lb's and passes without a
+/// hash lookup, including traffic lb already translated when it crosses another hook.
+/// Bits are only ever set while the agent runs: a stale bit costs one lookup, a missing
+/// one would break a connection.
 pub const ADDR_FILTER: &str = "lb_addr_v1";
-/// Words of the address prefilter (4096 × 64 = 262,144 bits).
+/// Words of each of the two bitmaps (4096 × 64 = 262,144 bits).
 pub const ADDR_FILTER_WORDS: u32 = 4096;
+
+/// Which bitmap of the address prefilter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrRole {
+    Vip = 0,
+    Backend = 1,
+}
 /// Per-CPU `u64` counters indexed by `Counter`.
 pub const COUNTERS: &str = "lb_cnt_v1";
 /// Per-CPU `TrafficStats` indexed by service id.

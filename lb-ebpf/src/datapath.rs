@@ -16,8 +16,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    flow::{addr_filter_bit, flow_hash, selection_slot},
-    maps::MAX_RESELECT,
+    flow::{addr_filter_slot, flow_hash, selection_slot},
+    maps::{AddrRole, MAX_RESELECT},
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey,
 };
@@ -61,12 +61,12 @@ pub fn process<P: Packet>(pkt: &mut P) -> Outcome {
     outcome
 }
 
-/// May `addr` be a VIP or a backend? A clear bit means certainly not.
+/// May `addr` be a VIP (or a backend, by `role`)? A clear bit means certainly not.
 #[inline(always)]
-fn maybe_ours(addr: &AddrBe) -> bool {
-    let bit = addr_filter_bit(addr);
-    match ADDR_FILTER.get(bit / 64) {
-        Some(word) => word & (1u64 << (bit % 64)) != 0,
+fn maybe(addr: &AddrBe, role: AddrRole) -> bool {
+    let (word, bit) = addr_filter_slot(addr, role);
+    match ADDR_FILTER.get(word) {
+        Some(w) => w & (1u64 << bit) != 0,
         None => true,
     }
 }
@@ -74,7 +74,7 @@ fn maybe_ours(addr: &AddrBe) -> bool {
 #[inline(always)]
 fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
     // Original-direction packets go to a VIP, replies come from a backend.
-    if !maybe_ours(&p.flow.dst) && !maybe_ours(&p.flow.src) {
+    if !maybe(&p.flow.dst, AddrRole::Vip) && !maybe(&p.flow.src, AddrRole::Backend) {
         return (Outcome::Pass, Counter::PassNotService);
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };

@@ -34,9 +34,9 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKEN
 pub static CONNECTIONS: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
 
-/// Bitmap of VIP and backend addresses: lets unrelated packets skip every hash lookup.
+/// Bitmaps of VIP and of backend addresses: let unrelated packets skip every hash lookup.
 #[map(name = "lb_addr_v1")]
-pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(ADDR_FILTER_WORDS, 0);
+pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
 
 /// Verdict, drop-reason and event counters, indexed by `lb_common::Counter`.
 #[map(name = "lb_cnt_v1")]

@@ -523,6 +523,17 @@ fn run_fixtures(hook: Hook) {
     );
 
     // --- What lb does not own passes untouched.
+    let already = PacketSpec::tcp(client(40000), backend, ACK);
+    check(
+        &mut h,
+        Case {
+            name: "traffic lb already translated (client → backend) passes untouched".into(),
+            input: already.build(),
+            verdict: Verdict::Pass,
+            output: None,
+            counters: vec![(Counter::PassNotService, 1)],
+        },
+    );
     check(
         &mut h,
         Case {

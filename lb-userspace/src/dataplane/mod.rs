@@ -14,8 +14,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    counters::COUNTER_SLOTS, family, maps as names, AddrBe, Backend, BackendState, ConnEntry,
-    Counter, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
+    counters::COUNTER_SLOTS,
+    family,
+    flow::addr_filter_slot,
+    maps::{self as names, AddrRole},
+    AddrBe, Backend, BackendState, ConnEntry, Counter, DataplaneConfig, FlowKey, Service,
+    ServiceKey, TrafficStats,
 };
 
 /// The eBPF object built from `lb-ebpf` by this crate's build script.
@@ -237,15 +241,15 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Sets `addr`'s bit in the address prefilter (never cleared: connections to a
-    /// removed backend may still need their replies translated).
-    fn mark_address(&mut self, addr: Ipv4Addr) -> Result<()> {
-        let bit = lb_common::flow::addr_filter_bit(&AddrBe::v4(addr.octets()));
-        let word = self.addr_filter.get(&(bit / 64), 0)?;
-        let marked = word | 1u64 << (bit % 64);
+    /// Sets `addr`'s bit in the `role` bitmap of the address prefilter. Never cleared:
+    /// connections of a removed service or backend may still need translating.
+    fn mark_address(&mut self, addr: Ipv4Addr, role: AddrRole) -> Result<()> {
+        let (index, bit) = addr_filter_slot(&AddrBe::v4(addr.octets()), role);
+        let word = self.addr_filter.get(&index, 0)?;
+        let marked = word | 1u64 << bit;
         if marked != word {
             self.addr_filter
-                .set(bit / 64, marked, 0)
+                .set(index, marked, 0)
                 .with_context(|| format!("marking {addr} in the address prefilter"))?;
         }
         Ok(())
@@ -260,7 +264,7 @@ impl Dataplane {
         state: BackendState,
     ) -> Result<()> {
         self.check_backend_id(id)?;
-        self.mark_address(addr)?;
+        self.mark_address(addr, AddrRole::Backend)?;
         let value = Backend {
             addr: AddrBe::v4(addr.octets()),
             port_be: port.to_be(),
@@ -303,7 +307,7 @@ impl Dataplane {
                 self.options.table_slots
             );
         }
-        self.mark_address(frontend.vip)?;
+        self.mark_address(frontend.vip, AddrRole::Vip)?;
         let half = self.active_half.get(&id).map_or(0, |h| 1 - h);
         let offset = (id * 2 + half) * self.options.table_slots;
         for (i, &backend) in table.iter().enumerate() {

@@ -168,15 +168,21 @@ fn main() -> Result<()> {
         let reply = PacketSpec::tcp((chosen, 8080), est_client, ACK)
             .with_payload(&[0u8; 64])
             .build();
+        // The established flow after DNAT, as another hook of the node sees it again
+        // (e.g. TC egress towards the backend).
+        let translated = PacketSpec::tcp(est_client, (chosen, 8080), ACK)
+            .with_payload(&[0u8; 64])
+            .build();
 
-        const PATHS: [&str; 4] = [
+        const PATHS: [&str; 5] = [
             "new TCP flow",
             "established flow",
             "reply (reverse NAT)",
             "non-VIP traffic",
+            "translated traffic seen again",
         ];
         // Per path: the round medians above the same round's trivial-program median.
-        let mut above: [Vec<f64>; 4] = Default::default();
+        let mut above: [Vec<f64>; 5] = Default::default();
         let mut base_medians = Vec::new();
         for round in 0..rounds {
             let base_prog = baseline.program_mut(base_name).context("baseline")?;
@@ -194,7 +200,8 @@ fn main() -> Result<()> {
                         0 => &new_flows[round * per_round + i],
                         1 => &est,
                         2 => &reply,
-                        _ => &non_vip,
+                        3 => &non_vip,
+                        _ => &translated,
                     };
                     t.push(run_once(prog, hook, packet, &mut out)?);
                 }

@@ -1,0 +1,127 @@
+//! What the agent balances, independent of where it was configured (Istio resources or
+//! lb's own documents): services with their endpoints and traffic policy, and the node.
+//!
+//! Config parsing produces these; the locality and outlier logic consume them.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use crate::dataplane::Frontend;
+
+/// A locality `region/zone/subzone`; any part may be empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// Parses `region/zone/subzone` (Istio's form; trailing parts may be left out).
+    pub fn parse(s: &str) -> Self {
+        let mut parts = s.splitn(3, '/').map(str::to_string);
+        Self {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Locality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)
+    }
+}
+
+/// The node the agent runs on (the client side of every connection it balances).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One endpoint of a service, with its service port already mapped to the endpoint port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub locality: Locality,
+    pub labels: BTreeMap<String, String>,
+    /// Istio's endpoint `weight` (default 1).
+    pub weight: u32,
+}
+
+/// `localityLbSetting.failover[]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failover {
+    pub from: String,
+    pub to: String,
+}
+
+/// `localityLbSetting.distribute[]`: `from` pattern → weight per `to` pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Distribute {
+    pub from: String,
+    pub to: BTreeMap<String, u32>,
+}
+
+/// `trafficPolicy.loadBalancer.localityLbSetting`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalityLbSetting {
+    /// `enabled`; `None` means not set (Istio's default: on).
+    pub enabled: Option<bool>,
+    pub failover: Vec<Failover>,
+    pub failover_priority: Vec<String>,
+    pub distribute: Vec<Distribute>,
+}
+
+/// `trafficPolicy.outlierDetection`, with Istio's defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// 0 disables.
+    pub consecutive_5xx_errors: u32,
+    /// 0 disables (Istio's default: off).
+    pub consecutive_gateway_errors: u32,
+    pub split_external_local_origin_errors: bool,
+    pub consecutive_local_origin_failures: u32,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    /// Envoy's default: max(300 s, base_ejection_time).
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+    /// Istio's `minHealthPercent`: the panic threshold (0 = panic mode off).
+    pub min_health_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx_errors: 5,
+            consecutive_gateway_errors: 0,
+            split_external_local_origin_errors: false,
+            consecutive_local_origin_failures: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            min_health_percent: 0,
+        }
+    }
+}
+
+/// The parts of a DestinationRule's `trafficPolicy` lb acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrafficPolicy {
+    pub locality_lb: Option<LocalityLbSetting>,
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// A balanced service: one frontend (VIP, port, protocol) and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Host name (Istio) or configured name, for messages and views.
+    pub name: String,
+    pub frontend: Frontend,
+    pub endpoints: Vec<Endpoint>,
+    pub policy: TrafficPolicy,
+}

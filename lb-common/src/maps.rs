@@ -9,8 +9,9 @@ use crate::{assert_size, flow::AddrBe};
 /// (port 0, protocol 0) so packets that cannot be parsed to a port are still recognised as
 /// addressed to a VIP.
 pub const SERVICES: &str = "lb_svc_v1";
-/// Selection tables of all services in one array of backend ids; a service uses the
-/// `[table_offset, table_offset + table_len)` window named by its `Service` value.
+/// Selection tables of all services in one array of backend ids (two per `[u32; 2]`
+/// element, memory-mappable); a service uses the `[table_offset, table_offset + table_len)`
+/// window of slots named by its `Service` value.
 pub const SELECTION: &str = "lb_sel_v1";
 /// Backends by id (`u32` index; id 0 is reserved as "none" so an empty slot never routes).
 pub const BACKENDS: &str = "lb_be_v1";
@@ -45,7 +46,8 @@ pub const CONFIG_GLOBAL: &str = "LB_CONFIG";
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Each service has two table halves (active and next) of up to this many slots.
-pub const DEFAULT_TABLE_SLOTS: u32 = 4096;
+/// 8192 fits a Maglev table (prime ≥ 64 per backend) for up to 127 backends.
+pub const DEFAULT_TABLE_SLOTS: u32 = 8192;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 262_144;
 
 /// How many table slots a new connection may try when the first pick is not active.

@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     icmp,
-    maps::{config, ADDR_FILTER, BACKENDS, CONNECTIONS, SELECTION, SERVICES},
+    maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
     packet::{End, Endpoint, Packet},
     parse::{parse, Classified, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -228,7 +228,7 @@ fn select(svc: &Service, hash: u32) -> Result<(u32, lb_common::Backend, bool), C
     }
     for attempt in 0..MAX_RESELECT {
         let slot = svc.table_offset + selection_slot(hash, attempt, svc.table_len);
-        let Some(&id) = SELECTION.get(slot) else {
+        let Some(id) = selection_slot_id(slot) else {
             break;
         };
         if id == 0 {

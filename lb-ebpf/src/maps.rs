@@ -2,6 +2,7 @@
 //! `lb_common::maps`; sizes here are defaults the agent overrides at load.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -19,10 +20,21 @@ use lb_common::{
 pub static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
 
-/// Selection tables of all services: slot → backend id (two halves per service).
+/// Selection tables of all services: backend ids, two halves per service. Slot `g` is
+/// lane `g % 2` of element `g / 2`: array elements take 8 bytes, so packing two `u32`s
+/// makes the memory a dense `u32` array. Memory-mappable, so the agent writes a table
+/// with plain stores, not a syscall per slot.
 #[map(name = "lb_sel_v1")]
-pub static SELECTION: Array<u32> =
-    Array::with_max_entries(DEFAULT_MAX_SERVICES * 2 * DEFAULT_TABLE_SLOTS, 0);
+pub static SELECTION: Array<[u32; 2]> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_TABLE_SLOTS, BPF_F_MMAPABLE);
+
+/// The backend id in selection slot `slot`.
+#[inline(always)]
+pub fn selection_slot_id(slot: u32) -> Option<u32> {
+    SELECTION
+        .get(slot / 2)
+        .map(|pair| pair[(slot % 2) as usize])
+}
 
 /// Backend id → address, port and state. Id 0 is never written: it means "none".
 #[map(name = "lb_be_v1")]

@@ -759,11 +759,13 @@ fn run_fixtures(hook: Hook) {
         tracked_port + 1,
     );
     let fresh = PacketSpec::tcp(client(new_port), vip80, SYN);
-    let slot = table_before
-        .iter()
-        .position(|&id| id == ejected_id)
+    // The kernel walks forward from the flow's slot to the first backend that is active.
+    let len = table_before.len();
+    let slot = flow_hash(&flow_of(&fresh)) as usize % len;
+    let next_id = (1..len)
+        .map(|k| table_before[(slot + k) % len])
+        .find(|&id| id != ejected_id)
         .unwrap();
-    let next_id = table_before[(slot + 1) % table_before.len()];
     let next = h.dp.backend(next_id).unwrap();
     check(
         &mut h,

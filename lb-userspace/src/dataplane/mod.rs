@@ -2,10 +2,11 @@
 //! sizes and timeouts, attaches its programs, writes services and backends, and reads
 //! counters and connections back.
 
+mod mmap;
 pub mod selection;
 pub mod sync;
 
-use std::{collections::HashMap as StdHashMap, net::Ipv4Addr};
+use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, os::fd::AsFd as _};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -129,7 +130,7 @@ pub struct Dataplane {
     ebpf: Ebpf,
     options: DataplaneOptions,
     services: HashMap<MapData, ServiceKey, Service>,
-    selection: Array<MapData, u32>,
+    selection: mmap::MappedU32Array,
     backends: Array<MapData, Backend>,
     connections: HashMap<MapData, FlowKey, ConnEntry>,
     addr_filter: Array<MapData, u64>,
@@ -162,7 +163,8 @@ impl Dataplane {
             .context("max_services × 2 × table_slots overflows 32 bits")?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SERVICES, options.max_services * 2)
-            .map_max_entries(names::SELECTION, selection_len)
+            // Two slots per array element (see lb-ebpf's SELECTION).
+            .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
             .map_max_entries(names::BACKENDS, options.max_backends)
             .map_max_entries(names::CONNECTIONS, options.max_connections)
             .map_max_entries(names::SERVICE_STATS, options.max_services)
@@ -183,7 +185,19 @@ impl Dataplane {
         }
         Ok(Self {
             services: take(&mut ebpf, names::SERVICES)?,
-            selection: take(&mut ebpf, names::SELECTION)?,
+            selection: {
+                let map = ebpf
+                    .take_map(names::SELECTION)
+                    .context("map lb_sel_v1 is missing from the eBPF object")?;
+                let aya::maps::Map::Array(data) = &map else {
+                    bail!("map {} has an unexpected type", names::SELECTION);
+                };
+                // The mapping keeps the map alive on its own; `map` can go.
+                mmap::MappedU32Array::new(
+                    data.fd().as_fd(),
+                    selection_len.div_ceil(2) as usize * 2,
+                )?
+            },
             backends: take(&mut ebpf, names::BACKENDS)?,
             connections: take(&mut ebpf, names::CONNECTIONS)?,
             addr_filter: take(&mut ebpf, names::ADDR_FILTER)?,
@@ -310,11 +324,9 @@ impl Dataplane {
         self.mark_address(frontend.vip, AddrRole::Vip)?;
         let half = self.active_half.get(&id).map_or(0, |h| 1 - h);
         let offset = (id * 2 + half) * self.options.table_slots;
-        for (i, &backend) in table.iter().enumerate() {
-            self.selection
-                .set(offset + i as u32, backend, 0)
-                .with_context(|| format!("writing selection table of {frontend}"))?;
-        }
+        self.selection
+            .write(offset as usize, table)
+            .with_context(|| format!("writing selection table of {frontend}"))?;
         let value = Service {
             id,
             table_offset: offset,
@@ -362,9 +374,8 @@ impl Dataplane {
     /// The active selection table of `frontend`.
     pub fn selection_table(&self, frontend: &Frontend) -> Result<Vec<u32>> {
         let svc = self.service(frontend)?;
-        (svc.table_offset..svc.table_offset + svc.table_len)
-            .map(|i| Ok(self.selection.get(&i, 0)?))
-            .collect()
+        self.selection
+            .read(svc.table_offset as usize, svc.table_len as usize)
     }
 
     /// Every counter, summed over CPUs.

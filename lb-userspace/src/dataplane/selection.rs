@@ -1,84 +1,123 @@
 //! Builds a service's selection table: the array of backend ids the kernel indexes with
 //! a flow's hash.
 //!
-//! Each backend gets a share of slots proportional to its weight (largest remainder),
-//! and the slots are interleaved with smooth weighted round robin, so the bounded
-//! re-selection in the kernel (walking to the next slots when a pick is not active)
-//! quickly meets other backends instead of more copies of the same one.
+//! Maglev hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load
+//! Balancer", NSDI 2016, §3.4) with weights: every backend walks its own permutation of
+//! the table's slots and claims the next free one when its turn comes; a backend gets
+//! turns in proportion to its weight. Permutations depend only on the backend's identity
+//! (address and port), so when one backend leaves or its weight changes, most slots keep
+//! their backend and most new flows keep landing where they did.
+//!
+//! Precision: a table of M slots expresses shares in steps of 1/M. `table_size` picks the
+//! smallest prime M ≥ 64 × (number of backends) (at least 257), so a backend with an even
+//! share owns at least 64 slots and every share is rounded to within 1/M.
 
-/// Builds a table for `(backend id, weight)` pairs with at most `max_len` slots.
-///
-/// Weights are reduced by their greatest common divisor, so equal weights give a table
-/// of one slot per backend. When the reduced weights do not fit `max_len`, shares are
-/// scaled down (each backend with a non-zero weight keeps at least one slot while
-/// there is room). Backends with weight 0 get no slot. Returns an empty table when no
-/// backend has weight.
-pub fn build_table(backends: &[(u32, u32)], max_len: usize) -> Vec<u32> {
-    let live: Vec<(u32, u64)> = backends
-        .iter()
-        .filter(|(_, w)| *w > 0)
-        .map(|&(id, w)| (id, w as u64))
-        .collect();
-    if live.is_empty() || max_len == 0 {
-        return Vec::new();
-    }
-    let g = live.iter().fold(0, |g, &(_, w)| gcd(g, w));
-    let reduced: Vec<(u32, u64)> = live.iter().map(|&(id, w)| (id, w / g)).collect();
-    let total: u64 = reduced.iter().map(|&(_, w)| w).sum();
-    let counts = if total as usize <= max_len {
-        reduced.clone()
-    } else {
-        scale(&reduced, max_len as u64)
-    };
-    interleave(&counts)
+/// A backend as the table builder sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightedBackend {
+    /// Id written into the table.
+    pub id: u32,
+    /// Stable identity (e.g. address and port) that seeds the backend's permutation.
+    pub key: u64,
+    /// Relative weight; 0 takes no slot.
+    pub weight: u64,
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
+/// Smallest table size for `backends` backends: a prime ≥ 64 per backend (≥ 257), but no
+/// larger than `max_slots` (then the largest prime that fits).
+pub fn table_size(backends: usize, max_slots: usize) -> usize {
+    let want = (backends.max(1) * 64).max(257);
+    if want <= max_slots {
+        (want..).find(|&n| is_prime(n)).unwrap_or(want)
     } else {
-        gcd(b, a % b)
+        (2..=max_slots).rev().find(|&n| is_prime(n)).unwrap_or(1)
     }
 }
 
-/// Largest-remainder apportionment of `len` slots by weight.
-fn scale(weights: &[(u32, u64)], len: u64) -> Vec<(u32, u64)> {
-    let total: u64 = weights.iter().map(|&(_, w)| w).sum();
-    let mut out: Vec<(u32, u64, u64)> = weights
+fn is_prime(n: usize) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Slots per backend: `size` split by weight, remainders to the largest fractions
+/// (ties to the earlier backend), so every count is within one slot of its exact share.
+fn apportion(backends: &[&WeightedBackend], size: usize) -> Vec<usize> {
+    let total: u128 = backends.iter().map(|b| u128::from(b.weight)).sum();
+    let mut quota: Vec<(usize, u128)> = backends
         .iter()
-        .map(|&(id, w)| {
-            let exact = w as u128 * len as u128;
-            (
-                id,
-                (exact / total as u128) as u64,
-                (exact % total as u128) as u64,
-            )
+        .map(|b| {
+            let exact = u128::from(b.weight) * size as u128;
+            ((exact / total) as usize, exact % total)
         })
         .collect();
-    let given: u64 = out.iter().map(|&(_, c, _)| c).sum();
-    let mut order: Vec<usize> = (0..out.len()).collect();
-    order.sort_by(|&a, &b| out[b].2.cmp(&out[a].2).then(a.cmp(&b)));
-    for &i in order.iter().take((len - given) as usize) {
-        out[i].1 += 1;
+    let given: usize = quota.iter().map(|q| q.0).sum();
+    let mut order: Vec<usize> = (0..quota.len()).collect();
+    order.sort_by(|&a, &b| quota[b].1.cmp(&quota[a].1).then(a.cmp(&b)));
+    for &i in order.iter().take(size - given) {
+        quota[i].0 += 1;
     }
-    out.into_iter().map(|(id, c, _)| (id, c)).collect()
+    quota.into_iter().map(|q| q.0).collect()
 }
 
-/// Smooth weighted round robin (as in nginx): emits each id `count` times, spread out.
-fn interleave(counts: &[(u32, u64)]) -> Vec<u32> {
-    let total: i64 = counts.iter().map(|&(_, c)| c as i64).sum();
-    let mut current: Vec<i64> = vec![0; counts.len()];
-    let mut table = Vec::with_capacity(total as usize);
-    for _ in 0..total {
-        let mut best = 0;
-        for (i, &(_, c)) in counts.iter().enumerate() {
-            current[i] += c as i64;
-            if current[i] > current[best] {
-                best = i;
+/// SplitMix64: a fast, well-mixed 64-bit hash for permutation seeds.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Builds a Maglev table of `size` slots (a prime) for `backends`. Returns an empty table
+/// when no backend has weight.
+pub fn maglev_table(backends: &[WeightedBackend], size: usize) -> Vec<u32> {
+    let live: Vec<&WeightedBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+    if live.is_empty() || size == 0 {
+        return Vec::new();
+    }
+    let m = size as u64;
+    let (offset, skip): (Vec<u64>, Vec<u64>) = live
+        .iter()
+        .map(|b| {
+            let h = mix(b.key);
+            let skip = if m > 1 { mix(h) % (m - 1) + 1 } else { 1 };
+            (h % m, skip)
+        })
+        .unzip();
+    let quota = apportion(&live, size);
+    let max_weight = live.iter().map(|b| b.weight).max().unwrap_or(1);
+    let mut next = vec![0u64; live.len()];
+    let mut credit = vec![0u64; live.len()];
+    let mut owned = vec![0usize; live.len()];
+    let mut table = vec![u32::MAX; size];
+    let mut filled = 0;
+    while filled < size {
+        for (i, b) in live.iter().enumerate() {
+            // Weighted turns: a backend takes a slot each time its credit reaches the
+            // largest weight, until it owns its quota of slots.
+            credit[i] += b.weight;
+            while credit[i] >= max_weight && owned[i] < quota[i] {
+                credit[i] -= max_weight;
+                loop {
+                    let slot = ((offset[i] + next[i] * skip[i]) % m) as usize;
+                    next[i] += 1;
+                    if table[slot] == u32::MAX {
+                        table[slot] = b.id;
+                        owned[i] += 1;
+                        filled += 1;
+                        break;
+                    }
+                }
             }
         }
-        current[best] -= total;
-        table.push(counts[best].0);
     }
     table
 }
@@ -87,45 +126,81 @@ fn interleave(counts: &[(u32, u64)]) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    fn share(table: &[u32], id: u32) -> usize {
-        table.iter().filter(|&&x| x == id).count()
+    fn backends(weights: &[u64]) -> Vec<WeightedBackend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| WeightedBackend {
+                id: i as u32 + 1,
+                key: 0x0a00_0000 + i as u64,
+                weight,
+            })
+            .collect()
+    }
+
+    fn share(table: &[u32], id: u32) -> f64 {
+        table.iter().filter(|&&x| x == id).count() as f64 / table.len() as f64
     }
 
     #[test]
-    fn equal_weights_give_one_slot_each() {
-        let t = build_table(&[(1, 5), (2, 5), (3, 5)], 4096);
-        assert_eq!(t.len(), 3);
+    fn sizes_are_prime_and_scale_with_backends() {
+        assert_eq!(table_size(1, 65536), 257);
+        assert_eq!(table_size(3, 65536), 257);
+        assert_eq!(table_size(100, 65536), 6421);
+        assert!(is_prime(table_size(1000, 1 << 20)));
+        // Capped: the largest prime that fits.
+        assert_eq!(table_size(100, 4096), 4093);
+    }
+
+    #[test]
+    fn equal_weights_share_equally() {
+        let size = table_size(3, 65536);
+        let t = maglev_table(&backends(&[1, 1, 1]), size);
+        assert_eq!(t.len(), size);
         for id in 1..=3 {
-            assert_eq!(share(&t, id), 1);
+            assert!((share(&t, id) - 1.0 / 3.0).abs() <= 1.0 / size as f64 + 1e-9);
         }
     }
 
     #[test]
-    fn weights_are_proportional_and_interleaved() {
-        let t = build_table(&[(1, 3), (2, 1)], 4096);
-        assert_eq!(t.len(), 4);
-        assert_eq!(share(&t, 1), 3);
-        assert_eq!(share(&t, 2), 1);
-        let t = build_table(&[(7, 1), (8, 1), (9, 2)], 4096);
-        // id 9 never takes two adjacent slots in a table of four.
-        assert_eq!(t.len(), 4);
-        assert!(t.windows(2).all(|w| !(w[0] == 9 && w[1] == 9)), "{t:?}");
+    fn shares_follow_weights_to_within_a_slot_per_backend() {
+        // The split of the seed's partly healthy case and an uneven one.
+        for weights in [&[70u64, 30][..], &[36, 36, 28], &[99, 1], &[5, 3, 2, 1, 1]] {
+            let size = table_size(weights.len(), 65536);
+            let t = maglev_table(&backends(weights), size);
+            let total: u64 = weights.iter().sum();
+            for (i, &w) in weights.iter().enumerate() {
+                let want = w as f64 / total as f64;
+                let got = share(&t, i as u32 + 1);
+                assert!(
+                    (got - want).abs() <= 1.0 / size as f64 + 1e-9,
+                    "{weights:?}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]
-    fn large_weights_are_scaled_to_the_maximum() {
-        let t = build_table(&[(1, 1000), (2, 999), (3, 1)], 100);
-        assert_eq!(t.len(), 100);
-        assert_eq!(share(&t, 1), 50);
-        assert_eq!(share(&t, 2), 50);
-        // 1/2000 of the weight is below one slot in 100: it is rounded away.
-        assert_eq!(share(&t, 3), 0);
+    fn removing_a_backend_moves_few_other_slots() {
+        let size = table_size(10, 65536);
+        let all = backends(&[1; 10]);
+        let before = maglev_table(&all, size);
+        let after = maglev_table(&all[1..], size);
+        // Slots that did not belong to the removed backend but changed owner.
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != 1 && b != a)
+            .count();
+        // Maglev's disruption is small, not zero; a fully rehashed table would move ~90%.
+        assert!(moved * 100 <= size * 10, "{moved} of {size} slots moved");
     }
 
     #[test]
-    fn zero_weights_and_empty_input_give_no_slots() {
-        assert!(build_table(&[], 10).is_empty());
-        assert!(build_table(&[(1, 0)], 10).is_empty());
-        assert_eq!(build_table(&[(1, 0), (2, 4)], 10), vec![2]);
+    fn no_weight_no_table() {
+        assert!(maglev_table(&[], 257).is_empty());
+        assert!(maglev_table(&backends(&[0, 0]), 257).is_empty());
+        let t = maglev_table(&backends(&[0, 1]), 257);
+        assert!(t.iter().all(|&id| id == 2));
     }
 }

@@ -9,7 +9,10 @@ use std::{
 use anyhow::{bail, Result};
 use lb_common::BackendState;
 
-use super::{selection::build_table, Dataplane, Frontend};
+use super::{
+    selection::{maglev_table, table_size, WeightedBackend},
+    Dataplane, Frontend,
+};
 
 /// A backend as the control plane wants it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,13 +132,18 @@ impl Programmer {
             };
             // Only active backends get slots; the kernel also re-checks each pick's state,
             // which covers a state change that reaches it before the next table does.
-            let weighted: Vec<(u32, u32)> = s
+            let weighted: Vec<WeightedBackend> = s
                 .backends
                 .iter()
                 .filter(|b| b.state == BackendState::Active)
-                .map(|b| (self.backends[&(s.frontend, b.addr, b.port)], b.weight))
+                .map(|b| WeightedBackend {
+                    id: self.backends[&(s.frontend, b.addr, b.port)],
+                    key: (u64::from(u32::from(b.addr)) << 16) | u64::from(b.port),
+                    weight: u64::from(b.weight),
+                })
                 .collect();
-            let table = build_table(&weighted, opts.table_slots as usize);
+            let size = table_size(s.backends.len(), opts.table_slots as usize);
+            let table = maglev_table(&weighted, size);
             dp.publish_service(id, &s.frontend, &table)?;
         }
         // 3. Then what is gone.

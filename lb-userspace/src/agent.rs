@@ -66,7 +66,7 @@ impl Agent {
             dataplane.attach(&i.name, i.mode)?;
         }
         let mut programmer = Programmer::default();
-        programmer.apply(&mut dataplane, &config.services)?;
+        programmer.apply(&mut dataplane, &config::desired_services(&config))?;
         Ok(Self {
             dataplane,
             programmer,
@@ -81,10 +81,11 @@ impl Agent {
                 "dataplane sizes and timeouts are fixed at start; restart the agent to change them"
             );
         }
-        self.programmer.apply(&mut self.dataplane, &new.services)?;
+        self.programmer
+            .apply(&mut self.dataplane, &config::desired_services(&new))?;
         self.config = Config {
             dataplane: self.config.dataplane.clone(),
-            services: new.services,
+            ..new
         };
         Ok(())
     }

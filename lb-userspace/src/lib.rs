@@ -3,9 +3,12 @@
 //! - `config`: the configuration file and its validation;
 //! - `dataplane`: loading and attaching the eBPF programs, writing their maps
 //!   (`selection` builds tables, `sync` applies a desired state);
+//! - `locality`: which share of new connections each endpoint gets (Istio locality
+//!   priorities, Envoy priority load and panic);
 //! - `agent`: the long-running process.
 
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod locality;
 pub mod model;

@@ -58,7 +58,7 @@ async fn main() -> Result<()> {
         Command::Check { config } => {
             let c = lb::config::load(&config)?;
             for s in &c.services {
-                println!("{}  {}  {} backends", s.name, s.frontend, s.backends.len());
+                println!("{}  {}  {} backends", s.name, s.frontend, s.endpoints.len());
             }
             Ok(())
         }

@@ -81,8 +81,16 @@ pub struct TestBed {
 }
 
 impl TestBed {
-    /// Builds the test bed; `client_mode` is how lb attaches to the client-facing side.
+    /// Builds the test bed with three backends named `backend-1..3`; `client_mode` is how
+    /// lb attaches to the client-facing side.
     pub fn new(client_mode: AttachMode) -> Result<Self> {
+        let names: Vec<String> = (1..=BACKEND_COUNT).map(backend_name).collect();
+        Self::with_backends(client_mode, &names)
+    }
+
+    /// Builds the test bed with one backend per name; backend `i` (from 1) has address
+    /// `10.200.i.2` and its servers answer with its name.
+    pub fn with_backends(client_mode: AttachMode, names: &[String]) -> Result<Self> {
         let client = Netns::new("cli")?;
         let node = Netns::new("node")?;
         node.set_sysctl("net/ipv4/ip_forward", "1")?;
@@ -100,7 +108,7 @@ impl TestBed {
         }];
 
         let mut backends = Vec::new();
-        for i in 1..=BACKEND_COUNT {
+        for (i, name) in (1u8..).zip(names) {
             let ns = Netns::new(&format!("be{i}"))?;
             let (node_if, be_if) = veth::link(
                 &node,
@@ -117,16 +125,9 @@ impl TestBed {
                 name: node_if,
                 mode: AttachMode::Tc,
             });
-            let http = HttpNameServer::start(
-                &ns,
-                (backend_addr(i), BACKEND_HTTP_PORT).into(),
-                &backend_name(i),
-            )?;
-            let udp = UdpNameServer::start(
-                &ns,
-                (backend_addr(i), BACKEND_UDP_PORT).into(),
-                &backend_name(i),
-            )?;
+            let http =
+                HttpNameServer::start(&ns, (backend_addr(i), BACKEND_HTTP_PORT).into(), name)?;
+            let udp = UdpNameServer::start(&ns, (backend_addr(i), BACKEND_UDP_PORT).into(), name)?;
             backends.push(Backend { ns, http, udp });
         }
 

@@ -1,297 +1,449 @@
-//! The agent's configuration file (YAML).
+//! The agent's configuration: YAML files of one or more documents (`---` between them),
+//! merged in load order (files as given; a directory's `*.yaml` and `*.yml` files sorted by
+//! name, not recursively). Documents are numbered from 1 in each file, empty ones not counted.
 //!
-//! ```yaml
-//! dataplane:                 # optional; sizes and timeouts fixed at load
-//!   max_services: 256
-//!   max_backends: 4096
-//!   table_slots: 4096
-//!   max_connections: 262144
-//!   timeouts: { tcp_syn: 60s, tcp_established: 6h, tcp_closing: 10s, udp: 60s }
-//! services:
-//!   - name: web
-//!     vip: 10.96.0.10
-//!     port: 80
-//!     protocol: TCP          # TCP (default) or UDP
-//!     backends:
-//!       - { address: 10.200.1.2, port: 8080, weight: 1, state: active }
-//! ```
+//! Three kinds of document:
 //!
-//! Unknown fields are errors, and every error names the field and what is wrong with it.
+//! - Istio's `ServiceEntry` and `DestinationRule` (`networking.istio.io/v1`, `v1beta1`,
+//!   `v1alpha3`), as users already write them: `istio.rs` says what lb takes from them.
+//! - lb's `Node` (where this node is, for locality load balancing):
+//!   ```yaml
+//!   apiVersion: lb/v1alpha1
+//!   kind: Node
+//!   spec:
+//!     locality: region1/zone1          # or the topology labels in `labels`
+//!     labels: { topology.kubernetes.io/region: region1 }
+//!     dataplane: { max_connections: 262144 }   # as the `dataplane:` section below
+//!   ```
+//! - lb's original format, a document with no `kind`:
+//!   ```yaml
+//!   dataplane:                 # optional; sizes and timeouts fixed at load
+//!     max_services: 256
+//!     max_backends: 4096
+//!     table_slots: 4096
+//!     max_connections: 262144
+//!     timeouts: { tcp_syn: 60s, tcp_established: 6h, tcp_closing: 10s, udp: 60s }
+//!   services:
+//!     - name: web
+//!       vip: 10.96.0.10
+//!       port: 80
+//!       protocol: TCP          # TCP (default) or UDP
+//!       backends:
+//!         - { address: 10.200.1.2, port: 8080, weight: 1, state: active }
+//!   ```
+//!
+//! Every message names the document, the field and the reason:
+//! `lb.yaml document 2 (DestinationRule default/helloworld): spec.trafficPolicy.outlierDetection.interval: "soon" is not a duration`.
+//! A field of an Istio resource that lb does not act on is a warning (users' YAML carries
+//! many); an unknown field in lb's own documents is an error (a typo). Every error in every
+//! file is reported at once, in an [`InvalidConfig`].
 
-use std::{net::Ipv4Addr, path::Path, time::Duration};
+mod diagnostics;
+mod duration;
+mod istio;
+mod native;
 
-use anyhow::{bail, Context as _, Result};
-use lb_common::{BackendState, DataplaneConfig};
-use serde::Deserialize;
-
-use crate::dataplane::{
-    sync::{DesiredBackend, DesiredService},
-    DataplaneOptions, Frontend, Protocol,
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
 };
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    dataplane: RawDataplane,
-    #[serde(default)]
-    services: Vec<RawService>,
-}
+use anyhow::Result;
+use lb_common::BackendState;
+use serde_json::{Map, Value};
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDataplane {
-    max_services: Option<u32>,
-    max_backends: Option<u32>,
-    table_slots: Option<u32>,
-    max_connections: Option<u32>,
-    #[serde(default)]
-    timeouts: RawTimeouts,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTimeouts {
-    tcp_syn: Option<String>,
-    tcp_established: Option<String>,
-    tcp_closing: Option<String>,
-    udp: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: String,
-    vip: String,
-    port: u16,
-    protocol: Option<String>,
-    #[serde(default)]
-    backends: Vec<RawBackend>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBackend {
-    address: String,
-    port: u16,
-    weight: Option<u32>,
-    state: Option<String>,
-}
+pub use self::diagnostics::InvalidConfig;
+use self::diagnostics::{describe, Doc, Report, UnknownFields};
+use crate::{
+    dataplane::{
+        sync::{DesiredBackend, DesiredService},
+        DataplaneOptions, Frontend,
+    },
+    model::{Node, Service},
+};
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub dataplane: DataplaneOptions,
-    pub services: Vec<DesiredService>,
+    /// This node (from the `Node` document; empty without one).
+    pub node: Node,
+    pub services: Vec<Service>,
+    /// Backends that the original format configures `draining` or `ejected`, by service
+    /// frontend, address and port; every other endpoint starts active.
+    pub initial_states: BTreeMap<(Frontend, Ipv4Addr, u16), BackendState>,
 }
 
-/// Reads and validates a configuration file.
+/// A configuration and what was said about it.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Fields lb does not act on, and other things an operator should know; each names the
+    /// document and the field.
+    pub warnings: Vec<String>,
+}
+
+/// Reads files and directories (their `*.yaml` and `*.yml` files, sorted by name) and merges
+/// every document. Fails with an [`InvalidConfig`] listing every error.
+pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded> {
+    let mut reader = Reader::default();
+    for path in paths {
+        reader.read_path(path);
+    }
+    reader.finish()
+}
+
+/// Parses configuration text; `source` names it in messages (a file name).
+pub fn parse_str(text: &str, source: &str) -> Result<Loaded> {
+    let mut reader = Reader::default();
+    reader.read_text(text, source);
+    reader.finish()
+}
+
+/// Reads and validates a configuration file or directory; warnings are logged.
 pub fn load(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading configuration {}", path.display()))?;
-    parse(&text).with_context(|| format!("configuration {}", path.display()))
+    Ok(logged(load_paths(&[path.to_path_buf()])?))
 }
 
-/// Parses and validates configuration text.
+/// Parses and validates configuration text; warnings are logged.
 pub fn parse(text: &str) -> Result<Config> {
-    let raw: RawConfig = if text.trim().is_empty() {
-        RawConfig::default()
-    } else {
-        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?
-    };
-    let defaults = DataplaneOptions::default();
-    let d = raw.dataplane;
-    let t = d.timeouts;
-    let dataplane = DataplaneOptions {
-        max_services: d.max_services.unwrap_or(defaults.max_services),
-        max_backends: d.max_backends.unwrap_or(defaults.max_backends),
-        table_slots: d.table_slots.unwrap_or(defaults.table_slots),
-        max_connections: d.max_connections.unwrap_or(defaults.max_connections),
-        timeouts: DataplaneConfig {
-            tcp_syn_timeout_ns: duration(
-                "dataplane.timeouts.tcp_syn",
-                &t.tcp_syn,
-                defaults.timeouts.tcp_syn_timeout_ns,
-            )?,
-            tcp_established_timeout_ns: duration(
-                "dataplane.timeouts.tcp_established",
-                &t.tcp_established,
-                defaults.timeouts.tcp_established_timeout_ns,
-            )?,
-            tcp_closing_timeout_ns: duration(
-                "dataplane.timeouts.tcp_closing",
-                &t.tcp_closing,
-                defaults.timeouts.tcp_closing_timeout_ns,
-            )?,
-            udp_timeout_ns: duration(
-                "dataplane.timeouts.udp",
-                &t.udp,
-                defaults.timeouts.udp_timeout_ns,
-            )?,
-        },
-    };
-    let services = raw
+    Ok(logged(parse_str(text, "configuration")?))
+}
+
+fn logged(loaded: Loaded) -> Config {
+    for w in &loaded.warnings {
+        log::warn!("{w}");
+    }
+    loaded.config
+}
+
+/// The services as the data plane programmer takes them today: each endpoint a backend, in
+/// its configured initial state (active unless the original format says otherwise).
+pub fn desired_services(config: &Config) -> Vec<DesiredService> {
+    config
         .services
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| service(i, s))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Config {
-        dataplane,
-        services,
-    })
+        .iter()
+        .map(|s| DesiredService {
+            name: s.name.clone(),
+            frontend: s.frontend,
+            backends: s
+                .endpoints
+                .iter()
+                .map(|e| DesiredBackend {
+                    addr: e.address,
+                    port: e.port,
+                    weight: e.weight,
+                    state: config
+                        .initial_states
+                        .get(&(s.frontend, e.address, e.port))
+                        .copied()
+                        .unwrap_or(BackendState::Active),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
-fn duration(field: &str, value: &Option<String>, default_ns: u64) -> Result<u64> {
-    let Some(v) = value else {
-        return Ok(default_ns);
-    };
-    let d: Duration = humantime::parse_duration(v)
-        .with_context(|| format!("{field}: {v:?} is not a duration (e.g. 30s, 5m, 6h)"))?;
-    if d.is_zero() {
-        bail!("{field}: must be greater than zero");
-    }
-    u64::try_from(d.as_nanos()).with_context(|| format!("{field}: {v:?} is too long"))
+/// The services of one document, in load order.
+struct Origin {
+    label: String,
+    /// A ServiceEntry's hosts, which DestinationRules match; empty for lb's own services.
+    hosts: Vec<String>,
+    /// Each service with the fields that defined it, for messages.
+    services: Vec<(String, Service)>,
 }
 
-fn service(i: usize, s: RawService) -> Result<DesiredService> {
-    let at = format!("services[{i}] ({})", s.name);
-    if s.name.is_empty() {
-        bail!("services[{i}].name: must not be empty");
-    }
-    let vip: Ipv4Addr = s
-        .vip
-        .parse()
-        .with_context(|| format!("{at}.vip: {:?} is not an IPv4 address", s.vip))?;
-    if s.port == 0 {
-        bail!("{at}.port: must be 1-65535");
-    }
-    let protocol = match s.protocol.as_deref().unwrap_or("TCP") {
-        "TCP" | "tcp" => Protocol::Tcp,
-        "UDP" | "udp" => Protocol::Udp,
-        other => bail!("{at}.protocol: {other:?} is not supported (TCP or UDP)"),
-    };
-    let backends = s
-        .backends
-        .into_iter()
-        .enumerate()
-        .map(|(j, b)| backend(&format!("{at}.backends[{j}]"), b))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(DesiredService {
-        name: s.name,
-        frontend: Frontend {
-            vip,
-            port: s.port,
-            protocol,
-        },
-        backends,
-    })
+/// Collects documents from every source, then joins and checks them in [`Reader::finish`].
+#[derive(Default)]
+struct Reader {
+    report: Report,
+    /// The data plane settings, with the document that set them.
+    dataplane: Option<(String, DataplaneOptions)>,
+    node: Option<(String, Node)>,
+    origins: Vec<Origin>,
+    rules: Vec<istio::DestinationRule>,
+    initial_states: BTreeMap<(Frontend, Ipv4Addr, u16), BackendState>,
 }
 
-fn backend(at: &str, b: RawBackend) -> Result<DesiredBackend> {
-    let addr: Ipv4Addr = b
-        .address
-        .parse()
-        .with_context(|| format!("{at}.address: {:?} is not an IPv4 address", b.address))?;
-    if b.port == 0 {
-        bail!("{at}.port: must be 1-65535");
-    }
-    let state = match b.state.as_deref().unwrap_or("active") {
-        "active" => BackendState::Active,
-        "draining" => BackendState::Draining,
-        "ejected" => BackendState::Ejected,
-        other => bail!("{at}.state: {other:?} is not one of active, draining, ejected"),
-    };
-    Ok(DesiredBackend {
-        addr,
-        port: b.port,
-        weight: b.weight.unwrap_or(1),
-        state,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const GOOD: &str = r#"
-dataplane:
-  max_connections: 1024
-  timeouts: { udp: 5s }
-services:
-  - name: web
-    vip: 10.96.0.10
-    port: 80
-    backends:
-      - { address: 10.200.1.2, port: 8080 }
-      - { address: 10.200.2.2, port: 8080, weight: 3, state: draining }
-  - name: dns
-    vip: 10.96.0.10
-    port: 53
-    protocol: UDP
-    backends: []
-"#;
-
-    #[test]
-    fn parses_services_and_dataplane_settings() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.dataplane.max_connections, 1024);
-        assert_eq!(c.dataplane.timeouts.udp_timeout_ns, 5_000_000_000);
-        assert_eq!(
-            c.dataplane.max_services,
-            DataplaneOptions::default().max_services
-        );
-        assert_eq!(c.services.len(), 2);
-        let web = &c.services[0];
-        assert_eq!(web.frontend.to_string(), "10.96.0.10:80/TCP");
-        assert_eq!(web.backends[0].weight, 1);
-        assert_eq!(web.backends[0].state, BackendState::Active);
-        assert_eq!(web.backends[1].weight, 3);
-        assert_eq!(web.backends[1].state, BackendState::Draining);
-        assert_eq!(c.services[1].frontend.protocol, Protocol::Udp);
-    }
-
-    #[test]
-    fn errors_name_the_field_and_the_problem() {
-        let cases = [
-            (
-                GOOD.replace(
-                    "vip: 10.96.0.10\n    port: 80",
-                    "vip: 10.96.0.300\n    port: 80",
-                ),
-                "services[0] (web).vip",
-            ),
-            (
-                GOOD.replace("protocol: UDP", "protocol: SCTP"),
-                "services[1] (dns).protocol",
-            ),
-            (
-                GOOD.replace("state: draining", "state: sleepy"),
-                "services[0] (web).backends[1].state",
-            ),
-            (
-                GOOD.replace("udp: 5s", "udp: soon"),
-                "dataplane.timeouts.udp",
-            ),
-            (GOOD.replace("udp: 5s", "udp: 0s"), "dataplane.timeouts.udp"),
-            (
-                GOOD.replace("port: 8080 }", "port: 0 }"),
-                "services[0] (web).backends[0].port",
-            ),
-            (
-                GOOD.replace("max_connections", "max_conections"),
-                "max_conections",
-            ),
-        ];
-        for (text, field) in cases {
-            let err = format!("{:#}", parse(&text).unwrap_err());
-            assert!(err.contains(field), "error {err:?} does not name {field}");
+impl Reader {
+    fn read_path(&mut self, path: &Path) {
+        let shown = path.display().to_string();
+        if !path.is_dir() {
+            self.read_file(path);
+            return;
+        }
+        match yaml_files(path) {
+            Ok(files) if files.is_empty() => {
+                self.report
+                    .warning(&shown, "", "no *.yaml or *.yml files in this directory")
+            }
+            Ok(files) => files.iter().for_each(|f| self.read_file(f)),
+            Err(e) => self
+                .report
+                .error(&shown, "", format!("cannot list the directory: {e}")),
         }
     }
 
-    #[test]
-    fn empty_file_is_an_empty_configuration() {
-        let c = parse("").unwrap();
-        assert!(c.services.is_empty());
+    fn read_file(&mut self, path: &Path) {
+        let source = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => self.read_text(&text, &source),
+            Err(e) => self.report.error(&source, "", format!("cannot read: {e}")),
+        }
+    }
+
+    fn read_text(&mut self, text: &str, source: &str) {
+        let options = serde_saphyr::options! {
+            // One-line messages: the source and line say where.
+            with_snippet: false,
+            // `port: 080` stays the text it looks like instead of becoming a float.
+            leading_zero_numbers_as_strings: true,
+        };
+        match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
+            Ok(documents) => {
+                for (i, document) in documents.iter().enumerate() {
+                    self.read_document(format!("{source} document {}", i + 1), document, true);
+                }
+            }
+            Err(e) => self
+                .report
+                .error(source, "", format!("not valid YAML: {e}")),
+        }
+    }
+
+    /// `at` is `<source> document <n>`; `top_level` is false for the items of a `List`.
+    fn read_document(&mut self, at: String, document: &Value, top_level: bool) {
+        let Some(root) = document.as_object() else {
+            self.report.error(
+                &at,
+                "",
+                format!(
+                    "a document is a mapping (apiVersion, kind, metadata, spec), not {}",
+                    describe(document)
+                ),
+            );
+            return;
+        };
+        let text = |key: &str| root.get(key).and_then(Value::as_str);
+        let (api_version, kind) = (text("apiVersion"), text("kind"));
+        if native::looks_native(root) {
+            if top_level {
+                self.read_native(at, root);
+            } else {
+                self.report.error(
+                    &at,
+                    "",
+                    "the items of a List are resources, with apiVersion and kind",
+                );
+            }
+            return;
+        }
+        let label = label(&at, kind, root);
+        match (api_version, kind) {
+            (Some(v), Some("ServiceEntry")) if istio::API_VERSIONS.contains(&v) => {
+                self.read_service_entry(label, root)
+            }
+            (Some(v), Some("DestinationRule")) if istio::API_VERSIONS.contains(&v) => {
+                self.read_destination_rule(label, root)
+            }
+            (Some(native::API_VERSION), Some("Node")) => self.read_node(label, root),
+            // What `kubectl get serviceentries,destinationrules -o yaml` prints.
+            (Some("v1"), Some("List")) if top_level => {
+                let mut doc = Doc::new(label.clone(), UnknownFields::Warn, &mut self.report);
+                let items = root.get("items").map(|v| doc.list("items", v));
+                match items {
+                    Some(Some(items)) => {
+                        for (i, item) in items.iter().enumerate() {
+                            self.read_document(format!("{at} item {}", i + 1), item, false);
+                        }
+                    }
+                    Some(None) => {}
+                    None => doc.missing("items", "a List holds its documents in items"),
+                }
+            }
+            (None, None) => self.report.error(
+                &label,
+                "",
+                "apiVersion and kind are missing (e.g. networking.istio.io/v1 and ServiceEntry)",
+            ),
+            (None, Some(_)) => self.report.error(&label, "apiVersion", "missing"),
+            (Some(_), None) => self.report.error(&label, "kind", "missing"),
+            (Some(v), Some(k @ ("ServiceEntry" | "DestinationRule"))) => self.report.error(
+                &label,
+                "apiVersion",
+                format!(
+                    "{v:?} is not one lb reads {k} from: {}",
+                    istio::API_VERSIONS.join(", ")
+                ),
+            ),
+            (Some(v), Some(k)) => self.report.error(
+                &label,
+                "kind",
+                format!(
+                    "{k} ({v}) is not supported: lb reads ServiceEntry and DestinationRule \
+                     ({}) and Node ({})",
+                    istio::API_VERSIONS.join(", "),
+                    native::API_VERSION
+                ),
+            ),
+        }
+    }
+
+    fn read_native(&mut self, label: String, root: &Map<String, Value>) {
+        let mut doc = Doc::new(label.clone(), UnknownFields::Reject, &mut self.report);
+        let native = native::read_native(&mut doc, root);
+        if let Some(options) = native.dataplane {
+            self.set_dataplane(&label, "dataplane", options);
+        }
+        self.initial_states.extend(native.initial_states);
+        self.origins.push(Origin {
+            label,
+            hosts: Vec::new(),
+            services: native.services,
+        });
+    }
+
+    fn read_node(&mut self, label: String, root: &Map<String, Value>) {
+        let mut doc = Doc::new(label.clone(), UnknownFields::Reject, &mut self.report);
+        let node = native::read_node(&mut doc, root);
+        if let Some(options) = node.dataplane {
+            self.set_dataplane(&label, "spec.dataplane", options);
+        }
+        match &self.node {
+            Some((first, _)) => self.report.error(
+                &label,
+                "kind",
+                format!("a second Node document: {first} already describes this node"),
+            ),
+            None => self.node = Some((label, node.node)),
+        }
+    }
+
+    fn read_service_entry(&mut self, label: String, root: &Map<String, Value>) {
+        let mut doc = Doc::new(label.clone(), UnknownFields::Warn, &mut self.report);
+        let Some((_, spec)) = istio::read_envelope(&mut doc, root) else {
+            return;
+        };
+        if let Some(entry) = istio::read_service_entry(&mut doc, spec) {
+            self.origins.push(Origin {
+                label,
+                hosts: entry.hosts,
+                services: entry.services,
+            });
+        }
+    }
+
+    fn read_destination_rule(&mut self, label: String, root: &Map<String, Value>) {
+        let mut doc = Doc::new(label, UnknownFields::Warn, &mut self.report);
+        let Some((namespace, spec)) = istio::read_envelope(&mut doc, root) else {
+            return;
+        };
+        if let Some(rule) = istio::read_destination_rule(&mut doc, &namespace, spec) {
+            self.rules.push(rule);
+        }
+    }
+
+    fn set_dataplane(&mut self, label: &str, path: &str, options: DataplaneOptions) {
+        match &self.dataplane {
+            Some((first, _)) => self.report.error(
+                label,
+                path,
+                format!("the data plane is already configured by {first}: configure it once"),
+            ),
+            None => self.dataplane = Some((label.to_string(), options)),
+        }
+    }
+
+    /// Gives each ServiceEntry its DestinationRule, checks that no frontend is defined twice,
+    /// and fails if anything was wrong.
+    fn finish(mut self) -> Result<Loaded> {
+        let mut matched = vec![false; self.rules.len()];
+        let mut services = Vec::new();
+        let mut defined_by: BTreeMap<Frontend, String> = BTreeMap::new();
+        for origin in self.origins {
+            let policy = if origin.hosts.is_empty() {
+                Default::default()
+            } else {
+                istio::policy_for(
+                    &origin.label,
+                    &origin.hosts,
+                    &self.rules,
+                    &mut matched,
+                    &mut self.report,
+                )
+            };
+            for (path, mut service) in origin.services {
+                let here = format!("{} ({path})", origin.label);
+                if let Some(first) = defined_by.get(&service.frontend) {
+                    self.report.error(
+                        &origin.label,
+                        &path,
+                        format!(
+                            "frontend {} is already defined by {first}: each VIP, port and \
+                             protocol is defined once",
+                            service.frontend
+                        ),
+                    );
+                    continue;
+                }
+                defined_by.insert(service.frontend, here);
+                service.policy = policy.clone();
+                services.push(service);
+            }
+        }
+        istio::report_unmatched(&self.rules, &matched, &mut self.report);
+        let Report { warnings, errors } = self.report;
+        if !errors.is_empty() {
+            return Err(InvalidConfig { errors, warnings }.into());
+        }
+        Ok(Loaded {
+            config: Config {
+                dataplane: self.dataplane.map(|(_, d)| d).unwrap_or_default(),
+                node: self.node.map(|(_, n)| n).unwrap_or_default(),
+                services,
+                initial_states: self.initial_states,
+            },
+            warnings,
+        })
     }
 }
+
+/// `<at> (<Kind> <namespace>/<name>)`, or as much of it as the document has.
+fn label(at: &str, kind: Option<&str>, root: &Map<String, Value>) -> String {
+    let Some(kind) = kind else {
+        return at.to_string();
+    };
+    let meta = root.get("metadata");
+    let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
+    match (meta_text("name"), kind) {
+        (None, _) => format!("{at} ({kind})"),
+        // Cluster-scoped: no namespace.
+        (Some(name), "Node" | "List") => format!("{at} ({kind} {name})"),
+        (Some(name), _) => {
+            let namespace = meta_text("namespace").unwrap_or(istio::DEFAULT_NAMESPACE);
+            format!("{at} ({kind} {namespace}/{name})")
+        }
+    }
+}
+
+/// A directory's YAML files, sorted by name. Hidden files are skipped: editors leave lock and
+/// backup files such as `.#lb.yaml` beside the ones being edited.
+fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+        if yaml && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,719 @@
+//! Loading as a whole: the original format, Istio resources as users write them (the seed
+//! task and the external-services blog post), merging, and the messages operators read.
+
+use std::time::Duration;
+
+use super::*;
+use crate::{
+    dataplane::Protocol,
+    model::{Endpoint, Failover, Locality, LocalityLbSetting, OutlierDetection, TrafficPolicy},
+};
+
+// ---------------------------------------------------------------------------------------
+// The original format.
+
+const GOOD: &str = r#"
+dataplane:
+  max_connections: 1024
+  timeouts: { udp: 5s }
+services:
+  - name: web
+    vip: 10.96.0.10
+    port: 80
+    backends:
+      - { address: 10.200.1.2, port: 8080 }
+      - { address: 10.200.2.2, port: 8080, weight: 3, state: draining }
+  - name: dns
+    vip: 10.96.0.10
+    port: 53
+    protocol: UDP
+    backends: []
+"#;
+
+#[test]
+fn parses_services_and_dataplane_settings() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.dataplane.max_connections, 1024);
+    assert_eq!(c.dataplane.timeouts.udp_timeout_ns, 5_000_000_000);
+    assert_eq!(
+        c.dataplane.max_services,
+        DataplaneOptions::default().max_services
+    );
+    assert_eq!(c.services.len(), 2);
+    let web = &c.services[0];
+    assert_eq!(web.name, "web");
+    assert_eq!(web.frontend.to_string(), "10.96.0.10:80/TCP");
+    assert_eq!(web.policy, TrafficPolicy::default());
+    assert_eq!(web.endpoints[0].weight, 1);
+    assert_eq!(web.endpoints[0].locality, Locality::default());
+    assert_eq!(web.endpoints[1].weight, 3);
+    let state = |addr: [u8; 4]| c.initial_states.get(&(web.frontend, addr.into(), 8080));
+    assert_eq!(
+        state([10, 200, 1, 2]),
+        None,
+        "active backends are not listed"
+    );
+    assert_eq!(state([10, 200, 2, 2]), Some(&BackendState::Draining));
+    assert_eq!(c.services[1].frontend.protocol, Protocol::Udp);
+
+    let desired = desired_services(&c);
+    assert_eq!(desired[0].backends[0].state, BackendState::Active);
+    assert_eq!(desired[0].backends[1].state, BackendState::Draining);
+    assert_eq!(desired[0].backends[1].weight, 3);
+}
+
+#[test]
+fn errors_name_the_field_and_the_problem() {
+    let cases = [
+        (
+            GOOD.replace(
+                "vip: 10.96.0.10\n    port: 80",
+                "vip: 10.96.0.300\n    port: 80",
+            ),
+            "services[0] (web).vip",
+        ),
+        (
+            GOOD.replace("protocol: UDP", "protocol: SCTP"),
+            "services[1] (dns).protocol",
+        ),
+        (
+            GOOD.replace("state: draining", "state: sleepy"),
+            "services[0] (web).backends[1].state",
+        ),
+        (
+            GOOD.replace("udp: 5s", "udp: soon"),
+            "dataplane.timeouts.udp",
+        ),
+        (GOOD.replace("udp: 5s", "udp: 0s"), "dataplane.timeouts.udp"),
+        (
+            GOOD.replace("port: 8080 }", "port: 0 }"),
+            "services[0] (web).backends[0].port",
+        ),
+        (
+            GOOD.replace("max_connections", "max_conections"),
+            "max_conections",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = format!("{:#}", parse(&text).unwrap_err());
+        assert!(err.contains(field), "error {err:?} does not name {field}");
+    }
+}
+
+#[test]
+fn empty_file_is_an_empty_configuration() {
+    let c = parse("").unwrap();
+    assert!(c.services.is_empty());
+    assert_eq!(c.node, Node::default());
+}
+
+// ---------------------------------------------------------------------------------------
+// Istio resources.
+
+/// The DestinationRule the seed task applies (shared/seeds/README.md), as published.
+const SEED_RULE: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: helloworld
+spec:
+  host: helloworld.sample.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      http:
+        maxRequestsPerConnection: 1
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting:
+        enabled: true
+        failover:
+          - from: region1
+            to: region2
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 10m
+"#;
+
+/// HelloWorld in the seed task's four localities, as a ServiceEntry with a VIP.
+const HELLOWORLD_ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: helloworld
+  namespace: sample
+spec:
+  hosts:
+  - helloworld.sample.svc.cluster.local
+  addresses:
+  - 10.96.0.20
+  ports:
+  - number: 5000
+    name: http
+    protocol: HTTP
+  resolution: STATIC
+  endpoints:
+  - address: 10.200.1.2
+    locality: region1/zone1
+  - address: 10.200.2.2
+    locality: region1/zone2
+  - address: 10.200.3.2
+    locality: region2/zone3
+  - address: 10.200.4.2
+    locality: region3/zone4
+"#;
+
+fn seed() -> String {
+    format!("{HELLOWORLD_ENTRY}---{SEED_RULE}")
+}
+
+fn endpoint(address: [u8; 4], port: u16, locality: &str) -> Endpoint {
+    Endpoint {
+        address: address.into(),
+        port,
+        locality: Locality::parse(locality),
+        labels: BTreeMap::new(),
+        weight: 1,
+    }
+}
+
+fn load_text(text: &str) -> Loaded {
+    match parse_str(text, "lb.yaml") {
+        Ok(loaded) => loaded,
+        Err(e) => panic!("configuration refused: {e:#}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<String> {
+    let err = parse_str(text, "lb.yaml").expect_err("the configuration is refused");
+    match err.downcast::<InvalidConfig>() {
+        Ok(invalid) => invalid.errors,
+        Err(other) => panic!("not an InvalidConfig: {other:#}"),
+    }
+}
+
+fn assert_has(messages: &[String], wanted: &str) {
+    assert!(
+        messages.iter().any(|m| m == wanted),
+        "no message {wanted:?} in {messages:#?}"
+    );
+}
+
+#[test]
+fn seed_task_resources_become_the_expected_model() {
+    let loaded = load_text(&seed());
+    let services = &loaded.config.services;
+    assert_eq!(services.len(), 1);
+    let s = &services[0];
+    assert_eq!(s.name, "helloworld.sample.svc.cluster.local");
+    assert_eq!(s.frontend.to_string(), "10.96.0.20:5000/TCP");
+    assert_eq!(
+        s.endpoints,
+        [
+            endpoint([10, 200, 1, 2], 5000, "region1/zone1"),
+            endpoint([10, 200, 2, 2], 5000, "region1/zone2"),
+            endpoint([10, 200, 3, 2], 5000, "region2/zone3"),
+            endpoint([10, 200, 4, 2], 5000, "region3/zone4"),
+        ]
+    );
+    assert_eq!(
+        s.policy,
+        TrafficPolicy {
+            locality_lb: Some(LocalityLbSetting {
+                enabled: Some(true),
+                failover: vec![Failover {
+                    from: "region1".into(),
+                    to: "region2".into()
+                }],
+                failover_priority: vec![],
+                distribute: vec![],
+            }),
+            outlier_detection: Some(OutlierDetection {
+                consecutive_5xx_errors: 1,
+                interval: Duration::from_secs(1),
+                base_ejection_time: Duration::from_secs(600),
+                // Envoy: max(300s, baseEjectionTime).
+                max_ejection_time: Duration::from_secs(600),
+                ..OutlierDetection::default()
+            }),
+        }
+    );
+    assert_eq!(
+        loaded.warnings,
+        [
+            "lb.yaml document 2 (DestinationRule default/helloworld): \
+             spec.trafficPolicy.connectionPool: ignored, lb does not limit connections or \
+             requests yet",
+            "lb.yaml document 2 (DestinationRule default/helloworld): \
+             spec.trafficPolicy.loadBalancer.simple: ROUND_ROBIN is approximated: lb picks the \
+             endpoint of each new connection by a weighted consistent hash (Maglev) of its \
+             addresses and ports",
+        ]
+    );
+}
+
+#[test]
+fn every_istio_api_version_is_read_alike() {
+    let want = load_text(&seed()).config;
+    for version in ["v1", "v1beta1", "v1alpha3"] {
+        let text = seed().replace(
+            "networking.istio.io/v1beta1",
+            &format!("networking.istio.io/{version}"),
+        );
+        assert_eq!(load_text(&text).config, want, "{version}");
+    }
+}
+
+/// The blog post "Configuring failover for external services", with IP addresses for the
+/// DynamoDB names (lb does not resolve names yet).
+const BLOG_ENTRY: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: external-svc-dns
+spec:
+  hosts:
+  - mydb.com
+  addresses:
+  - 240.0.0.10/32
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  endpoints:
+  - address: 52.119.226.80
+    locality: us-east1
+    ports:
+      http: 81 # INVALID - This is purposefully wrong to trigger failover
+  - address: 52.94.12.144
+    locality: us-west
+    ports:
+      http: 80
+"#;
+
+const BLOG_RULE: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: mydynamodb
+spec:
+  host: mydb.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting:
+        enabled: true
+        failover:
+          - from: us-east1
+            to: us-west
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 15s
+      baseEjectionTime: 1m
+"#;
+
+#[test]
+fn blog_external_service_with_failover() {
+    let loaded = load_text(&format!("{BLOG_ENTRY}---{BLOG_RULE}"));
+    let s = &loaded.config.services[0];
+    assert_eq!(s.name, "mydb.com");
+    assert_eq!(s.frontend.to_string(), "240.0.0.10:80/TCP");
+    // The endpoints' own `ports` win over the service port.
+    assert_eq!(
+        s.endpoints,
+        [
+            endpoint([52, 119, 226, 80], 81, "us-east1"),
+            endpoint([52, 94, 12, 144], 80, "us-west"),
+        ]
+    );
+    let od = s
+        .policy
+        .outlier_detection
+        .as_ref()
+        .expect("outlier detection");
+    assert_eq!(od.consecutive_5xx_errors, 1);
+    assert_eq!(od.interval, Duration::from_secs(15));
+    assert_eq!(od.base_ejection_time, Duration::from_secs(60));
+    assert_eq!(od.max_ejection_time, Duration::from_secs(300));
+    assert_eq!(od.max_ejection_percent, 10);
+    let lb = s.policy.locality_lb.as_ref().expect("locality lb");
+    assert_eq!(lb.failover[0].from, "us-east1");
+    assert_eq!(lb.failover[0].to, "us-west");
+    let warnings = &loaded.warnings;
+    assert_has(
+        warnings,
+        "lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.resolution: DNS: lb \
+         does not resolve names yet, endpoint addresses must be IP addresses and are used as \
+         written",
+    );
+    assert_has(
+        warnings,
+        "lb.yaml document 2 (DestinationRule default/mydynamodb): spec.trafficPolicy.tls: \
+         ignored, lb forwards connections as they are and does not originate TLS",
+    );
+}
+
+#[test]
+fn target_port_applies_unless_the_endpoint_names_its_port() {
+    // The blog's HTTPS variant: port 80 to the endpoints' 443.
+    let text = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: external-svc-dns }
+spec:
+  hosts: [mydb.com]
+  addresses: [240.0.0.10, 240.0.0.11]
+  ports:
+  - { number: 80, name: http-port, protocol: HTTP, targetPort: 443 }
+  - { number: 53, name: dns, protocol: UDP }
+  resolution: STATIC
+  endpoints:
+  - { address: 52.119.226.80, locality: us-east1 }
+  - { address: 52.94.12.144, locality: us-west, ports: { dns: 5353 }, weight: 3 }
+"#;
+    let services = load_text(text).config.services;
+    let shown: Vec<String> = services
+        .iter()
+        .map(|s| {
+            let eps: Vec<String> = s
+                .endpoints
+                .iter()
+                .map(|e| format!("{}:{}*{}", e.address, e.port, e.weight))
+                .collect();
+            format!("{} -> {}", s.frontend, eps.join(" "))
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "240.0.0.10:80/TCP -> 52.119.226.80:443*1 52.94.12.144:443*3",
+            "240.0.0.10:53/UDP -> 52.119.226.80:53*1 52.94.12.144:5353*3",
+            "240.0.0.11:80/TCP -> 52.119.226.80:443*1 52.94.12.144:443*3",
+            "240.0.0.11:53/UDP -> 52.119.226.80:53*1 52.94.12.144:5353*3",
+        ]
+    );
+}
+
+#[test]
+fn the_node_document_sets_locality_labels_and_dataplane() {
+    let text = r#"
+apiVersion: lb/v1alpha1
+kind: Node
+metadata: { name: node-a }
+spec:
+  locality: region1/zone1
+  labels: { topology.istio.io/subzone: rack1 }
+  dataplane: { max_connections: 2048 }
+"#;
+    let c = load_text(text).config;
+    assert_eq!(c.node.locality, Locality::parse("region1/zone1"));
+    assert_eq!(c.node.labels["topology.istio.io/subzone"], "rack1");
+    assert_eq!(c.dataplane.max_connections, 2048);
+}
+
+#[test]
+fn rules_pick_the_most_specific_host_then_the_first_loaded() {
+    let entry = HELLOWORLD_ENTRY;
+    let rule = |name: &str, host: &str, errors: u32| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: {name}, namespace: sample }}\nspec:\n  host: \"{host}\"\n  trafficPolicy:\n    outlierDetection: {{ consecutive5xxErrors: {errors} }}\n"
+        )
+    };
+    let text = [
+        entry.to_string(),
+        rule("everything", "*", 7),
+        rule("short", "helloworld", 2),
+        rule("again", "helloworld.sample.svc.cluster.local", 3),
+        rule("nothing", "other.example.com", 4),
+    ]
+    .join("---\n");
+    let loaded = load_text(&text);
+    let od = loaded.config.services[0].policy.outlier_detection.clone();
+    // `helloworld` in namespace sample is the entry's host exactly, and was loaded first.
+    assert_eq!(od.map(|o| o.consecutive_5xx_errors), Some(2));
+    assert_eq!(
+        loaded.warnings,
+        [
+            "lb.yaml document 4 (DestinationRule sample/again): spec.host: \
+             \"helloworld.sample.svc.cluster.local\" also matches lb.yaml document 1 \
+             (ServiceEntry sample/helloworld), which takes lb.yaml document 3 (DestinationRule \
+             sample/short) instead (the first in load order; Istio would take the oldest)",
+            "lb.yaml document 5 (DestinationRule sample/nothing): spec.host: \
+             \"other.example.com\" matches no ServiceEntry host: the rule has no effect",
+        ]
+    );
+}
+
+#[test]
+fn unsupported_fields_are_warnings_naming_document_and_field() {
+    let text = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: helloworld, namespace: sample }
+spec:
+  host: helloworld
+  subsets:
+  - name: v1
+    labels: { version: v1 }
+  trafficPolicy:
+    tls: { mode: ISTIO_MUTUAL }
+    portLevelSettings:
+    - port: { number: 5000 }
+      connectionPool: { tcp: { maxConnections: 10 } }
+    connectionPool: { tcp: { maxConnections: 100 } }
+    outlierDetection: { consecutiveErrors: 3, sweepInterval: 1s }
+  unknownThing: 1
+"#;
+    let loaded = load_text(&format!("{HELLOWORLD_ENTRY}---{text}"));
+    let at = "lb.yaml document 2 (DestinationRule sample/helloworld)";
+    for wanted in [
+        format!("{at}: spec.subsets: ignored, lb balances over every endpoint of the host (subsets are picked by VirtualService routes, which lb does not read)"),
+        format!("{at}: spec.trafficPolicy.tls: ignored, lb forwards connections as they are and does not originate TLS"),
+        format!("{at}: spec.trafficPolicy.portLevelSettings: ignored, not supported yet: the rule's top-level trafficPolicy applies to every port"),
+        format!("{at}: spec.trafficPolicy.connectionPool: ignored, lb does not limit connections or requests yet"),
+        format!("{at}: spec.trafficPolicy.outlierDetection.consecutiveErrors: deprecated, and ignored as current Istio ignores it: use consecutiveGatewayErrors or consecutive5xxErrors (it is 3)"),
+        format!("{at}: spec.trafficPolicy.outlierDetection.sweepInterval: unknown field, ignored"),
+        format!("{at}: spec.unknownThing: unknown field, ignored"),
+    ] {
+        assert_has(&loaded.warnings, &wanted);
+    }
+    assert_eq!(loaded.warnings.len(), 7, "{:#?}", loaded.warnings);
+}
+
+#[test]
+fn invalid_values_are_errors_naming_document_field_and_reason() {
+    let bad_interval = seed().replace("interval: 1s", "interval: soon");
+    assert_eq!(
+        errors(&bad_interval),
+        ["lb.yaml document 2 (DestinationRule default/helloworld): \
+          spec.trafficPolicy.outlierDetection.interval: \"soon\" is not a duration (e.g. 1s, \
+          1.5s, 500ms, 10m, 1h)"]
+    );
+
+    let named_endpoint = BLOG_ENTRY.replace("52.119.226.80", "dynamodb.us-east-1.amazonaws.com");
+    assert_eq!(
+        errors(&named_endpoint),
+        ["lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.endpoints[0].address: \
+          \"dynamodb.us-east-1.amazonaws.com\" is a name: lb does not resolve names yet, give \
+          the endpoint's IPv4 address"]
+    );
+
+    let no_addresses = BLOG_ENTRY.replace("  addresses:\n  - 240.0.0.10/32\n", "");
+    assert_eq!(
+        errors(&no_addresses),
+        [
+            "lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.addresses: missing: \
+          lb balances connections to a VIP, so a ServiceEntry needs at least one IPv4 address \
+          (lb has no automatic address allocation)"
+        ]
+    );
+
+    let gateway =
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: { name: gw }\nspec: {}\n";
+    assert_eq!(
+        errors(&format!("{HELLOWORLD_ENTRY}---\n{gateway}")),
+        [
+            "lb.yaml document 2 (Gateway default/gw): kind: Gateway (networking.istio.io/v1) is \
+          not supported: lb reads ServiceEntry and DestinationRule (networking.istio.io/v1, \
+          networking.istio.io/v1beta1, networking.istio.io/v1alpha3) and Node (lb/v1alpha1)"
+        ]
+    );
+
+    let node = "apiVersion: lb/v1alpha1\nkind: Node\nspec: { locality: region1/zone1 }\n";
+    assert_eq!(
+        errors(&format!("{node}---\n{node}")),
+        [
+            "lb.yaml document 2 (Node): kind: a second Node document: lb.yaml document 1 (Node) \
+          already describes this node"
+        ]
+    );
+}
+
+#[test]
+fn more_invalid_values() {
+    let cases = [
+        (
+            seed().replace("baseEjectionTime: 10m", "baseEjectionTime: 10"),
+            "spec.trafficPolicy.outlierDetection.baseEjectionTime: 10 is not a duration: give a unit, e.g. \"10s\"",
+        ),
+        (
+            seed().replace("to: region2", "to: region1"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failover[0]: from and to are both \"region1\": name two regions",
+        ),
+        (
+            seed().replace("consecutive5xxErrors: 1", "consecutive5xxErrors: -1"),
+            "spec.trafficPolicy.outlierDetection.consecutive5xxErrors: -1 is not a whole number 0-4294967295",
+        ),
+        (
+            seed().replace("      baseEjectionTime: 10m", "      baseEjectionTime: 10m\n      maxEjectionPercent: 150"),
+            "spec.trafficPolicy.outlierDetection.maxEjectionPercent: 150 is not a whole number 0-100",
+        ),
+        (
+            seed().replace("resolution: STATIC", "resolution: NONE"),
+            "spec.resolution: NONE forwards each connection to the address the client asked for, with no balancing: lb balances over endpoints, use STATIC (or DNS with IP endpoints)",
+        ),
+        (
+            seed().replace("- 10.96.0.20", "- 10.96.0.0/24"),
+            "spec.addresses[0]: \"10.96.0.0/24\" is a range of addresses: lb balances connections to one VIP, give a single address (or /32)",
+        ),
+        (
+            seed().replace("- address: 10.200.4.2", "- address: 10.200.4.2\n    ports: { grpc: 9000 }"),
+            "spec.endpoints[3].ports.grpc: no port named \"grpc\" in spec.ports",
+        ),
+        (
+            seed().replace("protocol: HTTP", "protocol: QUIC"),
+            "spec.ports[0].protocol: \"QUIC\" is not one of Istio's protocols (HTTP, HTTPS, HTTP2, GRPC, GRPC-WEB, HTTP_PROXY, TLS, TCP, UDP, MONGO, MYSQL, REDIS)",
+        ),
+        (
+            seed().replace("- address: 10.200.4.2", "- address: 10.200.1.2"),
+            "spec.endpoints[3]: 10.200.1.2:5000 (port http) is already spec.endpoints[0]: list each endpoint once",
+        ),
+        (
+            seed().replace("failover:\n          - from: region1\n            to: region2", "distribute:\n          - from: region1/*\n            to: { region1/*: 70, region2/*: 20 }"),
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to: weights add up to 90, not 100",
+        ),
+    ];
+    for (text, wanted) in cases {
+        let errors = errors(&text);
+        assert!(
+            errors.iter().any(|e| e.ends_with(wanted)),
+            "no error ending {wanted:?} in {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_frontend_defined_twice_names_both_documents() {
+    let native = "services:\n  - { name: web, vip: 10.96.0.20, port: 5000 }\n";
+    assert_eq!(
+        errors(&format!("{native}---{HELLOWORLD_ENTRY}")),
+        [
+            "lb.yaml document 2 (ServiceEntry sample/helloworld): spec.addresses[0], \
+          spec.ports[0]: frontend 10.96.0.20:5000/TCP is already defined by lb.yaml document 1 \
+          (services[0] (web)): each VIP, port and protocol is defined once"
+        ]
+    );
+}
+
+#[test]
+fn every_error_of_every_document_is_reported_at_once() {
+    let text = seed()
+        .replace("interval: 1s", "interval: soon")
+        .replace("- address: 10.200.2.2", "- address: 10.200.2.300");
+    let errors = errors(&text);
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    let err = parse_str(&text, "lb.yaml").unwrap_err().to_string();
+    assert!(
+        err.starts_with("2 errors in the configuration:\n  lb.yaml document 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn yaml_syntax_errors_name_the_source_and_line() {
+    let errors = errors("services: [\n");
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].starts_with("lb.yaml: not valid YAML: ") && errors[0].contains("line 1"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_kubectl_list_is_read_item_by_item() {
+    let indent = |doc: &str| doc.trim().replace('\n', "\n    ");
+    let text = format!(
+        "apiVersion: v1\nkind: List\nitems:\n  - {}\n  - {}\n",
+        indent(HELLOWORLD_ENTRY),
+        indent(SEED_RULE)
+    );
+    let loaded = load_text(&text);
+    assert_eq!(loaded.config, load_text(&seed()).config);
+    assert!(
+        loaded.warnings[0]
+            .starts_with("lb.yaml document 1 item 2 (DestinationRule default/helloworld): "),
+        "{:?}",
+        loaded.warnings
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Files and directories.
+
+/// A directory under the system's temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("lb-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("writing a test file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn directories_are_read_in_name_order_and_merged_with_files() {
+    let dir = TempDir::new("dir");
+    // Written out of order: the rule must still find the entry loaded before it.
+    dir.write("20-rule.yml", SEED_RULE);
+    dir.write("10-entry.yaml", HELLOWORLD_ENTRY);
+    dir.write("notes.txt", "not configuration");
+    dir.write(".#10-entry.yaml", "an editor's lock file");
+    let node = dir.write(
+        "node.conf",
+        "apiVersion: lb/v1alpha1\nkind: Node\nspec: { locality: region1/zone1 }\n",
+    );
+    let loaded = load_paths(&[dir.0.clone(), node]).expect("the directory loads");
+    assert_eq!(loaded.config.services, load_text(&seed()).config.services);
+    assert_eq!(loaded.config.node.locality.region, "region1");
+    let rule_file = dir.0.join("20-rule.yml");
+    assert!(
+        loaded.warnings[0].starts_with(&format!(
+            "{} document 1 (DestinationRule default/helloworld): ",
+            rule_file.display()
+        )),
+        "{:?}",
+        loaded.warnings
+    );
+
+    let config = load(&dir.0).expect("load reads directories too");
+    assert_eq!(config.services.len(), 1);
+}
+
+#[test]
+fn missing_files_and_empty_directories_are_reported() {
+    let dir = TempDir::new("empty");
+    let loaded = load_paths(std::slice::from_ref(&dir.0)).expect("an empty directory loads");
+    assert_eq!(
+        loaded.warnings,
+        [format!(
+            "{}: no *.yaml or *.yml files in this directory",
+            dir.0.display()
+        )]
+    );
+    let missing = dir.0.join("missing.yaml");
+    let err = load_paths(std::slice::from_ref(&missing))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!("{}: cannot read: ", missing.display())),
+        "{err}"
+    );
+}

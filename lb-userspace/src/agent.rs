@@ -1,19 +1,35 @@
-//! The long-running agent: loads the data plane, attaches it, programs the services of
-//! its configuration, and reloads on change (file modified, or SIGHUP). A configuration
-//! that fails to parse or apply is reported and the last good one keeps running.
+//! The long-running agent (the DaemonSet's process).
+//!
+//! It loads the data plane, attaches it, and keeps the kernel's tables equal to what
+//! Istio's locality failover would do from this node: for each service, outlier detection
+//! says which endpoints are healthy, the locality plan turns that into a share of new
+//! connections per endpoint, and the share becomes slots of a Maglev table published in
+//! one step. Outlier sweeps, operator actions (admin endpoint) and configuration reloads
+//! all go through the same path. A configuration that fails to load or apply is reported
+//! and the last good one keeps running.
 
 use std::{
+    net::SocketAddrV4,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+use lb_common::BackendState;
 use log::{error, info, warn};
+use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::{self, Config},
-    dataplane::{sync::Programmer, AttachMode, Dataplane},
+    dataplane::{
+        sync::{DesiredBackend, DesiredService, Programmer},
+        AttachMode, Dataplane,
+    },
+    locality::{self, Plan},
+    model::{Locality, OutlierDetection, Service},
+    outlier::{Change, Event, OperatorAction, OutlierDetector},
 };
 
 /// An interface to attach to and how.
@@ -32,7 +48,7 @@ impl std::str::FromStr for InterfaceSpec {
             None => (s, AttachMode::Tc),
         };
         if name.is_empty() || name.len() > 15 {
-            anyhow::bail!("interface name {name:?} must be 1-15 characters");
+            bail!("interface name {name:?} must be 1-15 characters");
         }
         Ok(Self {
             name: name.to_string(),
@@ -42,75 +58,388 @@ impl std::str::FromStr for InterfaceSpec {
 }
 
 pub struct AgentOptions {
-    pub config: PathBuf,
+    /// Configuration files and directories.
+    pub configs: Vec<PathBuf>,
     pub interfaces: Vec<InterfaceSpec>,
-    /// How often the configuration file is checked for changes.
+    /// Overrides the Node document's locality.
+    pub node_locality: Option<Locality>,
+    /// Address of the admin endpoint (None: no admin endpoint).
+    pub admin: Option<std::net::SocketAddr>,
+    /// How often the configuration is checked for changes.
     pub watch_interval: Duration,
     /// How often counters are logged (None: never).
     pub stats_interval: Option<Duration>,
 }
 
-/// A loaded, attached and programmed data plane.
+/// Outlier detection without thresholds: only operator actions eject. Used for services
+/// whose DestinationRule has no `outlierDetection`.
+fn operator_only() -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx_errors: 0,
+        consecutive_gateway_errors: 0,
+        consecutive_local_origin_failures: 0,
+        ..OutlierDetection::default()
+    }
+}
+
+/// A service's running state next to its configuration.
+struct ServiceState {
+    detector: OutlierDetector,
+    plan: Plan,
+}
+
+/// A loaded, attached and programmed data plane with the state that drives it.
 pub struct Agent {
     pub dataplane: Dataplane,
     pub programmer: Programmer,
     pub config: Config,
+    node_locality: Option<Locality>,
+    services: Vec<ServiceState>,
+    started: Instant,
+    /// Time from the last health decision to its table being live.
+    pub last_publish: Option<Duration>,
+}
+
+fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> ServiceState {
+    let config = service
+        .policy
+        .outlier_detection
+        .clone()
+        .unwrap_or_else(operator_only);
+    let detector = OutlierDetector::new(config, service.endpoints.len(), now);
+    let plan = locality::plan(node, service, &detector.healthy());
+    ServiceState { detector, plan }
 }
 
 impl Agent {
-    /// Loads `config`, the programs and attaches them. Fails without side effects left
-    /// behind (links are dropped with the data plane).
-    pub fn start(config: Config, interfaces: &[InterfaceSpec]) -> Result<Self> {
+    /// Loads the programs, attaches them and programs `config`.
+    pub fn start(
+        config: Config,
+        interfaces: &[InterfaceSpec],
+        node_locality: Option<Locality>,
+    ) -> Result<Self> {
         let mut dataplane = Dataplane::load(&config.dataplane)?;
         for i in interfaces {
             dataplane.attach(&i.name, i.mode)?;
         }
-        let mut programmer = Programmer::default();
-        programmer.apply(&mut dataplane, &config::desired_services(&config))?;
-        Ok(Self {
+        let mut agent = Self {
             dataplane,
-            programmer,
-            config,
-        })
+            programmer: Programmer::default(),
+            config: Config::default(),
+            node_locality,
+            services: Vec::new(),
+            started: Instant::now(),
+            last_publish: None,
+        };
+        agent.reload(config)?;
+        Ok(agent)
     }
 
-    /// Applies a new configuration; on error the running state is kept.
-    pub fn reload(&mut self, new: Config) -> Result<()> {
-        if new.dataplane != self.config.dataplane {
+    /// Time since the agent started: the clock of outlier detection.
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Applies a new configuration; on error the running state is kept. Services whose
+    /// frontend and endpoints are unchanged keep their outlier state.
+    pub fn reload(&mut self, mut new: Config) -> Result<()> {
+        if !self.services.is_empty() && new.dataplane != self.config.dataplane {
             warn!(
                 "dataplane sizes and timeouts are fixed at start; restart the agent to change them"
             );
+            new.dataplane = self.config.dataplane.clone();
         }
-        self.programmer
-            .apply(&mut self.dataplane, &config::desired_services(&new))?;
-        self.config = Config {
-            dataplane: self.config.dataplane.clone(),
-            ..new
-        };
+        if let Some(l) = &self.node_locality {
+            new.node.locality = l.clone();
+        }
+        let now = self.now();
+        let states: Vec<ServiceState> = new
+            .services
+            .iter()
+            .map(|s| {
+                let kept = self
+                    .config
+                    .services
+                    .iter()
+                    .position(|old| {
+                        old.frontend == s.frontend
+                            && old.endpoints == s.endpoints
+                            && old.policy == s.policy
+                    })
+                    .map(|i| &self.services[i]);
+                match kept {
+                    Some(k) => ServiceState {
+                        detector: k.detector.clone(),
+                        plan: locality::plan(&new.node, s, &k.detector.healthy()),
+                    },
+                    None => new_state(s, &new.node, now),
+                }
+            })
+            .collect();
+        let desired = desired_services(&new, &states);
+        self.programmer.apply(&mut self.dataplane, &desired)?;
+        self.config = new;
+        self.services = states;
         Ok(())
+    }
+
+    /// Recomputes every plan and publishes what changed. `decided` is when the health
+    /// decision that led here was taken, for the decision-to-live measurement.
+    fn republish(&mut self, decided: Instant) -> Result<()> {
+        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+            state.plan = locality::plan(&self.config.node, svc, &state.detector.healthy());
+        }
+        let desired = desired_services(&self.config, &self.services);
+        self.programmer.apply(&mut self.dataplane, &desired)?;
+        let took = decided.elapsed();
+        self.last_publish = Some(took);
+        info!(
+            "tables published {} µs after the decision",
+            took.as_micros()
+        );
+        Ok(())
+    }
+
+    /// Runs outlier sweeps that are due; republishes when an endpoint returns.
+    pub fn sweep(&mut self) -> Result<()> {
+        let now = self.now();
+        let decided = Instant::now();
+        let mut changed = false;
+        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+            if state.detector.next_sweep() <= now {
+                for change in state.detector.sweep(now) {
+                    log_change(svc, &change);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            self.republish(decided)?;
+        }
+        Ok(())
+    }
+
+    /// Applies an operator action to `endpoint` in every service that has it (or only in
+    /// `service`, matched by name or `vip:port`). Returns how many endpoints it touched.
+    pub fn operator(
+        &mut self,
+        endpoint: SocketAddrV4,
+        service: Option<&str>,
+        action: OperatorAction,
+    ) -> Result<usize> {
+        self.for_endpoint(endpoint, service, |detector, i, now| {
+            detector.operator(i, action, now).ok().flatten()
+        })
+    }
+
+    /// Feeds an outlier-detection event for `endpoint` (as the data plane reports them),
+    /// in every service that has it or only in `service`.
+    pub fn record(
+        &mut self,
+        endpoint: SocketAddrV4,
+        service: Option<&str>,
+        event: Event,
+    ) -> Result<usize> {
+        self.for_endpoint(endpoint, service, |detector, i, now| {
+            detector.record(i, event, now)
+        })
+    }
+
+    fn for_endpoint(
+        &mut self,
+        endpoint: SocketAddrV4,
+        service: Option<&str>,
+        mut act: impl FnMut(&mut OutlierDetector, usize, Duration) -> Option<Change>,
+    ) -> Result<usize> {
+        let now = self.now();
+        let decided = Instant::now();
+        let mut touched = 0;
+        let mut changed = false;
+        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+            let frontend = format!("{}:{}", svc.frontend.vip, svc.frontend.port);
+            if service.is_some_and(|s| s != svc.name && s != frontend) {
+                continue;
+            }
+            for (i, e) in svc.endpoints.iter().enumerate() {
+                if e.address == *endpoint.ip() && e.port == endpoint.port() {
+                    touched += 1;
+                    if let Some(change) = act(&mut state.detector, i, now) {
+                        log_change(svc, &change);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if touched == 0 {
+            bail!("no service has endpoint {endpoint}");
+        }
+        if changed {
+            self.republish(decided)?;
+        }
+        Ok(touched)
+    }
+
+    /// What the agent is doing, for the admin endpoint.
+    pub fn status(&self) -> AgentStatus {
+        AgentStatus {
+            node_locality: self.config.node.locality.to_string(),
+            last_publish_us: self.last_publish.map(|d| d.as_micros() as u64),
+            services: self
+                .config
+                .services
+                .iter()
+                .zip(&self.services)
+                .map(|(svc, st)| ServiceStatus {
+                    name: svc.name.clone(),
+                    frontend: svc.frontend.to_string(),
+                    priority_loads: st.plan.loads.load.clone(),
+                    endpoints: svc
+                        .endpoints
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| EndpointStatus {
+                            address: format!("{}:{}", e.address, e.port),
+                            locality: e.locality.to_string(),
+                            priority: st.plan.priorities.get(i).copied().flatten(),
+                            share: st.plan.shares.get(i).copied().unwrap_or(0.0),
+                            ejected: st.detector.is_ejected(i),
+                            draining: st.detector.is_draining(i),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 }
 
-fn modified(path: &PathBuf) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// Resolution of Envoy's integer shares in the selection table's weights.
+const SHARE_SCALE: f64 = 1_000_000.0;
+
+/// The data plane's view of the plans: per endpoint, its weight (share) and whether it
+/// may take new connections.
+fn desired_services(config: &Config, states: &[ServiceState]) -> Vec<DesiredService> {
+    config
+        .services
+        .iter()
+        .zip(states)
+        .map(|(svc, st)| DesiredService {
+            name: svc.name.clone(),
+            frontend: svc.frontend,
+            backends: svc
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let configured = config
+                        .initial_states
+                        .get(&(svc.frontend, e.address, e.port))
+                        .copied();
+                    let state = if st.detector.is_draining(i)
+                        || configured == Some(BackendState::Draining)
+                    {
+                        BackendState::Draining
+                    } else if !st.plan.eligible.get(i).copied().unwrap_or(false)
+                        || configured == Some(BackendState::Ejected)
+                    {
+                        BackendState::Ejected
+                    } else {
+                        BackendState::Active
+                    };
+                    let share = st.plan.shares.get(i).copied().unwrap_or(0.0);
+                    DesiredBackend {
+                        addr: e.address,
+                        port: e.port,
+                        weight: (share * SHARE_SCALE).round() as u32,
+                        state,
+                    }
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn log_change(svc: &Service, change: &Change) {
+    info!("{} ({}): {change:?}", svc.name, svc.frontend);
+}
+
+#[derive(Serialize)]
+pub struct AgentStatus {
+    pub node_locality: String,
+    pub last_publish_us: Option<u64>,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub frontend: String,
+    pub priority_loads: Vec<u32>,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Serialize)]
+pub struct EndpointStatus {
+    pub address: String,
+    pub locality: String,
+    pub priority: Option<u32>,
+    pub share: f64,
+    pub ejected: bool,
+    pub draining: bool,
+}
+
+/// The newest modification time among the configuration paths and the files in them,
+/// and their number (a file added or removed changes it too).
+fn config_stamp(paths: &[PathBuf]) -> (Option<SystemTime>, usize) {
+    let mut newest = None;
+    let mut count = 0;
+    let mut see = |p: &std::path::Path| {
+        if let Ok(m) = std::fs::metadata(p).and_then(|m| m.modified()) {
+            count += 1;
+            newest = newest.max(Some(m));
+        }
+    };
+    for p in paths {
+        see(p);
+        if let Ok(dir) = std::fs::read_dir(p) {
+            for e in dir.flatten() {
+                see(&e.path());
+            }
+        }
+    }
+    (newest, count)
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
-    let cfg = config::load(&opts.config)?;
-    let mut agent = Agent::start(cfg, &opts.interfaces)?;
+    let loaded = config::load_paths(&opts.configs)?;
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
+    let agent = Agent::start(loaded.config, &opts.interfaces, opts.node_locality.clone())?;
     info!(
-        "lb agent running: {} services on {}",
+        "lb agent running: {} services, node at {}, on {}",
         agent.config.services.len(),
+        agent.config.node.locality,
         opts.interfaces
             .iter()
             .map(|i| format!("{}:{:?}", i.name, i.mode))
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut last_mtime = modified(&opts.config);
+    let agent = Arc::new(Mutex::new(agent));
+    if let Some(addr) = opts.admin {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin endpoint to {addr}"))?;
+        info!("admin endpoint on http://{addr}/");
+        tokio::spawn(crate::admin::serve(listener, agent.clone()));
+    }
+
+    let mut last_stamp = config_stamp(&opts.configs);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut watch = tokio::time::interval(opts.watch_interval);
+    // Sweeps run at each service's own `interval`; this only sets how late one can be.
+    let mut sweeps = tokio::time::interval(Duration::from_millis(100));
     let mut stats = tokio::time::interval(opts.stats_interval.unwrap_or(Duration::from_secs(3600)));
     loop {
         let reload = tokio::select! {
@@ -118,26 +447,33 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             _ = term.recv() => break,
             _ = hup.recv() => true,
             _ = watch.tick() => {
-                let m = modified(&opts.config);
-                let changed = m != last_mtime;
-                last_mtime = m;
+                let stamp = config_stamp(&opts.configs);
+                let changed = stamp != last_stamp;
+                last_stamp = stamp;
                 changed
             }
+            _ = sweeps.tick() => {
+                if let Err(e) = lock(&agent).sweep() {
+                    error!("outlier sweep: {e:#}");
+                }
+                false
+            }
             _ = stats.tick(), if opts.stats_interval.is_some() => {
-                log_counters(&agent.dataplane);
+                log_counters(&lock(&agent).dataplane);
                 false
             }
         };
         if reload {
-            let applied = config::load(&opts.config).and_then(|c| {
-                agent
-                    .reload(c)
-                    .with_context(|| format!("applying {}", opts.config.display()))
+            let applied = config::load_paths(&opts.configs).and_then(|loaded| {
+                for w in &loaded.warnings {
+                    warn!("{w}");
+                }
+                lock(&agent).reload(loaded.config)
             });
             match applied {
                 Ok(()) => info!(
                     "configuration reloaded: {} services",
-                    agent.config.services.len()
+                    lock(&agent).config.services.len()
                 ),
                 Err(e) => {
                     error!("configuration not applied, the previous one stays in force: {e:#}")
@@ -147,6 +483,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     }
     info!("lb agent stopping; programs are detached");
     Ok(())
+}
+
+/// Locks the agent; a panic while holding the lock is a bug, so it propagates.
+pub fn lock(agent: &Mutex<Agent>) -> std::sync::MutexGuard<'_, Agent> {
+    agent
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn log_counters(dp: &Dataplane) {

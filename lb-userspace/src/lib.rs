@@ -7,8 +7,10 @@
 //!   priorities, Envoy priority load and panic);
 //! - `agent`: the long-running process.
 
+pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod locality;
 pub mod model;
+pub mod outlier;

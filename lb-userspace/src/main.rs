@@ -4,7 +4,10 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb::agent::{self, AgentOptions, InterfaceSpec};
+use lb::{
+    agent::{self, AgentOptions, InterfaceSpec},
+    model::Locality,
+};
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "eBPF node-level L4 load balancer")]
@@ -17,13 +20,20 @@ struct Cli {
 enum Command {
     /// Run the agent: load the data plane, attach it and program it from the configuration.
     Agent {
-        /// Configuration file (YAML); reloaded when it changes or on SIGHUP.
-        #[arg(long)]
-        config: PathBuf,
+        /// Configuration file or directory (YAML: Istio ServiceEntry and DestinationRule,
+        /// lb's Node document). Repeatable; reloaded when it changes or on SIGHUP.
+        #[arg(long = "config", required = true)]
+        configs: Vec<PathBuf>,
         /// Interface to attach to, as IFACE (TC), IFACE:tc or IFACE:xdp. Repeatable.
         #[arg(long = "interface", required = true)]
         interfaces: Vec<InterfaceSpec>,
-        /// Seconds between checks of the configuration file for changes.
+        /// This node's locality, REGION/ZONE/SUBZONE (overrides the Node document).
+        #[arg(long)]
+        node_locality: Option<String>,
+        /// Address of the admin endpoint, e.g. 127.0.0.1:15000.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Seconds between checks of the configuration for changes.
         #[arg(long, default_value_t = 2)]
         watch_interval: u64,
         /// Log the data-plane counters every this many seconds (0: never).
@@ -42,14 +52,18 @@ async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Agent {
-            config,
+            configs,
             interfaces,
+            node_locality,
+            admin,
             watch_interval,
             stats_interval,
         } => {
             agent::run(AgentOptions {
-                config,
+                configs,
                 interfaces,
+                node_locality: node_locality.as_deref().map(Locality::parse),
+                admin,
                 watch_interval: Duration::from_secs(watch_interval.max(1)),
                 stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
             })

@@ -151,7 +151,7 @@ impl TestBed {
     pub fn start_agent(&self, config: Config) -> Result<Agent> {
         let interfaces = self.interfaces.clone();
         self.node
-            .run(move || Agent::start(config, &interfaces))
+            .run(move || Agent::start(config, &interfaces, None))
             .context("starting the agent in the node namespace")
     }
 }

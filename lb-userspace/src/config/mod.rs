@@ -64,7 +64,7 @@ use crate::{
 };
 
 /// A validated configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     pub dataplane: DataplaneOptions,
     /// This node (from the `Node` document; empty without one).

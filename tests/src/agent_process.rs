@@ -36,12 +36,18 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `lb agent --config CONFIG` in the test bed's node, attached to its interfaces.
     pub fn start(bed: &TestBed, config: &Path) -> Result<Self> {
+        Self::start_with(bed, config, &[])
+    }
+
+    /// Like `start`, with more arguments for `lb agent` (e.g. `--admin`).
+    pub fn start_with(bed: &TestBed, config: &Path, extra: &[&str]) -> Result<Self> {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", bed.node.name()])
             .arg(lb_binary()?)
             .args(["agent", "--config"])
             .arg(config)
-            .args(["--watch-interval", "1", "--stats-interval", "5"]);
+            .args(["--watch-interval", "1", "--stats-interval", "5"])
+            .args(extra);
         for i in &bed.interfaces {
             let mode = match i.mode {
                 AttachMode::Xdp => "xdp",

@@ -38,6 +38,22 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
         .with_context(|| format!("{} from {local:?}", what()))
 }
 
+/// Sends `POST path` with an empty body on a new connection and returns the body of a
+/// `200` answer (e.g. to lb's admin endpoint).
+pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
+    let what = || format!("POST http://{addr}{path}");
+    let mut stream = connect(addr, timeout).with_context(what)?;
+    let mut reader = BufReader::new(stream.try_clone().with_context(what)?);
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .context("sending request")
+        .and_then(|()| read_response(&mut reader))
+        .with_context(what)
+}
+
 /// One TCP connection kept open for several requests, to test that the load balancer keeps a
 /// connection on one backend. Create it inside the client's namespace.
 #[derive(Debug)]

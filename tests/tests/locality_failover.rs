@@ -1,0 +1,256 @@
+//! Istio's locality failover task (../shared/seeds/), end to end with the `lb agent`
+//! binary: a ServiceEntry for helloworld with one endpoint per locality, the seed's own
+//! DestinationRule, and the node (where the client runs) at region1/zone1.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use lb::dataplane::AttachMode;
+use lb_tests::{
+    agent_process::{wait_until, write_atomically, AgentProcess, TempDir},
+    http_get, http_post, names_from, require_root,
+    topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, VIP},
+    DEFAULT_TIMEOUT,
+};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const HELLO_PORT: u16 = 5000;
+
+/// The seed's localities, one HelloWorld backend each (backend i at 10.200.i.2).
+const LOCALITIES: [(&str, &str); 4] = [
+    ("region1", "zone1"),
+    ("region1", "zone2"),
+    ("region2", "zone3"),
+    ("region3", "zone4"),
+];
+
+fn hello(region: &str, zone: &str) -> String {
+    format!("Hello version: {region}.{zone}, instance: helloworld-{region}-{zone}")
+}
+
+fn vip() -> SocketAddr {
+    (VIP, HELLO_PORT).into()
+}
+
+/// The seed's DestinationRule (shared/seeds/README.md), verbatim.
+const SEED_DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: helloworld
+spec:
+  host: helloworld.sample.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      http:
+        maxRequestsPerConnection: 1
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting:
+        enabled: true
+        failover:
+          - from: region1
+            to: region2
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 10m
+"#;
+
+/// A ServiceEntry for helloworld: `endpoints` are (backend number, locality).
+fn service_entry(endpoints: &[(u8, String)]) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|(i, locality)| {
+            format!(
+                "  - address: {}\n    locality: {locality}\n",
+                backend_addr(*i)
+            )
+        })
+        .collect();
+    format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: helloworld
+  namespace: sample
+spec:
+  hosts:
+  - helloworld.sample.svc.cluster.local
+  addresses:
+  - {VIP}
+  ports:
+  - number: {HELLO_PORT}
+    name: http
+    protocol: HTTP
+    targetPort: {BACKEND_HTTP_PORT}
+  resolution: STATIC
+  endpoints:
+{eps}"#
+    )
+}
+
+const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: region1/zone1\n";
+
+struct Scenario {
+    bed: TestBed,
+    _dir: TempDir,
+    _agent: AgentProcess,
+}
+
+impl Scenario {
+    fn start(backends: &[String], config: &str) -> Self {
+        let bed = TestBed::with_backends(AttachMode::Tc, backends).unwrap();
+        let dir = TempDir::new("lbseed").unwrap();
+        let path = dir.0.join("helloworld.yaml");
+        write_atomically(&path, config).unwrap();
+        let agent = AgentProcess::start_with(&bed, &path, &["--admin", ADMIN]).unwrap();
+        wait_until(&bed.client, Duration::from_secs(20), || {
+            http_get(vip(), "/", Duration::from_millis(500))
+        })
+        .expect("the agent programs the VIP");
+        Self {
+            bed,
+            _dir: dir,
+            _agent: agent,
+        }
+    }
+
+    fn admin(&self, path: &str) -> String {
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        self.bed
+            .node
+            .run(|| http_post(admin, path, DEFAULT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("admin {path}: {e:#}"))
+    }
+
+    fn tally(&self, n: usize) -> BTreeMap<String, usize> {
+        let mut t = BTreeMap::new();
+        for name in names_from(&self.bed.client, vip(), n).unwrap() {
+            *t.entry(name).or_default() += 1;
+        }
+        t
+    }
+
+    /// All of `n` new connections land in one locality.
+    fn assert_all_in(&self, n: usize, region: &str, zone: &str) {
+        let t = self.tally(n);
+        assert_eq!(t.len(), 1, "expected only {region}.{zone}: {t:?}");
+        assert_eq!(t.keys().next().unwrap(), &hello(region, zone), "{t:?}");
+    }
+}
+
+fn seed_backends() -> Vec<String> {
+    LOCALITIES.iter().map(|(r, z)| hello(r, z)).collect()
+}
+
+fn seed_endpoints() -> Vec<(u8, String)> {
+    (1u8..)
+        .zip(LOCALITIES)
+        .map(|(i, (r, z))| (i, format!("{r}/{z}")))
+        .collect()
+}
+
+fn endpoint(i: u8) -> String {
+    format!("{}:{BACKEND_HTTP_PORT}", backend_addr(i))
+}
+
+/// Traffic stays in region1.zone1; ejecting the endpoints one after another moves it to
+/// region1.zone2, then region2.zone3 (the failover region), then region3.zone4, and back
+/// to region1.zone1 when that endpoint returns.
+#[test]
+fn seed_scenario_fails_over_in_priority_order() {
+    if !require_root() {
+        return;
+    }
+    let config = format!(
+        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
+        service_entry(&seed_endpoints())
+    );
+    let s = Scenario::start(&seed_backends(), &config);
+    s.assert_all_in(30, "region1", "zone1");
+    for (i, next) in [(1, LOCALITIES[1]), (2, LOCALITIES[2]), (3, LOCALITIES[3])] {
+        s.admin(&format!("/endpoints/{}/eject", endpoint(i)));
+        s.assert_all_in(30, next.0, next.1);
+    }
+    s.admin(&format!("/endpoints/{}/uneject", endpoint(1)));
+    s.assert_all_in(30, "region1", "zone1");
+}
+
+/// Outlier ejections expire: with the seed's rule but a short `baseEjectionTime`, one
+/// 503 ejects region1.zone1 (consecutive5xxErrors: 1) and traffic fails over; once the
+/// ejection has run out, a sweep (every `interval`) puts it back and traffic returns.
+#[test]
+fn outlier_ejection_expires_and_traffic_returns() {
+    if !require_root() {
+        return;
+    }
+    let rule = SEED_DESTINATION_RULE.replace("baseEjectionTime: 10m", "baseEjectionTime: 4s");
+    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    let s = Scenario::start(&seed_backends(), &config);
+    s.assert_all_in(30, "region1", "zone1");
+    let ejected_at = Instant::now();
+    s.admin(&format!("/endpoints/{}/events/503", endpoint(1)));
+    s.assert_all_in(30, "region1", "zone2");
+    wait_until(&s.bed.client, Duration::from_secs(20), || {
+        let names = names_from(&s.bed.client, vip(), 10)?;
+        anyhow::ensure!(
+            names.iter().all(|n| *n == hello("region1", "zone1")),
+            "not back yet: {names:?}"
+        );
+        Ok(())
+    })
+    .expect("traffic returns to region1.zone1");
+    let back_after = ejected_at.elapsed();
+    assert!(
+        back_after >= Duration::from_secs(4),
+        "returned after {back_after:?}, before the ejection ran out"
+    );
+}
+
+/// A partly healthy priority: region1.zone1 has two endpoints, one ejected, so its health
+/// is min(100, 1.4 × 1/2) = 70% and Envoy splits new connections 70/30 between it and
+/// region1.zone2. Over 400 connections the measured split must be 70/30 within ±8 points
+/// (about 3.5 σ of a binomial at n = 400, p = 0.7).
+#[test]
+fn partly_healthy_priority_splits_like_envoy() {
+    if !require_root() {
+        return;
+    }
+    let backends = vec![
+        "zone1-a".to_string(),
+        "zone1-b".to_string(),
+        "zone2".to_string(),
+    ];
+    let endpoints = vec![
+        (1, "region1/zone1".to_string()),
+        (2, "region1/zone1".to_string()),
+        (3, "region1/zone2".to_string()),
+    ];
+    let config = format!(
+        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
+        service_entry(&endpoints)
+    );
+    let s = Scenario::start(&backends, &config);
+    s.admin(&format!("/endpoints/{}/eject", endpoint(2)));
+    let n = 400;
+    let t = s.tally(n);
+    assert_eq!(
+        t.get("zone1-b"),
+        None,
+        "the ejected endpoint got traffic: {t:?}"
+    );
+    let p0 = *t.get("zone1-a").unwrap_or(&0) as f64 / n as f64;
+    let p1 = *t.get("zone2").unwrap_or(&0) as f64 / n as f64;
+    println!("partly healthy P0: {t:?} -> {p0:.3} / {p1:.3}");
+    assert!(
+        (p0 - 0.70).abs() <= 0.08,
+        "P0 share {p0:.3}, expected 0.70: {t:?}"
+    );
+    assert!(
+        (p1 - 0.30).abs() <= 0.08,
+        "P1 share {p1:.3}, expected 0.30: {t:?}"
+    );
+}

@@ -824,6 +824,8 @@ fn run_fixtures(hook: Hook) {
     );
 
     // Draining backends take no new connections either; re-programming restores them.
+    // The backends were changed in the map directly above, behind the programmer's back.
+    h.programmer.forget_written();
     h.programmer
         .apply(
             &mut h.dp,

@@ -33,11 +33,17 @@ pub struct DesiredService {
 
 type BackendKey = (Frontend, Ipv4Addr, u16);
 
-/// Remembers which ids the data plane uses for which service and backend.
+/// Remembers which ids the data plane uses for which service and backend, and what it
+/// last wrote, so an update writes only what changed: an ejection in one service touches
+/// one backend entry and one table, however many services there are.
 #[derive(Default)]
 pub struct Programmer {
     services: BTreeMap<Frontend, u32>,
     backends: BTreeMap<BackendKey, u32>,
+    /// Last state written per backend id.
+    written_backends: BTreeMap<u32, (Ipv4Addr, u16, BackendState)>,
+    /// Inputs of the last table published per service id.
+    written_tables: BTreeMap<u32, (Vec<WeightedBackend>, usize)>,
 }
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
@@ -45,6 +51,13 @@ fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
 }
 
 impl Programmer {
+    /// Forgets what was written, so the next `apply` writes every backend and table again
+    /// (after the maps were changed by other means).
+    pub fn forget_written(&mut self) {
+        self.written_backends.clear();
+        self.written_tables.clear();
+    }
+
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
         self.services.get(frontend).copied()
     }
@@ -115,7 +128,11 @@ impl Programmer {
                         id
                     }
                 };
-                dp.set_backend(id, b.addr, b.port, b.state)?;
+                let value = (b.addr, b.port, b.state);
+                if self.written_backends.get(&id) != Some(&value) {
+                    dp.set_backend(id, b.addr, b.port, b.state)?;
+                    self.written_backends.insert(id, value);
+                }
             }
         }
         // 2. Tables, each flipped in one step.
@@ -143,17 +160,23 @@ impl Programmer {
                 })
                 .collect();
             let size = table_size(s.backends.len(), opts.table_slots as usize);
-            let table = maglev_table(&weighted, size);
-            dp.publish_service(id, &s.frontend, &table)?;
+            let inputs = (weighted, size);
+            if self.written_tables.get(&id) != Some(&inputs) {
+                let table = maglev_table(&inputs.0, size);
+                dp.publish_service(id, &s.frontend, &table)?;
+                self.written_tables.insert(id, inputs);
+            }
         }
         // 3. Then what is gone.
         for (frontend, id) in stale_services {
             dp.remove_service(id, &frontend)?;
             self.services.remove(&frontend);
+            self.written_tables.remove(&id);
         }
         for (key, id) in stale_backends {
             dp.clear_backend(id)?;
             self.backends.remove(&key);
+            self.written_backends.remove(&id);
         }
         Ok(())
     }

@@ -183,14 +183,18 @@ impl Agent {
         Ok(())
     }
 
-    /// Recomputes every plan and publishes what changed. `decided` is when the health
-    /// decision that led here was taken, for the decision-to-live measurement.
-    fn republish(&mut self, decided: Instant) -> Result<()> {
-        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+    /// Recomputes the plans of the services in `changed` (indices) and publishes them.
+    /// `decided` is when the health decision that led here was taken, for the
+    /// decision-to-live measurement.
+    fn republish(&mut self, changed: &[usize], decided: Instant) -> Result<()> {
+        for &i in changed {
+            let svc = &self.config.services[i];
+            let state = &mut self.services[i];
             state.plan = locality::plan(&self.config.node, svc, &state.detector.healthy());
+            let desired = desired_service(&self.config, svc, state);
+            self.programmer
+                .update_service(&mut self.dataplane, &desired)?;
         }
-        let desired = desired_services(&self.config, &self.services);
-        self.programmer.apply(&mut self.dataplane, &desired)?;
         let took = decided.elapsed();
         self.last_publish = Some(took);
         info!(
@@ -204,17 +208,25 @@ impl Agent {
     pub fn sweep(&mut self) -> Result<()> {
         let now = self.now();
         let decided = Instant::now();
-        let mut changed = false;
-        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+        let mut changed = Vec::new();
+        for (i, (svc, state)) in self
+            .config
+            .services
+            .iter()
+            .zip(&mut self.services)
+            .enumerate()
+        {
             if state.detector.next_sweep() <= now {
                 for change in state.detector.sweep(now) {
                     log_change(svc, &change);
-                    changed = true;
+                    if changed.last() != Some(&i) {
+                        changed.push(i);
+                    }
                 }
             }
         }
-        if changed {
-            self.republish(decided)?;
+        if !changed.is_empty() {
+            self.republish(&changed, decided)?;
         }
         Ok(())
     }
@@ -254,8 +266,14 @@ impl Agent {
         let now = self.now();
         let decided = Instant::now();
         let mut touched = 0;
-        let mut changed = false;
-        for (svc, state) in self.config.services.iter().zip(&mut self.services) {
+        let mut changed = Vec::new();
+        for (si, (svc, state)) in self
+            .config
+            .services
+            .iter()
+            .zip(&mut self.services)
+            .enumerate()
+        {
             let frontend = format!("{}:{}", svc.frontend.vip, svc.frontend.port);
             if service.is_some_and(|s| s != svc.name && s != frontend) {
                 continue;
@@ -265,7 +283,9 @@ impl Agent {
                     touched += 1;
                     if let Some(change) = act(&mut state.detector, i, now) {
                         log_change(svc, &change);
-                        changed = true;
+                        if changed.last() != Some(&si) {
+                            changed.push(si);
+                        }
                     }
                 }
             }
@@ -273,8 +293,8 @@ impl Agent {
         if touched == 0 {
             bail!("no service has endpoint {endpoint}");
         }
-        if changed {
-            self.republish(decided)?;
+        if !changed.is_empty() {
+            self.republish(&changed, decided)?;
         }
         Ok(touched)
     }
@@ -322,21 +342,25 @@ fn desired_services(config: &Config, states: &[ServiceState]) -> Vec<DesiredServ
         .services
         .iter()
         .zip(states)
-        .map(|(svc, st)| DesiredService {
-            name: svc.name.clone(),
-            frontend: svc.frontend,
-            backends: svc
-                .endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let configured = config
-                        .initial_states
-                        .get(&(svc.frontend, e.address, e.port))
-                        .copied();
-                    let state = if st.detector.is_draining(i)
-                        || configured == Some(BackendState::Draining)
-                    {
+        .map(|(svc, st)| desired_service(config, svc, st))
+        .collect()
+}
+
+fn desired_service(config: &Config, svc: &Service, st: &ServiceState) -> DesiredService {
+    DesiredService {
+        name: svc.name.clone(),
+        frontend: svc.frontend,
+        backends: svc
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let configured = config
+                    .initial_states
+                    .get(&(svc.frontend, e.address, e.port))
+                    .copied();
+                let state =
+                    if st.detector.is_draining(i) || configured == Some(BackendState::Draining) {
                         BackendState::Draining
                     } else if !st.plan.eligible.get(i).copied().unwrap_or(false)
                         || configured == Some(BackendState::Ejected)
@@ -345,17 +369,16 @@ fn desired_services(config: &Config, states: &[ServiceState]) -> Vec<DesiredServ
                     } else {
                         BackendState::Active
                     };
-                    let share = st.plan.shares.get(i).copied().unwrap_or(0.0);
-                    DesiredBackend {
-                        addr: e.address,
-                        port: e.port,
-                        weight: (share * SHARE_SCALE).round() as u32,
-                        state,
-                    }
-                })
-                .collect(),
-        })
-        .collect()
+                let share = st.plan.shares.get(i).copied().unwrap_or(0.0);
+                DesiredBackend {
+                    addr: e.address,
+                    port: e.port,
+                    weight: (share * SHARE_SCALE).round() as u32,
+                    state,
+                }
+            })
+            .collect(),
+    }
 }
 
 fn log_change(svc: &Service, change: &Change) {

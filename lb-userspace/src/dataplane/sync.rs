@@ -46,11 +46,69 @@ pub struct Programmer {
     written_tables: BTreeMap<u32, (Vec<WeightedBackend>, usize)>,
 }
 
-fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
-    (1..limit).find(|id| !used.contains(id))
+/// Allocates a free id in `1..limit`, searching from `cursor` (where the last one was
+/// found) and wrapping, so allocating many ids in a row costs O(1) each.
+fn allocate(used: &mut BTreeSet<u32>, cursor: &mut u32, limit: u32) -> Option<u32> {
+    let start = (*cursor).clamp(1, limit.max(2) - 1);
+    let id = (start..limit)
+        .chain(1..start)
+        .find(|id| !used.contains(id))?;
+    used.insert(id);
+    *cursor = id + 1;
+    Some(id)
 }
 
 impl Programmer {
+    /// Updates one service already applied, whose backends are unchanged but whose
+    /// weights or states changed (a health decision): writes only its changed backends and
+    /// its table. Much cheaper than `apply` when there are many services.
+    pub fn update_service(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
+        let Some(&id) = self.services.get(&s.frontend) else {
+            bail!("service {} ({}) was never applied", s.name, s.frontend);
+        };
+        for b in &s.backends {
+            let Some(&bid) = self.backends.get(&(s.frontend, b.addr, b.port)) else {
+                bail!(
+                    "service {}: backend {}:{} was never applied",
+                    s.name,
+                    b.addr,
+                    b.port
+                );
+            };
+            let value = (b.addr, b.port, b.state);
+            if self.written_backends.get(&bid) != Some(&value) {
+                dp.set_backend(bid, b.addr, b.port, b.state)?;
+                self.written_backends.insert(bid, value);
+            }
+        }
+        self.publish_table(dp, id, s)
+    }
+
+    /// Builds and publishes service `id`'s Maglev table if its inputs changed.
+    fn publish_table(&mut self, dp: &mut Dataplane, id: u32, s: &DesiredService) -> Result<()> {
+        let table_slots = dp.options().table_slots as usize;
+        // Only active backends get slots; the kernel also re-checks each pick's state,
+        // which covers a state change that reaches it before the next table does.
+        let weighted: Vec<WeightedBackend> = s
+            .backends
+            .iter()
+            .filter(|b| b.state == BackendState::Active)
+            .map(|b| WeightedBackend {
+                id: self.backends[&(s.frontend, b.addr, b.port)],
+                key: (u64::from(u32::from(b.addr)) << 16) | u64::from(b.port),
+                weight: u64::from(b.weight),
+            })
+            .collect();
+        let size = table_size(s.backends.len(), table_slots);
+        let inputs = (weighted, size);
+        if self.written_tables.get(&id) != Some(&inputs) {
+            let table = maglev_table(&inputs.0, size);
+            dp.publish_service(id, &s.frontend, &table)?;
+            self.written_tables.insert(id, inputs);
+        }
+        Ok(())
+    }
+
     /// Forgets what was written, so the next `apply` writes every backend and table again
     /// (after the maps were changed by other means).
     pub fn forget_written(&mut self) {
@@ -115,15 +173,15 @@ impl Programmer {
 
         // 1. Backends first, so every id a new table names is already valid.
         let mut used: BTreeSet<u32> = self.backends.values().copied().collect();
+        let mut cursor = 1;
         for s in desired {
             for b in &s.backends {
                 let key = (s.frontend, b.addr, b.port);
                 let id = match self.backends.get(&key) {
                     Some(&id) => id,
                     None => {
-                        let id =
-                            lowest_free(&used, opts.max_backends).expect("capacity checked above");
-                        used.insert(id);
+                        let id = allocate(&mut used, &mut cursor, opts.max_backends)
+                            .expect("capacity checked above");
                         self.backends.insert(key, id);
                         id
                     }
@@ -137,35 +195,18 @@ impl Programmer {
         }
         // 2. Tables, each flipped in one step.
         let mut used: BTreeSet<u32> = self.services.values().copied().collect();
+        let mut cursor = 1;
         for s in desired {
             let id = match self.services.get(&s.frontend) {
                 Some(&id) => id,
                 None => {
-                    let id = lowest_free(&used, opts.max_services).expect("capacity checked above");
-                    used.insert(id);
+                    let id = allocate(&mut used, &mut cursor, opts.max_services)
+                        .expect("capacity checked above");
                     self.services.insert(s.frontend, id);
                     id
                 }
             };
-            // Only active backends get slots; the kernel also re-checks each pick's state,
-            // which covers a state change that reaches it before the next table does.
-            let weighted: Vec<WeightedBackend> = s
-                .backends
-                .iter()
-                .filter(|b| b.state == BackendState::Active)
-                .map(|b| WeightedBackend {
-                    id: self.backends[&(s.frontend, b.addr, b.port)],
-                    key: (u64::from(u32::from(b.addr)) << 16) | u64::from(b.port),
-                    weight: u64::from(b.weight),
-                })
-                .collect();
-            let size = table_size(s.backends.len(), opts.table_slots as usize);
-            let inputs = (weighted, size);
-            if self.written_tables.get(&id) != Some(&inputs) {
-                let table = maglev_table(&inputs.0, size);
-                dp.publish_service(id, &s.frontend, &table)?;
-                self.written_tables.insert(id, inputs);
-            }
+            self.publish_table(dp, id, s)?;
         }
         // 3. Then what is gone.
         for (frontend, id) in stale_services {

@@ -71,8 +71,25 @@ async fn main() -> Result<()> {
         }
         Command::Check { config } => {
             let c = lb::config::load(&config)?;
+            println!("node locality: {}", c.node.locality);
             for s in &c.services {
-                println!("{}  {}  {} backends", s.name, s.frontend, s.endpoints.len());
+                // What lb would do with every endpoint healthy.
+                let plan = lb::locality::plan(&c.node, s, &vec![true; s.endpoints.len()]);
+                println!("\n{}  {}", s.name, s.frontend);
+                println!(
+                    "  {:<22} {:<24} {:>8} {:>7}",
+                    "ENDPOINT", "LOCALITY", "PRIORITY", "SHARE"
+                );
+                for (i, e) in s.endpoints.iter().enumerate() {
+                    let priority = plan.priorities[i].map_or("-".to_string(), |p| p.to_string());
+                    println!(
+                        "  {:<22} {:<24} {:>8} {:>6.1}%",
+                        format!("{}:{}", e.address, e.port),
+                        e.locality.to_string(),
+                        priority,
+                        plan.shares[i] * 100.0
+                    );
+                }
             }
             Ok(())
         }

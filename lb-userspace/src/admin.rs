@@ -50,16 +50,43 @@ struct Target {
     service: Option<String>,
 }
 
+/// Parses the `IP:PORT` of a request path.
+fn parse_endpoint(endpoint: &str) -> Result<SocketAddrV4, (StatusCode, String)> {
+    endpoint.parse().map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("endpoint {endpoint:?} is not an IPv4 address:port\n"),
+        )
+    })
+}
+
+/// Runs `act` on the agent and turns its result into an answer.
+fn respond(
+    agent: &Shared,
+    what: String,
+    act: impl FnOnce(&mut Agent) -> anyhow::Result<usize>,
+) -> (StatusCode, String) {
+    let mut agent = lock(agent);
+    match act(&mut agent) {
+        Ok(n) => (
+            StatusCode::OK,
+            format!(
+                "{what}: {n} endpoint(s); tables live after {} µs\n",
+                agent.last_publish.map_or(0, |d| d.as_micros())
+            ),
+        ),
+        Err(e) => (StatusCode::NOT_FOUND, format!("{e:#}\n")),
+    }
+}
+
 async fn endpoint_action(
     State(agent): State<Shared>,
     Path((endpoint, action)): Path<(String, String)>,
     Query(target): Query<Target>,
 ) -> (StatusCode, String) {
-    let Ok(endpoint) = endpoint.parse::<SocketAddrV4>() else {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("endpoint {endpoint:?} is not an IPv4 address:port\n"),
-        );
+    let endpoint = match parse_endpoint(&endpoint) {
+        Ok(e) => e,
+        Err(answer) => return answer,
     };
     let action = match action.as_str() {
         "eject" => OperatorAction::Eject,
@@ -73,17 +100,9 @@ async fn endpoint_action(
             )
         }
     };
-    let mut agent = lock(&agent);
-    match agent.operator(endpoint, target.service.as_deref(), action) {
-        Ok(n) => (
-            StatusCode::OK,
-            format!(
-                "{action:?} {endpoint}: {n} endpoint(s); tables live after {} µs\n",
-                agent.last_publish.map_or(0, |d| d.as_micros())
-            ),
-        ),
-        Err(e) => (StatusCode::NOT_FOUND, format!("{e:#}\n")),
-    }
+    respond(&agent, format!("{action:?} {endpoint}"), |a| {
+        a.operator(endpoint, target.service.as_deref(), action)
+    })
 }
 
 async fn endpoint_event(
@@ -91,11 +110,9 @@ async fn endpoint_event(
     Path((endpoint, event)): Path<(String, String)>,
     Query(target): Query<Target>,
 ) -> (StatusCode, String) {
-    let Ok(endpoint) = endpoint.parse::<SocketAddrV4>() else {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("endpoint {endpoint:?} is not an IPv4 address:port\n"),
-        );
+    let endpoint = match parse_endpoint(&endpoint) {
+        Ok(e) => e,
+        Err(answer) => return answer,
     };
     let event = match event.as_str() {
         "connect-failure" => Event::ConnectFailure,
@@ -115,12 +132,7 @@ async fn endpoint_event(
             }
         },
     };
-    let mut agent = lock(&agent);
-    match agent.record(endpoint, target.service.as_deref(), event) {
-        Ok(n) => (
-            StatusCode::OK,
-            format!("{event:?} {endpoint}: {n} endpoint(s)\n"),
-        ),
-        Err(e) => (StatusCode::NOT_FOUND, format!("{e:#}\n")),
-    }
+    respond(&agent, format!("{event:?} {endpoint}"), |a| {
+        a.record(endpoint, target.service.as_deref(), event)
+    })
 }

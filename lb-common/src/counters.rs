@@ -74,6 +74,8 @@ counters! {
     /// ICMP error about a tracked connection, from the backend side (about a packet the
     /// backend side could not take): translated so the client sees it about the VIP.
     ReplyIcmpError = 23, "reply_icmp_error";
+    /// A failure signal for the agent was lost: the signal ring buffer was full.
+    EventSignalLost = 24, "event_signal_lost";
 }
 
 /// Number of slots of the `COUNTERS` map.
@@ -87,13 +89,18 @@ pub struct TrafficStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_connections: u64,
+    /// Completed handshakes (SYN-ACK from the backend): connect successes. Counted here,
+    /// not signalled, so success costs a per-CPU add; the agent reads it to order
+    /// successes before a reported failure.
+    pub handshakes: u64,
 }
-assert_size!(TrafficStats, 24);
+assert_size!(TrafficStats, 32);
 
 impl TrafficStats {
     pub fn add(&mut self, o: &TrafficStats) {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.new_connections += o.new_connections;
+        self.handshakes += o.handshakes;
     }
 }

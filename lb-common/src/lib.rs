@@ -15,7 +15,10 @@ pub mod maps;
 pub use config::DataplaneConfig;
 pub use counters::{Counter, TrafficStats};
 pub use flow::{flow_hash, AddrBe, FlowKey};
-pub use maps::{Backend, BackendState, ConnDirection, ConnEntry, ConnState, Service, ServiceKey};
+pub use maps::{
+    Backend, BackendState, ConnDirection, ConnEntry, ConnState, Service, ServiceKey, Signal,
+    SignalKind,
+};
 
 /// IP protocol numbers as carried in the IPv4 header.
 pub mod proto {
@@ -49,4 +52,5 @@ mod pod {
     unsafe impl aya::Pod for ConnEntry {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for Signal {}
 }

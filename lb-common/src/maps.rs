@@ -33,6 +33,10 @@ pub enum AddrRole {
     Vip = 0,
     Backend = 1,
 }
+/// Ring buffer of `Signal`s: failures the agent's outlier detection must see at once.
+pub const SIGNALS: &str = "lb_sig_v1";
+/// Bytes of the signal ring buffer (a power of two, a multiple of the page size).
+pub const SIGNALS_BYTES: u32 = 256 * 1024;
 /// Per-CPU `u64` counters indexed by `Counter`.
 pub const COUNTERS: &str = "lb_cnt_v1";
 /// Per-CPU `TrafficStats` indexed by service id.
@@ -170,3 +174,35 @@ pub struct ConnEntry {
     pub last_seen_ns: u64,
 }
 assert_size!(ConnEntry, 40);
+
+/// What the data plane saw go wrong with a backend.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignalKind {
+    /// The backend answered a connection's SYN with RST: connect refused.
+    ConnectRefused = 1,
+    /// The backend reset an established connection.
+    EstablishedReset = 2,
+}
+
+impl SignalKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::ConnectRefused),
+            2 => Some(Self::EstablishedReset),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the signal ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signal {
+    /// A `SignalKind` as `u32`.
+    pub kind: u32,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+assert_size!(Signal, 16);

@@ -19,7 +19,7 @@ use lb_common::{
     flow::{addr_filter_slot, flow_hash, selection_slot},
     maps::{AddrRole, MAX_RESELECT},
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
-    ServiceKey,
+    ServiceKey, SignalKind,
 };
 
 use crate::{
@@ -155,6 +155,9 @@ fn tracked<P: Packet>(
     } else {
         entry.state
     };
+    if is_tcp && !original {
+        backend_signals(entry, p.tcp_flags);
+    }
     if state != entry.state || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS {
         entry.state = state;
         entry.last_seen_ns = now;
@@ -193,6 +196,25 @@ fn tracked<P: Packet>(
     }
     stats::traffic(service_id, backend_id, pkt.len(), false);
     Some((outcome, counter))
+}
+
+/// What a packet from the backend says about it: a SYN-ACK is a connect success, an RST
+/// answering the SYN a refused connect, an RST later a reset of an established connection.
+#[inline(always)]
+fn backend_signals(entry: &ConnEntry, flags: u8) {
+    let handshaking = entry.state == ConnState::TcpSyn as u8;
+    if flags & TCP_RST != 0 {
+        let kind = if handshaking {
+            SignalKind::ConnectRefused
+        } else if entry.state == ConnState::TcpEstablished as u8 {
+            SignalKind::EstablishedReset
+        } else {
+            return;
+        };
+        stats::signal(kind, entry.service_id, entry.backend_id);
+    } else if handshaking && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        stats::handshake(entry.backend_id);
+    }
 }
 
 /// The key under which the other direction of `entry`'s connection is tracked.

@@ -4,13 +4,13 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
         ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES,
-        DEFAULT_TABLE_SLOTS,
+        DEFAULT_TABLE_SLOTS, SIGNALS_BYTES,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -49,6 +49,10 @@ pub static CONNECTIONS: LruHashMap<FlowKey, ConnEntry> =
 /// Bitmaps of VIP and of backend addresses: let unrelated packets skip every hash lookup.
 #[map(name = "lb_addr_v1")]
 pub static ADDR_FILTER: Array<u64> = Array::with_max_entries(2 * ADDR_FILTER_WORDS, 0);
+
+/// Failures the agent must see at once (`lb_common::Signal`).
+#[map(name = "lb_sig_v1")]
+pub static SIGNALS: RingBuf = RingBuf::with_byte_size(SIGNALS_BYTES, 0);
 
 /// Verdict, drop-reason and event counters, indexed by `lb_common::Counter`.
 #[map(name = "lb_cnt_v1")]

@@ -1,8 +1,8 @@
 //! Per-CPU counters. Plain adds: each CPU owns its slot, so no atomics are needed.
 
-use lb_common::{Counter, TrafficStats};
+use lb_common::{Counter, Signal, SignalKind, TrafficStats};
 
-use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS};
+use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS, SIGNALS};
 
 #[inline(always)]
 pub fn count(counter: Counter) {
@@ -24,5 +24,28 @@ pub fn traffic(service_id: u32, backend_id: u32, bytes: u32, new_connection: boo
             s.bytes += bytes as u64;
             s.new_connections += new;
         }
+    }
+}
+
+/// Counts a completed handshake (a connect success) of `backend_id`.
+#[inline(always)]
+pub fn handshake(backend_id: u32) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot returned by the kernel for this CPU only.
+        unsafe { (*s).handshakes += 1 };
+    }
+}
+
+/// Reports a failure to the agent through the ring buffer (counted if it is full).
+#[inline(always)]
+pub fn signal(kind: SignalKind, service_id: u32, backend_id: u32) {
+    let s = Signal {
+        kind: kind as u32,
+        backend_id,
+        service_id,
+        _pad: 0,
+    };
+    if SIGNALS.output::<Signal>(&s, 0).is_err() {
+        count(Counter::EventSignalLost);
     }
 }

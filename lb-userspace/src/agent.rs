@@ -16,7 +16,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use lb_common::BackendState;
+use lb_common::{BackendState, Signal, SignalKind as Failure};
 use log::{error, info, warn};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
@@ -98,6 +98,8 @@ pub struct Agent {
     started: Instant,
     /// Time from the last health decision to its table being live.
     pub last_publish: Option<Duration>,
+    /// Handshakes per backend id when its last failure signal was handled.
+    handshakes_seen: std::collections::HashMap<u32, u64>,
 }
 
 fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> ServiceState {
@@ -130,6 +132,7 @@ impl Agent {
             services: Vec::new(),
             started: Instant::now(),
             last_publish: None,
+            handshakes_seen: Default::default(),
         };
         agent.reload(config)?;
         Ok(agent)
@@ -299,6 +302,34 @@ impl Agent {
         Ok(touched)
     }
 
+    /// Acts on a failure the data plane saw (see `docs/locality.md` for the mapping to
+    /// outlier counters). Connect successes are counted in the kernel per backend, not
+    /// signalled; when some happened since this backend's last failure, they reset its
+    /// consecutive counters first, as each would have in Envoy.
+    pub fn on_signal(&mut self, signal: Signal) -> Result<()> {
+        let Some(kind) = Failure::from_u32(signal.kind) else {
+            bail!("unknown signal kind {}", signal.kind);
+        };
+        // A backend removed since the kernel saw the failure: nothing to act on.
+        let Some((frontend, addr, port)) = self.programmer.backend_key(signal.backend_id) else {
+            return Ok(());
+        };
+        let handshakes = self.dataplane.backend_stats(signal.backend_id)?.handshakes;
+        let seen = self.handshakes_seen.insert(signal.backend_id, handshakes);
+        let succeeded = seen.is_some_and(|s| handshakes > s) || (seen.is_none() && handshakes > 0);
+        let event = match kind {
+            Failure::ConnectRefused => Event::ConnectFailure,
+            Failure::EstablishedReset => Event::Reset,
+        };
+        let endpoint = SocketAddrV4::new(addr, port);
+        let service = format!("{}:{}", frontend.vip, frontend.port);
+        if succeeded {
+            self.record(endpoint, Some(&service), Event::Success)?;
+        }
+        self.record(endpoint, Some(&service), event)?;
+        Ok(())
+    }
+
     /// What the agent is doing, for the admin endpoint.
     pub fn status(&self) -> AgentStatus {
         AgentStatus {
@@ -457,6 +488,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tokio::spawn(crate::admin::serve(listener, agent.clone()));
     }
 
+    if let Some(signals) = lock(&agent).dataplane.take_signals() {
+        tokio::spawn(consume_signals(signals, agent.clone()));
+    }
+
     let mut last_stamp = config_stamp(&opts.configs);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -526,5 +561,44 @@ fn log_counters(dp: &Dataplane) {
             info!("counters: {}", nonzero.join(" "));
         }
         Err(e) => warn!("reading counters: {e:#}"),
+    }
+}
+
+/// Feeds the data plane's failure signals to outlier detection as they arrive: the ring
+/// buffer's fd wakes this task, so failover does not wait for a polling interval.
+async fn consume_signals(
+    signals: aya::maps::RingBuf<aya::maps::MapData>,
+    agent: Arc<Mutex<Agent>>,
+) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
+    // as the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(signals) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!("watching the signal ring buffer: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!("waiting for signals: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<Signal>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole `Signal` (checked length); read unaligned.
+            let signal: Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            if let Err(e) = lock(&agent).on_signal(signal) {
+                warn!("signal {signal:?}: {e:#}");
+            }
+        }
+        guard.clear_ready();
     }
 }

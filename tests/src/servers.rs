@@ -139,8 +139,13 @@ impl HttpNameServer {
     }
 }
 
-impl Drop for HttpNameServer {
-    fn drop(&mut self) {
+impl HttpNameServer {
+    /// Closes the listener and every open connection, as a drained server does: from now
+    /// on the kernel answers its port's SYNs with RST. Idempotent; dropping also stops.
+    pub fn stop(&mut self) {
+        if self.accept_thread.is_none() {
+            return;
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         // shutdown(2) on a listening socket wakes a blocked accept() on Linux (EINVAL).
         // SAFETY: the fd belongs to `self.listener`, which is alive for the call.
@@ -160,6 +165,12 @@ impl Drop for HttpNameServer {
         for thread in threads {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for HttpNameServer {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -413,6 +413,53 @@ fn run_fixtures(hook: Hook) {
         ConnState::TcpClosing as u8
     );
 
+    // --- Signals for the agent: a refused connect is reported through the ring buffer,
+    // a completed handshake is counted per backend.
+    let mut signals = h.dp.take_signals().expect("the signal ring buffer");
+    // Earlier cases signalled already (the RST answering a SYN above); start clean.
+    while signals.next().is_some() {}
+    let refused = PacketSpec::tcp(client(40020), vip80, SYN);
+    let (r_addr, r_port, r_id) = h.predicted_backend(&WEB, &flow_of(&refused));
+    h.run(&refused.build());
+    let rst = PacketSpec::tcp((r_addr, r_port), client(40020), RST | ACK);
+    check(
+        &mut h,
+        Case {
+            name: "RST answering the SYN (connect refused) is translated and signalled".into(),
+            input: rst.build(),
+            verdict: Verdict::Pass,
+            output: Some(rst.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+    );
+    let item = signals.next().expect("a signal for the refused connect");
+    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    drop(item);
+    assert_eq!(sig.kind, lb_common::SignalKind::ConnectRefused as u32);
+    assert_eq!(sig.backend_id, r_id);
+    let accepted = PacketSpec::tcp(client(40021), vip80, SYN);
+    let (a_addr, a_port, a_id) = h.predicted_backend(&WEB, &flow_of(&accepted));
+    h.run(&accepted.build());
+    let before = h.dp.backend_stats(a_id).unwrap().handshakes;
+    h.run(&PacketSpec::tcp((a_addr, a_port), client(40021), SYN | ACK).build());
+    assert_eq!(h.dp.backend_stats(a_id).unwrap().handshakes, before + 1);
+    assert!(
+        signals.next().is_none(),
+        "a handshake is counted, not signalled"
+    );
+    h.run(&PacketSpec::tcp(client(40021), vip80, ACK).build());
+    h.run(
+        &PacketSpec::tcp((a_addr, a_port), client(40021), ACK | PSH)
+            .with_payload(b"x")
+            .build(),
+    );
+    h.run(&PacketSpec::tcp((a_addr, a_port), client(40021), RST).build());
+    let item = signals.next().expect("a signal for the reset");
+    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    drop(item);
+    assert_eq!(sig.kind, lb_common::SignalKind::EstablishedReset as u32);
+    assert_eq!(sig.backend_id, a_id);
+
     // --- UDP both ways, with and without a checksum.
     let q = PacketSpec::udp(client(5000), (VIP, 53), b"query");
     check(

@@ -254,3 +254,54 @@ fn partly_healthy_priority_splits_like_envoy() {
         "P1 share {p1:.3}, expected 0.30: {t:?}"
     );
 }
+
+/// Passive failure detection: draining a backend (its listener closes, so its kernel
+/// answers new connections with RST), as Istio's task does, is seen by lb's data plane,
+/// reported to the agent through the ring buffer, and ejects the endpoint
+/// (consecutive5xxErrors: 1, a refused connect counting as a 503); traffic moves on in
+/// priority order. The client's failed calls are counted per drain: Istio's task expects
+/// one (the call that hit the refusal), and so does lb until refused connects are
+/// re-steered.
+///
+/// The rule allows every ejection (`maxEjectionPercent: 100`): with the seed's default of
+/// 10% and four hosts, outlier detection ejects only the first (as Envoy does); in
+/// Istio's task the drained pods leave the endpoint set instead.
+#[test]
+fn drained_backends_are_detected_by_the_data_plane() {
+    if !require_root() {
+        return;
+    }
+    let rule = SEED_DESTINATION_RULE.replace(
+        "      baseEjectionTime: 10m\n",
+        "      baseEjectionTime: 10m\n      maxEjectionPercent: 100\n",
+    );
+    assert_ne!(rule, SEED_DESTINATION_RULE);
+    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    let mut s = Scenario::start(&seed_backends(), &config);
+    s.assert_all_in(30, "region1", "zone1");
+    for (drained, next) in [(0, LOCALITIES[1]), (1, LOCALITIES[2]), (2, LOCALITIES[3])] {
+        s.bed.backends[drained].http.stop();
+        let want = hello(next.0, next.1);
+        let started = Instant::now();
+        let mut failed = 0;
+        loop {
+            match s.bed.client.run(|| http_get(vip(), "/", DEFAULT_TIMEOUT)) {
+                Ok(name) if name == want => break,
+                Ok(other) => panic!("a call reached {other} after it was drained"),
+                Err(_) => failed += 1,
+            }
+            assert!(failed < 10, "traffic did not fail over to {want}");
+        }
+        let took = started.elapsed();
+        println!(
+            "drain {}: {failed} failed call(s), first call served by {}.{} after {took:?}",
+            drained + 1,
+            next.0,
+            next.1
+        );
+        // One: the call that met the refusal. A second is possible only when the next
+        // call races the new table's publication (about half a millisecond).
+        assert!(failed <= 2, "{failed} failed calls for one drain");
+        s.assert_all_in(30, next.0, next.1);
+    }
+}

@@ -137,6 +137,8 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    /// The signal ring buffer, until someone takes it to consume it.
+    signals: Option<aya::maps::RingBuf<MapData>>,
     /// Which half of each service's table is active (0 or 1).
     active_half: StdHashMap<u32, u32>,
     /// How many published frontends share each VIP address (for the address markers).
@@ -204,6 +206,7 @@ impl Dataplane {
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
+            signals: Some(take(&mut ebpf, names::SIGNALS)?),
             ebpf,
             options: options.clone(),
             active_half: StdHashMap::new(),
@@ -376,6 +379,11 @@ impl Dataplane {
         let svc = self.service(frontend)?;
         self.selection
             .read(svc.table_offset as usize, svc.table_len as usize)
+    }
+
+    /// The ring buffer of failure signals (`lb_common::Signal`), for its one consumer.
+    pub fn take_signals(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.signals.take()
     }
 
     /// Every counter, summed over CPUs.

@@ -40,6 +40,8 @@ type BackendKey = (Frontend, Ipv4Addr, u16);
 pub struct Programmer {
     services: BTreeMap<Frontend, u32>,
     backends: BTreeMap<BackendKey, u32>,
+    /// The reverse of `backends`: what an id the data plane reports stands for.
+    backend_keys: BTreeMap<u32, BackendKey>,
     /// Last state written per backend id.
     written_backends: BTreeMap<u32, (Ipv4Addr, u16, BackendState)>,
     /// Inputs of the last table published per service id.
@@ -120,6 +122,11 @@ impl Programmer {
         self.services.get(frontend).copied()
     }
 
+    /// The service frontend, address and port that backend `id` stands for.
+    pub fn backend_key(&self, id: u32) -> Option<(Frontend, Ipv4Addr, u16)> {
+        self.backend_keys.get(&id).copied()
+    }
+
     pub fn backend_id(&self, frontend: &Frontend, addr: Ipv4Addr, port: u16) -> Option<u32> {
         self.backends.get(&(*frontend, addr, port)).copied()
     }
@@ -183,6 +190,7 @@ impl Programmer {
                         let id = allocate(&mut used, &mut cursor, opts.max_backends)
                             .expect("capacity checked above");
                         self.backends.insert(key, id);
+                        self.backend_keys.insert(id, key);
                         id
                     }
                 };
@@ -217,6 +225,7 @@ impl Programmer {
         for (key, id) in stale_backends {
             dp.clear_backend(id)?;
             self.backends.remove(&key);
+            self.backend_keys.remove(&id);
             self.written_backends.remove(&id);
         }
         Ok(())

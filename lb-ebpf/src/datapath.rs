@@ -99,14 +99,29 @@ fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
 }
 
 /// Idle timeout of an entry in `state`.
+///
+/// All four settings are loaded and one is selected by value: selecting by address lets
+/// the compiler compute `config + f(state)`, an offset the verifier cannot bound.
 #[inline(always)]
 fn timeout_ns(state: u8) -> u64 {
     let cfg = config();
-    match state {
-        s if s == ConnState::TcpEstablished as u8 => cfg.tcp_established_timeout_ns,
-        s if s == ConnState::TcpClosing as u8 => cfg.tcp_closing_timeout_ns,
-        s if s == ConnState::Udp as u8 => cfg.udp_timeout_ns,
-        _ => cfg.tcp_syn_timeout_ns,
+    // SAFETY: plain reads of a valid static; volatile so each is a real load.
+    let (syn, established, closing, udp) = unsafe {
+        (
+            core::ptr::read_volatile(&cfg.tcp_syn_timeout_ns),
+            core::ptr::read_volatile(&cfg.tcp_established_timeout_ns),
+            core::ptr::read_volatile(&cfg.tcp_closing_timeout_ns),
+            core::ptr::read_volatile(&cfg.udp_timeout_ns),
+        )
+    };
+    if state == ConnState::TcpEstablished as u8 {
+        established
+    } else if state == ConnState::TcpClosing as u8 {
+        closing
+    } else if state == ConnState::Udp as u8 {
+        udp
+    } else {
+        syn
     }
 }
 

@@ -12,7 +12,9 @@
 //!
 //! Any other ICMP passes untouched.
 
-use lb_common::{csum, family, proto, AddrBe, ConnDirection, Counter, FlowKey};
+use lb_common::{
+    csum, family, proto, AddrBe, ConnDirection, ConnState, Counter, FlowKey, SignalKind,
+};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
@@ -20,6 +22,7 @@ use crate::{
     maps::CONNECTIONS,
     packet::{Endpoint, Packet},
     parse::{header_at, ETH_LEN, L4_OFF},
+    stats,
 };
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
@@ -87,6 +90,18 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
         port: entry.nat_port_be,
     };
     let result = if entry.direction == ConnDirection::Reply as u8 {
+        // Destination unreachable about a TCP connection still in its handshake: the
+        // backend cannot be reached, a connect failure for outlier detection.
+        if h.kind == ICMP_DEST_UNREACH
+            && inner.proto == proto::TCP
+            && entry.state == ConnState::TcpSyn as u8
+        {
+            stats::signal(
+                SignalKind::ConnectRefused,
+                entry.service_id,
+                entry.backend_id,
+            );
+        }
         // Quote: client → backend. Make it client → VIP.
         let old = Endpoint {
             addr: q_dst.0[0],

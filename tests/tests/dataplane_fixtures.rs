@@ -459,6 +459,20 @@ fn run_fixtures(hook: Hook) {
     drop(item);
     assert_eq!(sig.kind, lb_common::SignalKind::EstablishedReset as u32);
     assert_eq!(sig.backend_id, a_id);
+    // Host unreachable about a connection in its handshake is a connect failure too.
+    let unreachable = PacketSpec::tcp(client(40022), vip80, SYN);
+    let (u_addr, u_port, u_id) = h.predicted_backend(&WEB, &flow_of(&unreachable));
+    h.run(&unreachable.build());
+    let seen = PacketSpec::tcp(client(40022), (u_addr, u_port), SYN);
+    let router = Ipv4Addr::new(10, 200, 0, 1);
+    h.run(&icmp_error(router, CLIENT, 3, 1, 0, &seen, 28));
+    let item = signals
+        .next()
+        .expect("a signal for the unreachable backend");
+    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    drop(item);
+    assert_eq!(sig.kind, lb_common::SignalKind::ConnectRefused as u32);
+    assert_eq!(sig.backend_id, u_id);
 
     // --- UDP both ways, with and without a checksum.
     let q = PacketSpec::udp(client(5000), (VIP, 53), b"query");

@@ -118,6 +118,12 @@ impl Scenario {
         }
     }
 
+    fn assert_all_named(&self, n: usize, name: &str) {
+        let t = self.tally(n);
+        assert_eq!(t.len(), 1, "expected only {name}: {t:?}");
+        assert!(t.contains_key(name), "{t:?}");
+    }
+
     fn admin(&self, path: &str) -> String {
         let admin: SocketAddr = ADMIN.parse().unwrap();
         self.bed
@@ -304,4 +310,85 @@ fn drained_backends_are_detected_by_the_data_plane() {
         assert!(failed <= 2, "{failed} failed calls for one drain");
         s.assert_all_in(30, next.0, next.1);
     }
+}
+
+/// The second seed (Istio blog, "Configuring failover for external services"): two
+/// endpoints in `us-east1` and `us-west`, the node in `us-east1`, the blog's
+/// DestinationRule. The primary endpoint's port is made wrong (connection refused), as in
+/// the blog: traffic fails over to `us-west`, and lb's admin view shows the endpoint as
+/// ejected by outlier detection.
+#[test]
+fn external_service_with_a_wrong_port_fails_over() {
+    if !require_root() {
+        return;
+    }
+    let config = format!(
+        r#"apiVersion: lb/v1alpha1
+kind: Node
+spec:
+  locality: us-east1
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: external-svc
+spec:
+  hosts:
+  - mydb.com
+  addresses:
+  - {VIP}
+  location: MESH_EXTERNAL
+  ports:
+  - number: {HELLO_PORT}
+    name: http
+    protocol: HTTP
+  resolution: STATIC
+  endpoints:
+  - address: {east}
+    locality: us-east1
+    ports:
+      http: 8081 # wrong on purpose: nothing listens there
+  - address: {west}
+    locality: us-west
+    ports:
+      http: {BACKEND_HTTP_PORT}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: mydynamodb
+spec:
+  host: mydb.com
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 15s
+      baseEjectionTime: 1m
+"#,
+        east = backend_addr(1),
+        west = backend_addr(2),
+    );
+    let backends = vec![
+        "healthy: us-east".to_string(),
+        "healthy: us-west".to_string(),
+    ];
+    // Starting waits for the VIP to serve: the first calls meet the refusal, as in the
+    // blog, until the data plane's signal has ejected us-east.
+    let s = Scenario::start(&backends, &config);
+    s.assert_all_named(20, "healthy: us-west");
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let view = s
+        .bed
+        .node
+        .run(|| http_get(admin, "/services", DEFAULT_TIMEOUT))
+        .unwrap();
+    let east = format!("\"address\":\"{}:8081\"", backend_addr(1));
+    let at = view
+        .find(&east)
+        .unwrap_or_else(|| panic!("{east} not in {view}"));
+    let entry = &view[at..view[at..].find('}').map_or(view.len(), |e| at + e)];
+    assert!(
+        entry.contains("\"ejected\":true"),
+        "us-east not shown as ejected: {entry}"
+    );
 }

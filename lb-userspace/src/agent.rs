@@ -146,11 +146,13 @@ impl Agent {
     /// Applies a new configuration; on error the running state is kept. Services whose
     /// frontend and endpoints are unchanged keep their outlier state.
     pub fn reload(&mut self, mut new: Config) -> Result<()> {
-        if !self.services.is_empty() && new.dataplane != self.config.dataplane {
+        // Sizes and timeouts are those the programs were loaded with.
+        let loaded = self.dataplane.options();
+        if new.dataplane != *loaded {
             warn!(
                 "dataplane sizes and timeouts are fixed at start; restart the agent to change them"
             );
-            new.dataplane = self.config.dataplane.clone();
+            new.dataplane = loaded.clone();
         }
         if let Some(l) = &self.node_locality {
             new.node.locality = l.clone();
@@ -268,6 +270,8 @@ impl Agent {
     ) -> Result<usize> {
         let now = self.now();
         let decided = Instant::now();
+        // A `VIP:PORT` filter, parsed once rather than formatted for every service.
+        let frontend: Option<SocketAddrV4> = service.and_then(|s| s.parse().ok());
         let mut touched = 0;
         let mut changed = Vec::new();
         for (si, (svc, state)) in self
@@ -277,8 +281,12 @@ impl Agent {
             .zip(&mut self.services)
             .enumerate()
         {
-            let frontend = format!("{}:{}", svc.frontend.vip, svc.frontend.port);
-            if service.is_some_and(|s| s != svc.name && s != frontend) {
+            let wanted = match (service, frontend) {
+                (None, _) => true,
+                (Some(_), Some(f)) => svc.frontend.vip == *f.ip() && svc.frontend.port == f.port(),
+                (Some(name), None) => svc.name == name,
+            };
+            if !wanted {
                 continue;
             }
             for (i, e) in svc.endpoints.iter().enumerate() {
@@ -600,5 +608,32 @@ async fn consume_signals(
             }
         }
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend configured `draining` (native format) stays draining in what the data
+    /// plane is given, with its weight, next to an active one.
+    #[test]
+    fn configured_states_reach_the_data_plane() {
+        let config = config::parse(
+            "services:\n  - name: web\n    vip: 10.96.0.10\n    port: 80\n    backends:\n      \
+             - { address: 10.200.1.2, port: 8080 }\n      \
+             - { address: 10.200.2.2, port: 8080, weight: 3, state: draining }\n",
+        )
+        .unwrap();
+        let states: Vec<ServiceState> = config
+            .services
+            .iter()
+            .map(|s| new_state(s, &config.node, Duration::ZERO))
+            .collect();
+        let desired = desired_services(&config, &states);
+        let backends = &desired[0].backends;
+        assert_eq!(backends[0].state, BackendState::Active);
+        assert_eq!(backends[1].state, BackendState::Draining);
+        assert_eq!(config.services[0].endpoints[1].weight, 3);
     }
 }

@@ -56,10 +56,7 @@ use serde_json::{Map, Value};
 pub use self::diagnostics::InvalidConfig;
 use self::diagnostics::{describe, Doc, Report, UnknownFields};
 use crate::{
-    dataplane::{
-        sync::{DesiredBackend, DesiredService},
-        DataplaneOptions, Frontend,
-    },
+    dataplane::{DataplaneOptions, Frontend},
     model::{Node, Service},
 };
 
@@ -116,33 +113,6 @@ fn logged(loaded: Loaded) -> Config {
         log::warn!("{w}");
     }
     loaded.config
-}
-
-/// The services as the data plane programmer takes them today: each endpoint a backend, in
-/// its configured initial state (active unless the original format says otherwise).
-pub fn desired_services(config: &Config) -> Vec<DesiredService> {
-    config
-        .services
-        .iter()
-        .map(|s| DesiredService {
-            name: s.name.clone(),
-            frontend: s.frontend,
-            backends: s
-                .endpoints
-                .iter()
-                .map(|e| DesiredBackend {
-                    addr: e.address,
-                    port: e.port,
-                    weight: e.weight,
-                    state: config
-                        .initial_states
-                        .get(&(s.frontend, e.address, e.port))
-                        .copied()
-                        .unwrap_or(BackendState::Active),
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 /// The services of one document, in load order.

@@ -55,11 +55,6 @@ fn parses_services_and_dataplane_settings() {
     );
     assert_eq!(state([10, 200, 2, 2]), Some(&BackendState::Draining));
     assert_eq!(c.services[1].frontend.protocol, Protocol::Udp);
-
-    let desired = desired_services(&c);
-    assert_eq!(desired[0].backends[0].state, BackendState::Active);
-    assert_eq!(desired[0].backends[1].state, BackendState::Draining);
-    assert_eq!(desired[0].backends[1].weight, 3);
 }
 
 #[test]

@@ -414,11 +414,6 @@ impl Dataplane {
             .map(|r| r.context("reading the connection table"))
             .collect()
     }
-
-    /// Writes a connection entry directly (tests and state restore).
-    pub fn insert_connection(&mut self, key: &FlowKey, entry: &ConnEntry) -> Result<()> {
-        Ok(self.connections.insert(key, entry, 0)?)
-    }
 }
 
 fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<TrafficStats> {

@@ -76,6 +76,20 @@ counters! {
     ReplyIcmpError = 23, "reply_icmp_error";
     /// A failure signal for the agent was lost: the signal ring buffer was full.
     EventSignalLost = 24, "event_signal_lost";
+    /// A backend refused a connection's SYN (RST) and lb sent the SYN to another backend
+    /// at once: the refusal became a forwarded SYN.
+    ForwardResteered = 25, "forward_resteered";
+    /// A refusal was held back (dropped) and the connection moved to another backend:
+    /// the client's retransmitted SYN goes there.
+    DropRefusalHeld = 26, "drop_refusal_held";
+    /// A refusal reached the client: no other eligible backend, or the retry budget of the
+    /// connection was used up (clients fail fast in a total outage).
+    EventRefusalPassed = 27, "event_refusal_passed";
+    /// A retransmitted SYN (connect timeout) was sent to another backend.
+    EventTimeoutResteered = 28, "event_timeout_resteered";
+    /// A backend segment starting `HTTP/1.` had no readable status (too short, split
+    /// across segments, or not three digits): not counted either way.
+    EventHttpUnparsed = 29, "event_http_unparsed";
 }
 
 /// Number of slots of the `COUNTERS` map.
@@ -93,8 +107,12 @@ pub struct TrafficStats {
     /// not signalled, so success costs a per-CPU add; the agent reads it to order
     /// successes before a reported failure.
     pub handshakes: u64,
+    /// HTTP responses with a status below 500 (successes for outlier detection).
+    pub http_ok: u64,
+    /// HTTP responses with a 5xx status (each also signalled).
+    pub http_5xx: u64,
 }
-assert_size!(TrafficStats, 32);
+assert_size!(TrafficStats, 48);
 
 impl TrafficStats {
     pub fn add(&mut self, o: &TrafficStats) {
@@ -102,5 +120,7 @@ impl TrafficStats {
         self.bytes += o.bytes;
         self.new_connections += o.new_connections;
         self.handshakes += o.handshakes;
+        self.http_ok += o.http_ok;
+        self.http_5xx += o.http_5xx;
     }
 }

@@ -57,6 +57,11 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 262_144;
 /// How many table slots a new connection may try when the first pick is not active.
 pub const MAX_RESELECT: u32 = 8;
 
+/// Longest failover list of a service: the backends a refused or timed-out connection
+/// attempt may be moved to, in priority order. It follows the selection table in the
+/// same window of `SELECTION`, so both are published in one step.
+pub const FALLBACK_LEN: u32 = 16;
+
 /// Key of the services map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -93,9 +98,15 @@ pub struct Service {
     pub table_offset: u32,
     /// Number of slots in the active table; 0 means no backend (new connections dropped).
     pub table_len: u32,
-    pub _pad: u32,
+    /// Length of the failover list that follows the table (at most `FALLBACK_LEN`).
+    pub fallback_len: u16,
+    /// `SERVICE_*` flags.
+    pub flags: u16,
 }
 assert_size!(Service, 16);
+
+/// The service speaks cleartext HTTP/1.x: the status of responses is parsed and counted.
+pub const SERVICE_HTTP: u16 = 1;
 
 /// Lifecycle state of a backend. Only `Active` backends receive new connections;
 /// established connections stay on their backend in every state.
@@ -157,6 +168,10 @@ pub enum ConnState {
 }
 
 /// Value of the connection table.
+///
+/// The `syn_*` fields are kept in the original-direction entry while the handshake is in
+/// progress: they are what lb needs to send the client's SYN again, to another backend,
+/// when the first one refuses it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
@@ -169,11 +184,43 @@ pub struct ConnEntry {
     pub state: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second).
+    /// The backend the selection table first gave (a re-steer never goes back to it).
+    pub first_backend_id: u32,
+    /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second),
+    /// and of the SYN sent to the current backend while in `TcpSyn`.
     pub last_seen_ns: u64,
+    /// The client's initial sequence number (host order).
+    pub syn_isn: u32,
+    /// The client's timestamp value (host order), when `SYN_OPT_TIMESTAMPS`.
+    pub syn_tsval: u32,
+    /// The SYN's window (host order).
+    pub syn_window: u16,
+    /// MSS option (host order); 0 when the SYN had none.
+    pub syn_mss: u16,
+    /// Window-scale shift, when `SYN_OPT_WSCALE`.
+    pub syn_wscale: u8,
+    /// `SYN_OPT_*` and `CONN_*` flags.
+    pub flags: u8,
+    /// Re-steers done for this connection attempt.
+    pub retries: u8,
+    /// Next position to try in the service's failover list.
+    pub fallback_cursor: u8,
 }
-assert_size!(ConnEntry, 40);
+assert_size!(ConnEntry, 56);
+
+/// The SYN offered selective acknowledgements.
+pub const SYN_OPT_SACK: u8 = 1;
+/// The SYN carried a timestamp option.
+pub const SYN_OPT_TIMESTAMPS: u8 = 2;
+/// The SYN carried a window-scale option.
+pub const SYN_OPT_WSCALE: u8 = 4;
+/// The SYN asked for ECN (ECE and CWR set).
+pub const SYN_ECN: u8 = 8;
+/// The connection belongs to an HTTP service: parse the status of responses.
+pub const CONN_HTTP: u8 = 16;
+/// A refusal was held back and the entry already points to the next backend: the
+/// client's retransmitted SYN goes there and is not a timeout.
+pub const CONN_AWAIT_RETRANSMIT: u8 = 32;
 
 /// What the data plane saw go wrong with a backend.
 #[repr(u32)]
@@ -183,6 +230,12 @@ pub enum SignalKind {
     ConnectRefused = 1,
     /// The backend reset an established connection.
     EstablishedReset = 2,
+    /// The client sent its SYN again: the backend did not answer in time.
+    ConnectTimeout = 3,
+    /// The backend answered with an HTTP 5xx status (in `Signal::status`).
+    HttpError = 4,
+    /// ICMP destination unreachable about a connection's SYN.
+    Unreachable = 5,
 }
 
 impl SignalKind {
@@ -190,6 +243,9 @@ impl SignalKind {
         match v {
             1 => Some(Self::ConnectRefused),
             2 => Some(Self::EstablishedReset),
+            3 => Some(Self::ConnectTimeout),
+            4 => Some(Self::HttpError),
+            5 => Some(Self::Unreachable),
             _ => None,
         }
     }
@@ -203,6 +259,10 @@ pub struct Signal {
     pub kind: u32,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad: u32,
+    /// HTTP status for `HttpError`, 0 otherwise.
+    pub status: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the kernel saw the failure, so the agent
+    /// can measure failure-to-failover time.
+    pub ktime_ns: u64,
 }
-assert_size!(Signal, 16);
+assert_size!(Signal, 24);

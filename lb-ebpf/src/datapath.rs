@@ -16,17 +16,19 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
+    config::SYN_RETRANSMIT_MIN_NS,
     flow::{addr_filter_slot, flow_hash, selection_slot},
-    maps::{AddrRole, MAX_RESELECT},
+    maps::{AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, MAX_RESELECT, SERVICE_HTTP},
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey, SignalKind,
 };
 
 use crate::{
-    icmp,
+    handshake::{self, be32_at},
+    http, icmp,
     maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
     packet::{End, Endpoint, Packet},
-    parse::{parse, Classified, Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{parse, Classified, Parsed, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -39,6 +41,9 @@ pub enum Outcome {
     Forwarded,
     /// Reply, source rewritten to the VIP.
     Replied,
+    /// A backend's refusal rewritten into the client's SYN to another backend: the packet
+    /// now travels client → backend and must be routed there from where it arrived.
+    Resent,
     Drop,
 }
 
@@ -172,6 +177,22 @@ fn tracked<P: Packet>(
     };
     if is_tcp && !original {
         backend_signals(entry, p.tcp_flags);
+        if entry.state == ConnState::TcpSyn as u8 && p.tcp_flags & TCP_RST != 0 {
+            if let Some(result) = refused(pkt, p, entry, now) {
+                // `entry` left the table: the connection now waits on another backend.
+                return Some(result);
+            }
+        } else if entry.flags & CONN_HTTP != 0
+            && state == ConnState::TcpEstablished as u8
+            && p.tcp_flags & (TCP_SYN | TCP_RST) == 0
+        {
+            http::response_status(pkt, entry.service_id, entry.backend_id);
+        }
+    } else if is_tcp
+        && entry.state == ConnState::TcpSyn as u8
+        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    {
+        syn_again(pkt, p, entry, now);
     }
     if state != entry.state || now.saturating_sub(entry.last_seen_ns) > REFRESH_NS {
         entry.state = state;
@@ -229,6 +250,80 @@ fn backend_signals(entry: &ConnEntry, flags: u8) {
         stats::signal(kind, entry.service_id, entry.backend_id);
     } else if handshaking && flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
         stats::handshake(entry.backend_id);
+    }
+}
+
+/// A backend refused the connection's SYN (RST). When the client has not completed the
+/// handshake, the RST answers the SYN lb sent, and another backend is eligible, the RST is
+/// rewritten into the client's SYN to that backend (or, failing that, held back so the
+/// client's retransmission goes there). `None`: the refusal goes on to the client.
+#[inline(always)]
+fn refused<P: Packet>(
+    pkt: &mut P,
+    p: &Parsed,
+    entry: &ConnEntry,
+    now: u64,
+) -> Option<(Outcome, Counter)> {
+    let result = resteer_refused(pkt, p, entry, now);
+    if result.is_none() {
+        stats::count(Counter::EventRefusalPassed);
+    }
+    result
+}
+
+#[inline(always)]
+fn resteer_refused<P: Packet>(
+    pkt: &mut P,
+    p: &Parsed,
+    entry: &ConnEntry,
+    now: u64,
+) -> Option<(Outcome, Counter)> {
+    let orig_key = handshake::original_key(&p.flow, entry);
+    // SAFETY: pointer to a live map value returned by the kernel.
+    let orig = unsafe { &mut *CONNECTIONS.get_ptr_mut(&orig_key)? };
+    let ack = be32_at(pkt.data(), pkt.data_end(), L4_OFF + 8)?;
+    if orig.state != ConnState::TcpSyn as u8
+        || p.tcp_flags & TCP_ACK == 0
+        || ack != orig.syn_isn.wrapping_add(1)
+    {
+        return None;
+    }
+    let (client, client_port_be) = (p.flow.dst.0[0], p.flow.dst_port_be);
+    let to = handshake::resteer(&orig_key, orig, now)?;
+    if handshake::rewrite_as_syn(pkt, client, client_port_be, &to, orig).is_ok() {
+        Some((Outcome::Resent, Counter::ForwardResteered))
+    } else {
+        orig.flags |= CONN_AWAIT_RETRANSMIT;
+        Some((Outcome::Drop, Counter::DropRefusalHeld))
+    }
+}
+
+/// The client sent its SYN again while the handshake is pending. After a held-back
+/// refusal this is the retransmission lb waited for; otherwise, when the backend had time
+/// to answer, it is a connect timeout: reported, and the SYN goes to another backend.
+#[inline(always)]
+fn syn_again<P: Packet>(pkt: &P, p: &Parsed, entry: &mut ConnEntry, now: u64) {
+    if be32_at(pkt.data(), pkt.data_end(), L4_OFF + 4) != Some(entry.syn_isn) {
+        return;
+    }
+    if entry.flags & CONN_AWAIT_RETRANSMIT != 0 {
+        entry.flags &= !CONN_AWAIT_RETRANSMIT;
+        entry.last_seen_ns = now;
+        return;
+    }
+    if now.saturating_sub(entry.last_seen_ns) < SYN_RETRANSMIT_MIN_NS {
+        return;
+    }
+    stats::signal(
+        SignalKind::ConnectTimeout,
+        entry.service_id,
+        entry.backend_id,
+    );
+    if handshake::resteer(&p.flow, entry, now).is_some() {
+        stats::count(Counter::EventTimeoutResteered);
+    } else {
+        // Same backend again; its next silence is another timeout.
+        entry.last_seen_ns = now;
     }
 }
 
@@ -309,16 +404,28 @@ fn new_connection<P: Packet>(
     } else {
         next_tcp_state(ConnState::TcpEstablished as u8, p.tcp_flags)
     };
-    let original = ConnEntry {
+    let mut original = ConnEntry {
         nat_addr: backend.addr,
         nat_port_be: backend.port_be,
         direction: ConnDirection::Original as u8,
         state,
         backend_id,
         service_id: svc.id,
-        _pad: 0,
+        first_backend_id: backend_id,
         last_seen_ns: now,
+        flags: if svc.flags & SERVICE_HTTP != 0 {
+            CONN_HTTP
+        } else {
+            0
+        },
+        ..ConnEntry::default()
     };
+    if is_tcp && starts_connection {
+        // Kept so a refused or unanswered SYN can be sent to another backend.
+        if let Some(offer) = handshake::read_syn(pkt, p.tcp_flags) {
+            offer.keep_in(&mut original);
+        }
+    }
     let reply = ConnEntry {
         nat_addr: p.flow.dst,
         nat_port_be: p.flow.dst_port_be,

@@ -13,12 +13,14 @@
 //! Any other ICMP passes untouched.
 
 use lb_common::{
-    csum, family, proto, AddrBe, ConnDirection, ConnState, Counter, FlowKey, SignalKind,
+    csum, family, maps::CONN_AWAIT_RETRANSMIT, proto, AddrBe, ConnDirection, ConnEntry, ConnState,
+    Counter, FlowKey, SignalKind,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     datapath::{expired, Outcome},
+    handshake,
     maps::CONNECTIONS,
     packet::{Endpoint, Packet},
     parse::{header_at, ETH_LEN, L4_OFF},
@@ -91,16 +93,18 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
     };
     let result = if entry.direction == ConnDirection::Reply as u8 {
         // Destination unreachable about a TCP connection still in its handshake: the
-        // backend cannot be reached, a connect failure for outlier detection.
+        // backend cannot be reached, a connect failure for outlier detection. When
+        // another backend is eligible, the error is held back and the client's
+        // retransmitted SYN goes there (see `handshake`).
         if h.kind == ICMP_DEST_UNREACH
             && inner.proto == proto::TCP
             && entry.state == ConnState::TcpSyn as u8
         {
-            stats::signal(
-                SignalKind::ConnectRefused,
-                entry.service_id,
-                entry.backend_id,
-            );
+            stats::signal(SignalKind::Unreachable, entry.service_id, entry.backend_id);
+            if hold_for_retransmit(&key, &entry, now) {
+                return (Outcome::Drop, Counter::DropRefusalHeld);
+            }
+            stats::count(Counter::EventRefusalPassed);
         }
         // Quote: client → backend. Make it client → VIP.
         let old = Endpoint {
@@ -128,6 +132,24 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
             .map(|()| (Outcome::Forwarded, Counter::ForwardIcmpError))
     };
     result.unwrap_or((Outcome::Drop, Counter::DropRewriteFailed))
+}
+
+/// Moves the connection attempt answered by `reply` (tracked under `reply_key`) to another
+/// backend, so the client's retransmitted SYN goes there. False when the client already
+/// completed the handshake or no other backend is eligible.
+#[inline(always)]
+fn hold_for_retransmit(reply_key: &FlowKey, reply: &ConnEntry, now: u64) -> bool {
+    let orig_key = handshake::original_key(reply_key, reply);
+    let Some(orig) = CONNECTIONS.get_ptr_mut(&orig_key) else {
+        return false;
+    };
+    // SAFETY: pointer to a live map value returned by the kernel.
+    let orig = unsafe { &mut *orig };
+    if orig.state != ConnState::TcpSyn as u8 || handshake::resteer(&orig_key, orig, now).is_none() {
+        return false;
+    }
+    orig.flags |= CONN_AWAIT_RETRANSMIT;
+    true
 }
 
 /// Rewrites an address of the outer IPv4 header and its checksum. ICMP has no pseudo

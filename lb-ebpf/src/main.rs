@@ -12,6 +12,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod datapath;
+mod handshake;
+mod http;
 mod icmp;
 mod maps;
 mod packet;
@@ -29,16 +31,23 @@ use packet::{TcPacket, XdpPacket, TC_ACT_OK, TC_ACT_SHOT};
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match datapath::process(&mut XdpPacket::new(ctx)) {
-        // Rewritten packets go up the stack, which routes them to the backend or client.
-        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => xdp_action::XDP_PASS,
+        // Rewritten packets go up the stack, which routes them to the backend or client
+        // (a re-sent SYN too: it arrived on this node, so its Ethernet header is ours).
+        Outcome::Pass | Outcome::Forwarded | Outcome::Replied | Outcome::Resent => {
+            xdp_action::XDP_PASS
+        }
         Outcome::Drop => xdp_action::XDP_DROP,
     }
 }
 
 #[classifier]
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
-    match datapath::process(&mut TcPacket::new(ctx)) {
+    let mut pkt = TcPacket::new(ctx);
+    match datapath::process(&mut pkt) {
         Outcome::Pass | Outcome::Forwarded | Outcome::Replied => TC_ACT_OK,
+        // A refusal from a backend turned into a SYN to another backend: route it there
+        // directly (it came in from the refusing backend's side).
+        Outcome::Resent => pkt.reroute(),
         Outcome::Drop => TC_ACT_SHOT,
     }
 }
@@ -49,7 +58,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match datapath::process(&mut pkt) {
         // The route the node chose was the VIP's; after DNAT the packet must leave
         // towards the backend instead.
-        Outcome::Forwarded => pkt.reroute(),
+        Outcome::Forwarded | Outcome::Resent => pkt.reroute(),
         Outcome::Pass | Outcome::Replied => TC_ACT_OK,
         Outcome::Drop => TC_ACT_SHOT,
     }

@@ -11,7 +11,10 @@ use aya_ebpf::{
         bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
         BPF_F_PSEUDO_HDR,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+    },
     programs::{TcContext, XdpContext},
     EbpfContext,
 };
@@ -57,6 +60,15 @@ pub trait Packet {
     /// the packet, and with it `skb->csum` of a `CHECKSUM_COMPLETE` skb, is unchanged.
     fn store_u16(&mut self, off: usize, v: u16) -> Result<(), ()>;
     fn store_u32(&mut self, off: usize, v: u32) -> Result<(), ()>;
+    /// Writes `bytes` at `off`; the caller has made every checksum they cover right.
+    fn store_bytes<const N: usize>(&mut self, off: usize, bytes: &[u8; N]) -> Result<(), ()>;
+    /// Reads `N` bytes at `off`, wherever they lie in the packet (through the kernel's
+    /// helper, so `off` may be any value the program computed).
+    fn load_bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    /// Reads `len` bytes (1..=63) at `off` into `buf`.
+    fn load_into(&self, off: usize, buf: &mut [u8; 64], len: u32) -> Result<(), ()>;
+    /// Grows or shrinks the packet to `len` bytes (new bytes are zero).
+    fn set_len(&mut self, len: u32) -> Result<(), ()>;
 }
 
 const IP_CHECK_OFF: usize = ETH_LEN + offset_of!(Ipv4Hdr, check);
@@ -150,6 +162,57 @@ impl Packet for XdpPacket {
         // SAFETY: bounds checked by header_at.
         unsafe { p.write_unaligned(v) };
         Ok(())
+    }
+
+    #[inline(always)]
+    fn store_bytes<const N: usize>(&mut self, off: usize, bytes: &[u8; N]) -> Result<(), ()> {
+        let p: *mut [u8; N] = header_at(self.data(), self.data_end(), off).ok_or(())?;
+        // SAFETY: bounds checked by header_at.
+        unsafe { p.write_unaligned(*bytes) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        // SAFETY: valid context; the helper checks the range and writes N bytes to `out`.
+        let rc = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx.ctx,
+                off as u32,
+                out.as_mut_ptr() as *mut _,
+                N as u32,
+            )
+        };
+        (rc == 0).then_some(out)
+    }
+
+    #[inline(always)]
+    fn load_into(&self, off: usize, buf: &mut [u8; 64], len: u32) -> Result<(), ()> {
+        // Masked after a volatile read, so the compiler keeps the mask and the verifier
+        // sees the bound the helper's size argument needs.
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) } & 63;
+        if len == 0 {
+            return Err(());
+        }
+        // SAFETY: valid context; the helper checks the range; `buf` holds `len` bytes.
+        match unsafe {
+            bpf_xdp_load_bytes(self.ctx.ctx, off as u32, buf.as_mut_ptr() as *mut _, len)
+        } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
+    fn set_len(&mut self, len: u32) -> Result<(), ()> {
+        let delta = len as i32 - self.len() as i32;
+        // SAFETY: valid XDP context; the kernel checks the new size.
+        match unsafe { bpf_xdp_adjust_tail(self.ctx.as_ptr() as *mut _, delta) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
     }
 }
 
@@ -272,5 +335,47 @@ impl Packet for TcPacket {
     #[inline(always)]
     fn store_u32(&mut self, off: usize, v: u32) -> Result<(), ()> {
         self.ctx.store(off, &v, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn store_bytes<const N: usize>(&mut self, off: usize, bytes: &[u8; N]) -> Result<(), ()> {
+        self.ctx.store(off, bytes, 0).map_err(|_| ())
+    }
+
+    #[inline(always)]
+    fn load_bytes<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.ctx.load::<[u8; N]>(off).ok()
+    }
+
+    #[inline(always)]
+    fn load_into(&self, off: usize, buf: &mut [u8; 64], len: u32) -> Result<(), ()> {
+        // Masked after a volatile read, so the compiler keeps the mask and the verifier
+        // sees the bound the helper's size argument needs.
+        // SAFETY: reading a local.
+        let len = unsafe { core::ptr::read_volatile(&len) } & 63;
+        if len == 0 {
+            return Err(());
+        }
+        // SAFETY: valid context; the helper checks the range; `buf` holds `len` bytes.
+        match unsafe {
+            bpf_skb_load_bytes(
+                self.ctx.skb.skb as *const _,
+                off as u32,
+                buf.as_mut_ptr() as *mut _,
+                len,
+            )
+        } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
+    fn set_len(&mut self, len: u32) -> Result<(), ()> {
+        // SAFETY: valid skb context; the kernel checks the new size.
+        match unsafe { bpf_skb_change_tail(self.ctx.skb.skb, len, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
     }
 }

@@ -15,12 +15,14 @@ pub const ETH_LEN: usize = size_of::<EthHdr>();
 pub const IPV4_LEN: usize = size_of::<Ipv4Hdr>();
 /// Offset of the L4 header: lb handles IPv4 without options only.
 pub const L4_OFF: usize = ETH_LEN + IPV4_LEN;
-/// Longest header stack the core reads: Ethernet + IPv4 + TCP, or an ICMP error quoting
-/// an IPv4 and a TCP header.
-pub const MAX_HEADERS: usize = if MAX_ICMP_HEADERS > L4_OFF + size_of::<TcpHdr>() {
+/// Longest TCP header: 20 bytes and 40 of options.
+pub const MAX_TCP_HEADER: usize = 60;
+/// Longest header stack the core reads directly: Ethernet + IPv4 + TCP with options (a
+/// SYN's options are read), or an ICMP error quoting an IPv4 and a TCP header.
+pub const MAX_HEADERS: usize = if MAX_ICMP_HEADERS > L4_OFF + MAX_TCP_HEADER {
     MAX_ICMP_HEADERS
 } else {
-    L4_OFF + size_of::<TcpHdr>()
+    L4_OFF + MAX_TCP_HEADER
 };
 
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();

@@ -1,5 +1,6 @@
 //! Per-CPU counters. Plain adds: each CPU owns its slot, so no atomics are needed.
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{Counter, Signal, SignalKind, TrafficStats};
 
 use crate::maps::{BACKEND_STATS, COUNTERS, SERVICE_STATS, SIGNALS};
@@ -36,14 +37,39 @@ pub fn handshake(backend_id: u32) {
     }
 }
 
+/// Counts an HTTP response of `backend_id`; a 5xx is also reported to the agent.
+#[inline(always)]
+pub fn http_response(service_id: u32, backend_id: u32, status: u16) {
+    let error = status >= 500;
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot returned by the kernel for this CPU only.
+        let s = unsafe { &mut *s };
+        if error {
+            s.http_5xx += 1;
+        } else {
+            s.http_ok += 1;
+        }
+    }
+    if error {
+        signal_status(SignalKind::HttpError, service_id, backend_id, status as u32);
+    }
+}
+
 /// Reports a failure to the agent through the ring buffer (counted if it is full).
 #[inline(always)]
 pub fn signal(kind: SignalKind, service_id: u32, backend_id: u32) {
+    signal_status(kind, service_id, backend_id, 0)
+}
+
+#[inline(always)]
+fn signal_status(kind: SignalKind, service_id: u32, backend_id: u32, status: u32) {
     let s = Signal {
         kind: kind as u32,
         backend_id,
         service_id,
-        _pad: 0,
+        status,
+        // SAFETY: helper without preconditions.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
     };
     if SIGNALS.output::<Signal>(&s, 0).is_err() {
         count(Counter::EventSignalLost);

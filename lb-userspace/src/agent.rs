@@ -98,8 +98,28 @@ pub struct Agent {
     started: Instant,
     /// Time from the last health decision to its table being live.
     pub last_publish: Option<Duration>,
-    /// Handshakes per backend id when its last failure signal was handled.
-    handshakes_seen: std::collections::HashMap<u32, u64>,
+    /// Successes (handshakes, or HTTP responses below 500) per backend id when its last
+    /// failure signal was handled.
+    successes_seen: std::collections::HashMap<u32, u64>,
+    /// Tables published since the start.
+    publishes: u64,
+    /// Failover reaction times: from the kernel seeing a failure to the table that avoids
+    /// the backend being live (the most recent `REACTIONS_KEPT`).
+    pub reactions: std::collections::VecDeque<Duration>,
+}
+
+/// How many failover reaction times the agent keeps.
+const REACTIONS_KEPT: usize = 4096;
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> ServiceState {
@@ -132,7 +152,9 @@ impl Agent {
             services: Vec::new(),
             started: Instant::now(),
             last_publish: None,
-            handshakes_seen: Default::default(),
+            successes_seen: Default::default(),
+            publishes: 0,
+            reactions: Default::default(),
         };
         agent.reload(config)?;
         Ok(agent)
@@ -202,6 +224,7 @@ impl Agent {
         }
         let took = decided.elapsed();
         self.last_publish = Some(took);
+        self.publishes += 1;
         info!(
             "tables published {} µs after the decision",
             took.as_micros()
@@ -311,9 +334,11 @@ impl Agent {
     }
 
     /// Acts on a failure the data plane saw (see `docs/locality.md` for the mapping to
-    /// outlier counters). Connect successes are counted in the kernel per backend, not
-    /// signalled; when some happened since this backend's last failure, they reset its
-    /// consecutive counters first, as each would have in Envoy.
+    /// outlier counters). Successes are counted in the kernel per backend, not signalled:
+    /// completed connects for TCP services, responses below 500 for HTTP ones (where, as
+    /// in Envoy's HTTP router, the response decides, not the connect). When some happened
+    /// since this backend's last failure, they reset its consecutive counters first, as
+    /// each would have in Envoy.
     pub fn on_signal(&mut self, signal: Signal) -> Result<()> {
         let Some(kind) = Failure::from_u32(signal.kind) else {
             bail!("unknown signal kind {}", signal.kind);
@@ -322,19 +347,43 @@ impl Agent {
         let Some((frontend, addr, port)) = self.programmer.backend_key(signal.backend_id) else {
             return Ok(());
         };
-        let handshakes = self.dataplane.backend_stats(signal.backend_id)?.handshakes;
-        let seen = self.handshakes_seen.insert(signal.backend_id, handshakes);
-        let succeeded = seen.is_some_and(|s| handshakes > s) || (seen.is_none() && handshakes > 0);
+        let http = self
+            .config
+            .services
+            .iter()
+            .any(|s| s.frontend == frontend && s.http);
+        let stats = self.dataplane.backend_stats(signal.backend_id)?;
+        let successes = if http {
+            stats.http_ok
+        } else {
+            stats.handshakes
+        };
+        let seen = self.successes_seen.insert(signal.backend_id, successes);
+        let succeeded = seen.is_some_and(|s| successes > s) || (seen.is_none() && successes > 0);
         let event = match kind {
-            Failure::ConnectRefused => Event::ConnectFailure,
+            Failure::ConnectRefused | Failure::Unreachable => Event::ConnectFailure,
+            Failure::ConnectTimeout => Event::Timeout,
             Failure::EstablishedReset => Event::Reset,
+            Failure::HttpError => Event::HttpStatus(signal.status as u16),
         };
         let endpoint = SocketAddrV4::new(addr, port);
         let service = format!("{}:{}", frontend.vip, frontend.port);
         if succeeded {
             self.record(endpoint, Some(&service), Event::Success)?;
         }
+        let publishes = self.publishes;
         self.record(endpoint, Some(&service), event)?;
+        if self.publishes != publishes {
+            let took = Duration::from_nanos(monotonic_ns().saturating_sub(signal.ktime_ns));
+            if self.reactions.len() == REACTIONS_KEPT {
+                self.reactions.pop_front();
+            }
+            self.reactions.push_back(took);
+            info!(
+                "failover live {} µs after the kernel saw the failure",
+                took.as_micros()
+            );
+        }
         Ok(())
     }
 
@@ -414,9 +463,11 @@ fn desired_service(config: &Config, svc: &Service, st: &ServiceState) -> Desired
                     port: e.port,
                     weight: (share * SHARE_SCALE).round() as u32,
                     state,
+                    priority: st.plan.priorities.get(i).copied().flatten(),
                 }
             })
             .collect(),
+        http: svc.http,
     }
 }
 

@@ -124,4 +124,8 @@ pub struct Service {
     pub frontend: Frontend,
     pub endpoints: Vec<Endpoint>,
     pub policy: TrafficPolicy,
+    /// Cleartext HTTP/1.x (Istio protocol `HTTP` or `HTTP_PROXY`): the data plane reads
+    /// response statuses, and a completed connect alone is not a success (as for Envoy's
+    /// HTTP router, where the response decides).
+    pub http: bool,
 }

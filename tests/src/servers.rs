@@ -11,7 +11,7 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     thread::{self, JoinHandle},
@@ -65,7 +65,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 ///   [`SLOW_CHUNK_DELAY`] (a transfer of about 2.5 s);
 /// - anything else answers `404`.
 ///
-/// Every response carries `X-Server: <name>`.
+/// Every response carries `X-Server: <name>`. [`HttpNameServer::set_status`] makes the
+/// server answer every `GET` with another status instead (a failing backend whose
+/// listener stays up, e.g. `503`).
 #[derive(Debug)]
 pub struct HttpNameServer {
     addr: SocketAddr,
@@ -79,6 +81,8 @@ struct HttpShared {
     name: String,
     stop: AtomicBool,
     accepted: AtomicU64,
+    /// `200`: the normal routes; anything else: every `GET` answers this status.
+    status: AtomicU16,
     conns: Mutex<Connections>,
 }
 
@@ -103,6 +107,7 @@ impl HttpNameServer {
             name: name.to_owned(),
             stop: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
+            status: AtomicU16::new(200),
             conns: Mutex::new(Connections::default()),
         });
         // The socket already lives in `ns`; the accepting thread itself need not.
@@ -136,6 +141,26 @@ impl HttpNameServer {
     /// balancer sent where (a keep-alive client counts once).
     pub fn accepted(&self) -> u64 {
         self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// From the next request on (also on connections already open), answers every `GET`,
+    /// whatever its path, with `status` and the server's name as body: `set_status(503)`
+    /// is a backend that accepts connections but fails every request. `200` restores the
+    /// normal routes.
+    ///
+    /// # Panics
+    /// If `status` is not a three-digit HTTP status (100..=599).
+    pub fn set_status(&self, status: u16) {
+        assert!(
+            (100..=599).contains(&status),
+            "{status} is not an HTTP status"
+        );
+        self.shared.status.store(status, Ordering::SeqCst);
+    }
+
+    /// The status set by [`HttpNameServer::set_status`] (`200`: the normal routes).
+    pub fn status(&self) -> u16 {
+        self.shared.status.load(Ordering::SeqCst)
     }
 }
 
@@ -349,6 +374,12 @@ fn respond(
         )?;
         return writer.flush();
     }
+    let status = shared.status.load(Ordering::SeqCst);
+    if status != 200 {
+        let line = format!("{status} {}", reason_phrase(status));
+        write!(writer, "{}{name}", head(&line, name.len()))?;
+        return writer.flush();
+    }
     match route(&request.path) {
         Route::Name => write!(writer, "{}{name}", head("200 OK", name.len()))?,
         Route::NotFound => {
@@ -380,6 +411,22 @@ fn respond(
         }
     }
     writer.flush()
+}
+
+/// The reason phrase for a status line (RFC 9110); the status code is what clients and lb
+/// read, the phrase only has to be there.
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
 }
 
 fn write_pattern(
@@ -500,5 +547,69 @@ mod tests {
         assert!(matches!(route("/slow/7"), Route::Slow(7)));
         assert!(matches!(route("/bytes/x"), Route::NotFound));
         assert!(matches!(route("/other"), Route::NotFound));
+    }
+
+    #[test]
+    fn reason_phrases() {
+        assert_eq!(reason_phrase(503), "Service Unavailable");
+        assert_eq!(reason_phrase(504), "Gateway Timeout");
+        assert_eq!(reason_phrase(599), "Status");
+    }
+
+    /// Over loopback in a fresh namespace: `set_status` changes what every path answers,
+    /// on new connections and on one kept open, and `200` restores the routes.
+    #[test]
+    fn set_status_answers_every_get() {
+        use std::io::Read as _;
+
+        if !crate::require_root() {
+            return;
+        }
+        let ns = Netns::new("sts").unwrap();
+        let server = HttpNameServer::start(&ns, "127.0.0.1:0".parse().unwrap(), "be1").unwrap();
+        let get = |stream: &mut TcpStream, path: &str, close: bool| -> String {
+            let connection = if close { "close" } else { "keep-alive" };
+            write!(
+                stream,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: {connection}\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = vec![0u8; 4096];
+            let n = if close {
+                // The server closes after its answer.
+                answer.clear();
+                stream.read_to_end(&mut answer).unwrap()
+            } else {
+                // One small answer, written with one flush.
+                stream.read(&mut answer).unwrap()
+            };
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        };
+        let connect = || {
+            let stream = ns.run(|| TcpStream::connect(server.addr())).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(3)))
+                .unwrap();
+            stream
+        };
+        let mut kept = connect();
+        assert!(get(&mut kept, "/", false).starts_with("HTTP/1.1 200 OK\r\n"));
+        assert_eq!(server.status(), 200);
+        server.set_status(503);
+        assert_eq!(server.status(), 503);
+        for path in ["/", "/bytes/10", "/nope"] {
+            let answer = get(&mut connect(), path, true);
+            assert!(
+                answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+                "{path}: {answer:?}"
+            );
+            assert!(answer.ends_with("\r\n\r\nbe1"), "{path}: {answer:?}");
+        }
+        let answer = get(&mut kept, "/", false);
+        assert!(answer.starts_with("HTTP/1.1 503 "), "kept: {answer:?}");
+        server.set_status(200);
+        let answer = get(&mut connect(), "/", true);
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(answer.ends_with("be1"), "{answer:?}");
     }
 }

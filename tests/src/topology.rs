@@ -29,6 +29,9 @@ pub const UDP_PORT: u16 = 53;
 pub const BACKEND_HTTP_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 5353;
 pub const BACKEND_COUNT: u8 = 3;
+/// The client's address: connections through lb reach a backend from it (lb rewrites only
+/// the destination), so a backend's replies are routed back to it.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 
 pub fn backend_addr(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 200, i, 2)
@@ -69,6 +72,31 @@ pub struct Backend {
     pub ns: Netns,
     pub http: HttpNameServer,
     pub udp: UdpNameServer,
+}
+
+impl Backend {
+    /// Makes the backend's kernel discard everything it sends to `to`
+    /// (`ip route add blackhole TO/32` in its namespace): a backend that receives but never
+    /// answers. To the client ([`CLIENT_ADDR`]), its SYN-ACKs vanish and a connection attempt
+    /// only times out. Replies to other addresses (the node) still go out. Lasts until
+    /// [`Backend::restore_replies_to`] or the end of the test bed.
+    pub fn black_hole_replies_to(&self, to: Ipv4Addr) -> Result<()> {
+        add_route(&self.ns, &format!("blackhole {to}/32"))
+            .with_context(|| format!("black-holing {to} in netns {}", self.ns.name()))
+    }
+
+    /// Undoes [`Backend::black_hole_replies_to`].
+    pub fn restore_replies_to(&self, to: Ipv4Addr) -> Result<()> {
+        self.ns
+            .ip(&["route", "del", "blackhole", &format!("{to}/32")])
+            .with_context(|| {
+                format!(
+                    "removing the black hole for {to} in netns {}",
+                    self.ns.name()
+                )
+            })?;
+        Ok(())
+    }
 }
 
 /// The namespaces, links and servers, without the agent.
@@ -153,5 +181,39 @@ impl TestBed {
         self.node
             .run(move || Agent::start(config, &interfaces, None))
             .context("starting the agent in the node namespace")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io, net::TcpStream, time::Duration};
+
+    use super::*;
+    use crate::{http_get, require_root, DEFAULT_TIMEOUT};
+
+    /// Without lb (routed by the node): a black-holed backend's SYN-ACKs never reach the
+    /// client, so its connects time out while the other backend still answers; restoring
+    /// the route brings it back.
+    #[test]
+    fn black_holed_backend_never_answers_the_client() {
+        if !require_root() {
+            return;
+        }
+        let names = vec!["be1".to_string(), "be2".to_string()];
+        let bed = TestBed::with_backends(AttachMode::Tc, &names).unwrap();
+        let direct = |i: u8| SocketAddr::from((backend_addr(i), BACKEND_HTTP_PORT));
+        let get = |i: u8| bed.client.run(|| http_get(direct(i), "/", DEFAULT_TIMEOUT));
+        assert_eq!(get(1).unwrap(), "be1");
+
+        bed.backends[0].black_hole_replies_to(CLIENT_ADDR).unwrap();
+        let err = bed
+            .client
+            .run(|| TcpStream::connect_timeout(&direct(1), Duration::from_millis(1500)))
+            .expect_err("a black-holed backend completed a handshake");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(get(2).unwrap(), "be2", "only backend 1 is black-holed");
+
+        bed.backends[0].restore_replies_to(CLIENT_ADDR).unwrap();
+        assert_eq!(get(1).unwrap(), "be1");
     }
 }

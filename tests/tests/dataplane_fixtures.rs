@@ -76,8 +76,10 @@ fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
                 port: 8080,
                 weight: 1,
                 state,
+                priority: Some(0),
             })
             .collect(),
+        http: false,
     };
     let dns = DesiredService {
         name: "dns".into(),
@@ -87,12 +89,15 @@ fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
             port: 5353,
             weight: 1,
             state: BackendState::Active,
+            priority: Some(0),
         }],
+        http: false,
     };
     let empty = DesiredService {
         name: "empty".into(),
         frontend: EMPTY,
         backends: vec![],
+        http: false,
     };
     vec![web, dns, empty]
 }

@@ -4,15 +4,17 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use lb::dataplane::AttachMode;
 use lb_tests::{
     agent_process::{wait_until, write_atomically, AgentProcess, TempDir},
     http_get, http_post, names_from, require_root,
-    topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, VIP},
+    topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, CLIENT_ADDR, VIP},
     DEFAULT_TIMEOUT,
 };
 
@@ -124,6 +126,23 @@ impl Scenario {
         assert!(t.contains_key(name), "{t:?}");
     }
 
+    /// The admin view's entry (JSON object) for `endpoint` (`IP:PORT`).
+    fn endpoint_entry(&self, endpoint: &str) -> String {
+        self.bed
+            .node
+            .run(|| endpoint_entry(endpoint))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// lb's admin view shows `endpoint` as ejected.
+    fn assert_ejected(&self, endpoint: &str) {
+        let entry = self.endpoint_entry(endpoint);
+        assert!(
+            entry.contains("\"ejected\":true"),
+            "{endpoint} not shown as ejected: {entry}"
+        );
+    }
+
     fn admin(&self, path: &str) -> String {
         let admin: SocketAddr = ADMIN.parse().unwrap();
         self.bed
@@ -146,6 +165,51 @@ impl Scenario {
         assert_eq!(t.len(), 1, "expected only {region}.{zone}: {t:?}");
         assert_eq!(t.keys().next().unwrap(), &hello(region, zone), "{t:?}");
     }
+}
+
+/// From inside the node: the entry (JSON object) for `endpoint` (`IP:PORT`) in the admin
+/// endpoint's `GET /services`, as the first service that has it shows it.
+fn endpoint_entry(endpoint: &str) -> anyhow::Result<String> {
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let view = http_get(admin, "/services", DEFAULT_TIMEOUT)?;
+    let address = format!("\"address\":\"{endpoint}\"");
+    let at = view
+        .find(&address)
+        .with_context(|| format!("{endpoint} not in {view}"))?;
+    // Endpoint entries hold no nested objects: the entry ends at the next `}`.
+    let end = view[at..].find('}').map_or(view.len(), |e| at + e);
+    Ok(view[at..end].to_owned())
+}
+
+/// `GET path` on a new connection (`Connection: close`), like `http_get`, but any status is
+/// an answer: `(status, body)`. The server closes the connection after its answer, which
+/// ends the body.
+fn get_with_status(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
+    let what = || format!("GET http://{addr}{path} (new connection)");
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).with_context(what)?;
+    stream.set_read_timeout(Some(timeout)).with_context(what)?;
+    stream.set_write_timeout(Some(timeout)).with_context(what)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(what)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).with_context(what)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{}: no complete response in {answer:?}", what()))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: bad status line in {head:?}", what()))?;
+    Ok((status, body.to_owned()))
 }
 
 fn seed_backends() -> Vec<String> {
@@ -376,19 +440,154 @@ spec:
     // blog, until the data plane's signal has ejected us-east.
     let s = Scenario::start(&backends, &config);
     s.assert_all_named(20, "healthy: us-west");
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let view = s
-        .bed
-        .node
-        .run(|| http_get(admin, "/services", DEFAULT_TIMEOUT))
-        .unwrap();
-    let east = format!("\"address\":\"{}:8081\"", backend_addr(1));
-    let at = view
-        .find(&east)
-        .unwrap_or_else(|| panic!("{east} not in {view}"));
-    let entry = &view[at..view[at..].find('}').map_or(view.len(), |e| at + e)];
-    assert!(
-        entry.contains("\"ejected\":true"),
-        "us-east not shown as ejected: {entry}"
+    s.assert_ejected(&format!("{}:8081", backend_addr(1)));
+}
+
+/// A backend that fails requests while it still accepts connections: region1.zone1 keeps
+/// its listener up but answers every request `503 Service Unavailable`. Connect-level
+/// signals see nothing wrong; lb's data plane reads the status line of the backend's
+/// response segments, and a 5xx counts toward `consecutive5xxErrors` as in Envoy. With
+/// the seed's rule at `consecutive5xxErrors: 3` (the first ejection in a service is
+/// always allowed, so the default `maxEjectionPercent` is enough), the third 503 in a row
+/// ejects region1.zone1 and the following calls go to region1.zone2.
+///
+/// lb balances connections and does not retry requests, so the client sees the three
+/// 503s that eject the endpoint. Fewer means a 503 was not needed, or something else
+/// counted as one; a fourth is tolerated only for the call that races the new table's
+/// publication (about half a millisecond, as in the drain test).
+#[test]
+fn backend_answering_503_is_ejected() {
+    if !require_root() {
+        return;
+    }
+    let rule = SEED_DESTINATION_RULE.replace(
+        "      consecutive5xxErrors: 1\n",
+        "      consecutive5xxErrors: 3\n",
     );
+    assert_ne!(rule, SEED_DESTINATION_RULE);
+    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    let s = Scenario::start(&seed_backends(), &config);
+    s.assert_all_in(30, "region1", "zone1");
+
+    s.bed.backends[0].http.set_status(503);
+    let (zone1, zone2) = (hello("region1", "zone1"), hello("region1", "zone2"));
+    let started = Instant::now();
+    let mut answered_503 = 0;
+    loop {
+        let call = answered_503 + 1;
+        let answer = s
+            .bed
+            .client
+            .run(|| get_with_status(vip(), "/", DEFAULT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("call {call} failed: {e:#}"));
+        match answer {
+            (200, body) if body == zone2 => break,
+            (503, body) if body == zone1 => answered_503 += 1,
+            other => panic!("call {call}: unexpected answer {other:?}"),
+        }
+        assert!(
+            answered_503 < 10,
+            "{answered_503} calls answered 503: region1.zone1 was not ejected"
+        );
+    }
+    let took = started.elapsed();
+    println!(
+        "503 backend: the client saw {answered_503} 503(s), then region1.zone2 served, \
+         {took:?} after the backend started failing"
+    );
+    assert!(
+        answered_503 >= 3,
+        "ejected after {answered_503} 503(s), with consecutive5xxErrors: 3"
+    );
+    assert!(
+        answered_503 <= 4,
+        "{answered_503} calls answered 503, with consecutive5xxErrors: 3"
+    );
+    s.assert_ejected(&endpoint(1));
+    s.assert_all_in(30, "region1", "zone2");
+}
+
+/// A backend that never answers: region1.zone1's replies to the client are black-holed
+/// (`ip route add blackhole 10.200.0.2/32` in its namespace), so its SYN-ACKs vanish and
+/// the client's SYN goes unanswered, as with a hung host or a path that drops. The client
+/// retransmits its SYN after its initial retransmission timeout (1 s); lb sees the
+/// retransmission of a connection still in its handshake, counts a connect timeout for
+/// region1.zone1 and sends the SYN to the next backend instead, so the call succeeds,
+/// served by region1.zone2, about one second late. A timeout counts as a 504 toward
+/// `consecutive5xxErrors` (1 in the seed's rule, verbatim here): region1.zone1 is ejected,
+/// and the following calls go to region1.zone2 without meeting the black hole.
+#[test]
+fn backend_black_holing_syns_is_avoided() {
+    if !require_root() {
+        return;
+    }
+    let config = format!(
+        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
+        service_entry(&seed_endpoints())
+    );
+    let s = Scenario::start(&seed_backends(), &config);
+    s.assert_all_in(30, "region1", "zone1");
+
+    s.bed.backends[0]
+        .black_hole_replies_to(CLIENT_ADDR)
+        .unwrap();
+    // Long enough for the SYN, its first retransmission (1 s) and the second (3 s), so a
+    // call that is not re-steered fails here rather than by a short connect timeout.
+    let first_call_timeout = Duration::from_secs(5);
+    let started = Instant::now();
+    let name = s
+        .bed
+        .client
+        .run(|| http_get(vip(), "/", first_call_timeout))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the first call after the black hole failed after {:?}: {e:#}",
+                started.elapsed()
+            )
+        });
+    let took = started.elapsed();
+    println!("black-holed backend: the first call was served by {name:?} after {took:?}");
+    assert_eq!(
+        name,
+        hello("region1", "zone2"),
+        "the first call was not moved to region1.zone2"
+    );
+    // At least the initial retransmission timeout: the SYN to region1.zone1 was lost. Well
+    // before the second retransmission (3 s): the first one was re-steered.
+    assert!(
+        took >= Duration::from_millis(900),
+        "served after {took:?}: the SYN was not lost, is region1.zone1 black-holed?"
+    );
+    assert!(
+        took < Duration::from_millis(2500),
+        "served after {took:?}: the first SYN retransmission was not re-steered"
+    );
+
+    // The decision follows the timeout signal within milliseconds; wait for it rather
+    // than race it, then check that no call meets the black hole any more.
+    wait_until(&s.bed.node, Duration::from_secs(2), || {
+        let entry = endpoint_entry(&endpoint(1))?;
+        anyhow::ensure!(entry.contains("\"ejected\":true"), "not ejected: {entry}");
+        Ok(())
+    })
+    .expect("region1.zone1 is ejected after its connect timeout");
+    for call in 1..=30 {
+        let started = Instant::now();
+        let name = s
+            .bed
+            .client
+            .run(|| http_get(vip(), "/", DEFAULT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("call {call} after the ejection: {e:#}"));
+        let took = started.elapsed();
+        assert_eq!(
+            name,
+            hello("region1", "zone2"),
+            "call {call} after the ejection"
+        );
+        // A call that met the black hole would wait for a retransmission (1 s).
+        assert!(
+            took < Duration::from_millis(500),
+            "call {call} after the ejection took {took:?}"
+        );
+    }
 }

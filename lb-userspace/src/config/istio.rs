@@ -122,6 +122,8 @@ struct Port {
     protocol: Protocol,
     /// HTTP or TLS: Istio can tell several hosts on this port apart (by Host header or SNI).
     names_the_host: bool,
+    /// Cleartext HTTP/1.x: response statuses feed outlier detection.
+    http: bool,
     target_port: Option<u16>,
 }
 
@@ -245,6 +247,7 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
                     },
                     endpoints: endpoints.clone(),
                     policy: TrafficPolicy::default(),
+                    http: port.http,
                 },
             ));
         }
@@ -381,13 +384,14 @@ fn read_addresses(doc: &mut Doc, path: &str, value: &Value) -> Vec<(String, Ipv4
 
 /// Istio's protocol names (case-insensitive, as Istio reads them). lb balances connections,
 /// so UDP stays UDP and every other protocol is carried over TCP.
-fn protocol(name: &str) -> Option<(Protocol, bool)> {
+/// Also says whether the port carries cleartext HTTP/1.x, whose status lines lb reads
+/// (HTTP2 and gRPC frame their status in binary headers; HTTPS and TLS are encrypted).
+fn protocol(name: &str) -> Option<(Protocol, bool, bool)> {
     match name.to_ascii_uppercase().as_str() {
-        "UDP" => Some((Protocol::Udp, false)),
-        "TCP" | "MONGO" | "MYSQL" | "REDIS" => Some((Protocol::Tcp, false)),
-        "HTTP" | "HTTP2" | "HTTP_PROXY" | "GRPC" | "GRPC-WEB" | "HTTPS" | "TLS" => {
-            Some((Protocol::Tcp, true))
-        }
+        "UDP" => Some((Protocol::Udp, false, false)),
+        "TCP" | "MONGO" | "MYSQL" | "REDIS" => Some((Protocol::Tcp, false, false)),
+        "HTTP" | "HTTP_PROXY" => Some((Protocol::Tcp, true, true)),
+        "HTTP2" | "GRPC" | "GRPC-WEB" | "HTTPS" | "TLS" => Some((Protocol::Tcp, true, false)),
         _ => None,
     }
 }
@@ -402,7 +406,7 @@ fn read_ports(doc: &mut Doc, path: &str, value: &Value) -> Vec<Port> {
         let mut name = None;
         let mut number = None;
         // No protocol: Istio sniffs it; for lb that is a TCP connection.
-        let mut proto = Some((Protocol::Tcp, false));
+        let mut proto = Some((Protocol::Tcp, false, false));
         let mut target_port = None;
         for (key, value) in map {
             let path = field(&at, key);
@@ -442,7 +446,8 @@ fn read_ports(doc: &mut Doc, path: &str, value: &Value) -> Vec<Port> {
                 doc.error(&field(&at, "number"), format!("port {n} is listed twice"));
             }
         }
-        if let (Some(name), Some(number), Some((protocol, names_the_host))) = (name, number, proto)
+        if let (Some(name), Some(number), Some((protocol, names_the_host, http))) =
+            (name, number, proto)
         {
             ports.push(Port {
                 path: at,
@@ -450,6 +455,7 @@ fn read_ports(doc: &mut Doc, path: &str, value: &Value) -> Vec<Port> {
                 number,
                 protocol,
                 names_the_host,
+                http,
                 target_port,
             });
         }

@@ -61,6 +61,7 @@ pub(super) fn read_dataplane(doc: &mut Doc, path: &str, value: &Value) -> Datapl
             "max_backends" => &mut options.max_backends,
             "table_slots" => &mut options.table_slots,
             "max_connections" => &mut options.max_connections,
+            "connect_retries" => &mut options.timeouts.connect_retries,
             "timeouts" => {
                 read_timeouts(doc, &at, value, &mut options.timeouts);
                 continue;
@@ -145,6 +146,7 @@ fn read_service(
     let mut vip = None;
     let mut port = None;
     let mut protocol = Protocol::Tcp;
+    let mut http = false;
     let mut backends: &[Value] = &[];
     for (key, value) in map {
         let path = field(&at, key);
@@ -160,7 +162,12 @@ fn read_service(
                 None => {}
                 Some("TCP" | "tcp") => protocol = Protocol::Tcp,
                 Some("UDP" | "udp") => protocol = Protocol::Udp,
-                Some(other) => doc.error(&path, format!("{other:?} is not supported (TCP or UDP)")),
+                // Cleartext HTTP/1.x over TCP: response statuses feed outlier detection.
+                Some("HTTP" | "http") => http = true,
+                Some(other) => doc.error(
+                    &path,
+                    format!("{other:?} is not supported (TCP, UDP or HTTP)"),
+                ),
             },
             "backends" => backends = doc.list(&path, value).unwrap_or_default(),
             _ => doc.unknown_field(&path),
@@ -206,6 +213,7 @@ fn read_service(
             frontend,
             endpoints,
             policy: TrafficPolicy::default(),
+            http,
         },
         states,
     ))

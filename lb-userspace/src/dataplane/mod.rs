@@ -15,10 +15,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
+    config::MAX_CONNECT_RETRIES,
     counters::COUNTER_SLOTS,
     family,
     flow::addr_filter_slot,
-    maps::{self as names, AddrRole},
+    maps::{self as names, AddrRole, FALLBACK_LEN},
     AddrBe, Backend, BackendState, ConnEntry, Counter, DataplaneConfig, FlowKey, Service,
     ServiceKey, TrafficStats,
 };
@@ -310,17 +311,35 @@ impl Dataplane {
     /// The table is written into the half the kernel is not reading, then the service
     /// entry is replaced in one map update that names the new half: a packet sees either
     /// the whole old table or the whole new one.
-    pub fn publish_service(&mut self, id: u32, frontend: &Frontend, table: &[u32]) -> Result<()> {
+    ///
+    /// `fallback` (at most `FALLBACK_LEN` backend ids, in priority order) is where a
+    /// refused or timed-out connection attempt goes next; it follows the table in the same
+    /// half, so both change together. `flags` are `lb_common::maps::SERVICE_*`.
+    pub fn publish_service(
+        &mut self,
+        id: u32,
+        frontend: &Frontend,
+        table: &[u32],
+        fallback: &[u32],
+        flags: u16,
+    ) -> Result<()> {
         if id == 0 || id >= self.options.max_services {
             bail!(
                 "service id {id} is out of range 1..{} (raise dataplane.max_services)",
                 self.options.max_services
             );
         }
-        if table.len() > self.options.table_slots as usize {
+        if fallback.len() > FALLBACK_LEN as usize {
             bail!(
-                "selection table of {} slots exceeds dataplane.table_slots = {}",
+                "failover list of {} backends exceeds {FALLBACK_LEN}",
+                fallback.len()
+            );
+        }
+        if table.len() + fallback.len() > self.options.table_slots as usize {
+            bail!(
+                "selection table of {} slots and failover list of {} exceed dataplane.table_slots = {}",
                 table.len(),
+                fallback.len(),
                 self.options.table_slots
             );
         }
@@ -330,11 +349,15 @@ impl Dataplane {
         self.selection
             .write(offset as usize, table)
             .with_context(|| format!("writing selection table of {frontend}"))?;
+        self.selection
+            .write(offset as usize + table.len(), fallback)
+            .with_context(|| format!("writing failover list of {frontend}"))?;
         let value = Service {
             id,
             table_offset: offset,
             table_len: table.len() as u32,
-            _pad: 0,
+            fallback_len: fallback.len() as u16,
+            flags,
         };
         self.services
             .insert(frontend.key(), value, 0)
@@ -435,7 +458,8 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
     for (name, v, min) in [
         ("dataplane.max_services", *max_services, 2),
         ("dataplane.max_backends", *max_backends, 2),
-        ("dataplane.table_slots", *table_slots, 1),
+        // Room for a small table and the failover list that follows it.
+        ("dataplane.table_slots", *table_slots, 2 * FALLBACK_LEN),
         ("dataplane.max_connections", *max_connections, 2),
     ] {
         if v < min {
@@ -447,7 +471,14 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
         tcp_established_timeout_ns,
         tcp_closing_timeout_ns,
         udp_timeout_ns,
+        connect_retries,
+        _pad,
     } = timeouts;
+    if *connect_retries > MAX_CONNECT_RETRIES {
+        bail!(
+            "dataplane.connect_retries must be at most {MAX_CONNECT_RETRIES}, got {connect_retries}"
+        );
+    }
     for (name, v) in [
         ("dataplane.timeouts.tcp_syn", tcp_syn_timeout_ns),
         (

@@ -7,7 +7,10 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use lb_common::BackendState;
+use lb_common::{
+    maps::{FALLBACK_LEN, SERVICE_HTTP},
+    BackendState,
+};
 
 use super::{
     selection::{maglev_table, table_size, WeightedBackend},
@@ -21,6 +24,9 @@ pub struct DesiredBackend {
     pub port: u16,
     pub weight: u32,
     pub state: BackendState,
+    /// Priority level seen from this node (0 first); `None` when the backend takes no
+    /// traffic by configuration (`distribute`). Orders the failover list.
+    pub priority: Option<u32>,
 }
 
 /// A service as the control plane wants it.
@@ -29,9 +35,31 @@ pub struct DesiredService {
     pub name: String,
     pub frontend: Frontend,
     pub backends: Vec<DesiredBackend>,
+    /// Cleartext HTTP/1.x: the data plane reads response statuses.
+    pub http: bool,
+}
+
+/// The backends a refused or timed-out connection attempt may move to, best first:
+/// active ones with a priority, by priority, then by weight (the larger share first).
+fn failover_list(s: &DesiredService, ids: impl Fn(&DesiredBackend) -> u32) -> Vec<u32> {
+    let mut eligible: Vec<(u32, std::cmp::Reverse<u32>, u32)> = s
+        .backends
+        .iter()
+        .filter(|b| b.state == BackendState::Active)
+        .filter_map(|b| Some((b.priority?, std::cmp::Reverse(b.weight), ids(b))))
+        .collect();
+    eligible.sort();
+    eligible
+        .into_iter()
+        .take(FALLBACK_LEN as usize)
+        .map(|(_, _, id)| id)
+        .collect()
 }
 
 type BackendKey = (Frontend, Ipv4Addr, u16);
+
+/// What a published table was built from: backends, size, failover list, HTTP flag.
+type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool);
 
 /// Remembers which ids the data plane uses for which service and backend, and what it
 /// last wrote, so an update writes only what changed: an ejection in one service touches
@@ -45,7 +73,7 @@ pub struct Programmer {
     /// Last state written per backend id.
     written_backends: BTreeMap<u32, (Ipv4Addr, u16, BackendState)>,
     /// Inputs of the last table published per service id.
-    written_tables: BTreeMap<u32, (Vec<WeightedBackend>, usize)>,
+    written_tables: BTreeMap<u32, PublishedTable>,
 }
 
 /// Allocates a free id in `1..limit`, searching from `cursor` (where the last one was
@@ -101,11 +129,14 @@ impl Programmer {
                 weight: u64::from(b.weight),
             })
             .collect();
-        let size = table_size(s.backends.len(), table_slots);
-        let inputs = (weighted, size);
+        // The failover list shares the table's window.
+        let size = table_size(s.backends.len(), table_slots - FALLBACK_LEN as usize);
+        let fallback = failover_list(s, |b| self.backends[&(s.frontend, b.addr, b.port)]);
+        let inputs = (weighted, size, fallback, s.http);
         if self.written_tables.get(&id) != Some(&inputs) {
             let table = maglev_table(&inputs.0, size);
-            dp.publish_service(id, &s.frontend, &table)?;
+            let flags = if s.http { SERVICE_HTTP } else { 0 };
+            dp.publish_service(id, &s.frontend, &table, &inputs.2, flags)?;
             self.written_tables.insert(id, inputs);
         }
         Ok(())

@@ -275,6 +275,7 @@ pub(crate) mod tests {
             },
             endpoints,
             policy,
+            http: false,
         }
     }
 

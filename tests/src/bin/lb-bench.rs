@@ -119,6 +119,7 @@ fn main() -> Result<()> {
             port: 8080,
             weight: 1,
             state: BackendState::Active,
+            priority: Some(0),
         })
         .collect();
     Programmer::default().apply(
@@ -127,6 +128,7 @@ fn main() -> Result<()> {
             name: "web".into(),
             frontend: WEB,
             backends,
+            http: false,
         }],
     )?;
     let mut baseline = Ebpf::load(BASELINE_OBJECT).context("loading the baseline programs")?;
@@ -291,6 +293,7 @@ fn control_plane(services: usize, endpoints: usize) -> Result<()> {
                 })
                 .collect(),
             policy: policy.clone(),
+            http: false,
         })
         .collect();
     let dataplane = DataplaneOptions {

@@ -392,6 +392,7 @@ impl Agent {
         AgentStatus {
             node_locality: self.config.node.locality.to_string(),
             last_publish_us: self.last_publish.map(|d| d.as_micros() as u64),
+            failover_reaction: ReactionSummary::of(&self.reactions),
             services: self
                 .config
                 .services
@@ -475,10 +476,35 @@ fn log_change(svc: &Service, change: &Change) {
     info!("{} ({}): {change:?}", svc.name, svc.frontend);
 }
 
+/// Failover reaction times over the most recent failovers (nearest-rank percentiles).
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub struct ReactionSummary {
+    pub count: usize,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub max_us: Option<u64>,
+}
+
+impl ReactionSummary {
+    fn of(reactions: &std::collections::VecDeque<Duration>) -> Self {
+        let mut us: Vec<u64> = reactions.iter().map(|d| d.as_micros() as u64).collect();
+        us.sort_unstable();
+        let rank = |p: usize| (!us.is_empty()).then(|| us[(us.len() * p).div_ceil(100).max(1) - 1]);
+        Self {
+            count: us.len(),
+            p50_us: rank(50),
+            p99_us: rank(99),
+            max_us: us.last().copied(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 pub struct AgentStatus {
     pub node_locality: String,
     pub last_publish_us: Option<u64>,
+    /// From the kernel seeing a failure to the table that avoids the backend being live.
+    pub failover_reaction: ReactionSummary,
     pub services: Vec<ServiceStatus>,
 }
 

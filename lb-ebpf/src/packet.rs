@@ -13,7 +13,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
-        bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
+        bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
     EbpfContext,
@@ -205,14 +205,27 @@ impl Packet for XdpPacket {
         }
     }
 
+    /// Grows at the tail when the buffer has room there, else at the head (XDP buffers
+    /// always have headroom; some drivers, veth among them, leave little tailroom), moving
+    /// the Ethernet header to the new start. Bytes after the Ethernet header are the
+    /// caller's to rewrite.
     #[inline(always)]
     fn set_len(&mut self, len: u32) -> Result<(), ()> {
         let delta = len as i32 - self.len() as i32;
+        let ctx = self.ctx.as_ptr() as *mut _;
         // SAFETY: valid XDP context; the kernel checks the new size.
-        match unsafe { bpf_xdp_adjust_tail(self.ctx.as_ptr() as *mut _, delta) } {
-            0 => Ok(()),
-            _ => Err(()),
+        if unsafe { bpf_xdp_adjust_tail(ctx, delta) } == 0 {
+            return Ok(());
         }
+        if delta <= 0 {
+            return Err(());
+        }
+        let eth: [u8; ETH_LEN] = self.load_bytes(0).ok_or(())?;
+        // SAFETY: valid XDP context; the kernel checks the headroom.
+        if unsafe { bpf_xdp_adjust_head(ctx, -delta) } != 0 {
+            return Err(());
+        }
+        self.store_bytes(0, &eth)
     }
 }
 

@@ -692,6 +692,22 @@ async fn consume_signals(
 mod tests {
     use super::*;
 
+    /// Nearest-rank percentiles of the failover reaction times.
+    #[test]
+    fn reaction_summary_percentiles() {
+        let none = ReactionSummary::of(&Default::default());
+        assert_eq!((none.count, none.p50_us, none.max_us), (0, None, None));
+        let times: std::collections::VecDeque<Duration> =
+            (1..=100).rev().map(Duration::from_micros).collect();
+        let s = ReactionSummary::of(&times);
+        assert_eq!(s.count, 100);
+        assert_eq!(s.p50_us, Some(50));
+        assert_eq!(s.p99_us, Some(99));
+        assert_eq!(s.max_us, Some(100));
+        let one: std::collections::VecDeque<Duration> = [Duration::from_micros(7)].into();
+        assert_eq!(ReactionSummary::of(&one).p99_us, Some(7));
+    }
+
     /// A backend configured `draining` (native format) stays draining in what the data
     /// plane is given, with its weight, next to an active one.
     #[test]

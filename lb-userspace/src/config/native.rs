@@ -75,6 +75,16 @@ pub(super) fn read_dataplane(doc: &mut Doc, path: &str, value: &Value) -> Datapl
             *slot = n;
         }
     }
+    let retries = options.timeouts.connect_retries;
+    if retries > lb_common::config::MAX_CONNECT_RETRIES {
+        doc.error(
+            &field(path, "connect_retries"),
+            format!(
+                "{retries} is more than {} re-steers per connection attempt",
+                lb_common::config::MAX_CONNECT_RETRIES
+            ),
+        );
+    }
     options
 }
 

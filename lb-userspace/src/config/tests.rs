@@ -36,6 +36,10 @@ fn parses_services_and_dataplane_settings() {
     assert_eq!(c.dataplane.max_connections, 1024);
     assert_eq!(c.dataplane.timeouts.udp_timeout_ns, 5_000_000_000);
     assert_eq!(
+        c.dataplane.timeouts.connect_retries, 2,
+        "Istio's default retry policy: two retries of a connect failure"
+    );
+    assert_eq!(
         c.dataplane.max_services,
         DataplaneOptions::default().max_services
     );
@@ -87,6 +91,10 @@ fn errors_name_the_field_and_the_problem() {
         (
             GOOD.replace("max_connections", "max_conections"),
             "max_conections",
+        ),
+        (
+            GOOD.replace("max_connections: 1024", "connect_retries: 9"),
+            "dataplane.connect_retries",
         ),
     ];
     for (text, field) in cases {
@@ -202,6 +210,10 @@ fn seed_task_resources_become_the_expected_model() {
     let s = &services[0];
     assert_eq!(s.name, "helloworld.sample.svc.cluster.local");
     assert_eq!(s.frontend.to_string(), "10.96.0.20:5000/TCP");
+    assert!(
+        s.http,
+        "protocol HTTP: response statuses feed outlier detection"
+    );
     assert_eq!(
         s.endpoints,
         [
@@ -315,6 +327,9 @@ spec:
 fn blog_external_service_with_failover() {
     let loaded = load_text(&format!("{BLOG_ENTRY}---{BLOG_RULE}"));
     let s = &loaded.config.services[0];
+    // Port protocol HTTP: statuses are read (a TLS-speaking backend shows none, which
+    // costs nothing and counts nothing).
+    assert!(s.http);
     assert_eq!(s.name, "mydb.com");
     assert_eq!(s.frontend.to_string(), "240.0.0.10:80/TCP");
     // The endpoints' own `ports` win over the service port.

@@ -404,6 +404,16 @@ impl Dataplane {
             .read(svc.table_offset as usize, svc.table_len as usize)
     }
 
+    /// The failover list the kernel currently reads for `frontend` (it follows the active
+    /// selection table in the same window).
+    pub fn failover_list(&self, frontend: &Frontend) -> Result<Vec<u32>> {
+        let svc = self.service(frontend)?;
+        self.selection.read(
+            (svc.table_offset + svc.table_len) as usize,
+            svc.fallback_len as usize,
+        )
+    }
+
     /// The ring buffer of failure signals (`lb_common::Signal`), for its one consumer.
     pub fn take_signals(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.signals.take()

@@ -262,3 +262,70 @@ impl Programmer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::Protocol;
+
+    fn backend(
+        last: u8,
+        weight: u32,
+        state: BackendState,
+        priority: Option<u32>,
+    ) -> DesiredBackend {
+        DesiredBackend {
+            addr: Ipv4Addr::new(10, 0, 0, last),
+            port: 80,
+            weight,
+            state,
+            priority,
+        }
+    }
+
+    /// The failover list: active backends with a priority, by priority, then by weight
+    /// (larger first); never ejected, draining or `distribute`-excluded ones.
+    #[test]
+    fn failover_list_is_by_priority_then_weight() {
+        let s = DesiredService {
+            name: "svc".into(),
+            frontend: Frontend {
+                vip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            backends: vec![
+                backend(1, 10, BackendState::Active, Some(1)),
+                backend(2, 30, BackendState::Active, Some(0)),
+                backend(3, 50, BackendState::Ejected, Some(0)),
+                backend(4, 60, BackendState::Active, Some(0)),
+                backend(5, 90, BackendState::Draining, Some(0)),
+                backend(6, 0, BackendState::Active, None),
+                backend(7, 5, BackendState::Active, Some(2)),
+            ],
+            http: false,
+        };
+        let list = failover_list(&s, |b| u32::from(b.addr.octets()[3]));
+        assert_eq!(list, vec![4, 2, 1, 7]);
+    }
+
+    #[test]
+    fn failover_list_is_bounded() {
+        let s = DesiredService {
+            name: "svc".into(),
+            frontend: Frontend {
+                vip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            backends: (1..=40)
+                .map(|i| backend(i, 1, BackendState::Active, Some(0)))
+                .collect(),
+            http: false,
+        };
+        assert_eq!(
+            failover_list(&s, |b| u32::from(b.addr.octets()[3])).len(),
+            FALLBACK_LEN as usize
+        );
+    }
+}

@@ -107,8 +107,15 @@ impl Scenario {
         Self::start_in(AttachMode::Tc, backends, config)
     }
 
+    /// Like `start`, with lb attached in `mode` on the client side and on every
+    /// backend-facing interface (where refusals arrive and are re-sent as SYNs).
     fn start_in(mode: AttachMode, backends: &[String], config: &str) -> Self {
-        let bed = TestBed::with_backends(mode, backends).unwrap();
+        let mut bed = TestBed::with_backends(mode, backends).unwrap();
+        for i in &mut bed.interfaces {
+            if i.name.starts_with("nb") {
+                i.mode = mode;
+            }
+        }
         let dir = TempDir::new("lbseed").unwrap();
         let path = dir.0.join("helloworld.yaml");
         write_atomically(&path, config).unwrap();
@@ -401,6 +408,42 @@ fn seed_task_exactly_xdp() {
         return;
     }
     seed_task_exactly(AttachMode::Xdp);
+}
+
+/// A total outage is not hidden: when every backend refuses, the re-steers are spent
+/// (`connect_retries`, default 2) and the last refusal reaches the client, which fails
+/// fast with "connection refused" instead of waiting for a timeout.
+#[test]
+fn total_outage_fails_fast() {
+    if !require_root() {
+        return;
+    }
+    let config = format!(
+        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
+        service_entry(&seed_endpoints())
+    );
+    let mut s = Scenario::start(&seed_backends(), &config);
+    for b in &mut s.bed.backends {
+        b.http.stop();
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let err = s
+            .bed
+            .client
+            .run(|| http_get(vip(), "/hello", Duration::from_secs(5)))
+            .expect_err("a call succeeded with every backend down");
+        let took = started.elapsed();
+        println!("total outage: the call failed after {took:?}: {err:#}");
+        assert!(
+            format!("{err:#}").to_lowercase().contains("refused"),
+            "expected a refused connection, got {err:#}"
+        );
+        assert!(
+            took < Duration::from_millis(500),
+            "the client waited {took:?} for a refusal"
+        );
+    }
 }
 
 /// Every drained backend is ejected when the rule allows it (`maxEjectionPercent: 100`):

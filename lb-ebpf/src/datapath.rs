@@ -202,7 +202,10 @@ fn tracked<P: Packet>(
         if let Some(partner) = CONNECTIONS.get_ptr_mut(partner_key(&p.flow, entry)) {
             // SAFETY: pointer to a live map value returned by the kernel.
             let partner = unsafe { &mut *partner };
-            if state == ConnState::TcpClosing as u8 {
+            // TCP states only move forward (handshake, established, closing): once the
+            // client completes the handshake, the backend's side is established too, so a
+            // later RST or ICMP error from the backend is not taken for a refused connect.
+            if state != ConnState::Udp as u8 && partner.state < state {
                 partner.state = state;
             }
             partner.last_seen_ns = now;
@@ -291,6 +294,7 @@ fn resteer_refused<P: Packet>(
     let (client, client_port_be) = (p.flow.dst.0[0], p.flow.dst_port_be);
     let to = handshake::resteer(&orig_key, orig, now)?;
     if handshake::rewrite_as_syn(pkt, client, client_port_be, &to, orig).is_ok() {
+        stats::traffic(orig.service_id, orig.backend_id, pkt.len(), false);
         Some((Outcome::Resent, Counter::ForwardResteered))
     } else {
         orig.flags |= CONN_AWAIT_RETRANSMIT;

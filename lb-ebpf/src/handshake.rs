@@ -242,7 +242,7 @@ pub fn resteer(orig_key: &FlowKey, orig: &mut ConnEntry, now: u64) -> Option<Res
     orig.fallback_cursor = (pos + 1) as u8;
     orig.state = ConnState::TcpSyn as u8;
     orig.last_seen_ns = now;
-    stats::traffic(orig.service_id, id, 0, true);
+    stats::backend_new_connection(id);
     Some(Resteered {
         addr: backend.addr,
         port_be: backend.port_be,

@@ -29,6 +29,8 @@ use crate::{
 
 pub const ICMP_DEST_UNREACH: u8 = 3;
 pub const ICMP_TIME_EXCEEDED: u8 = 11;
+/// Destination unreachable, "fragmentation needed": path MTU discovery, not a failure.
+const ICMP_FRAG_NEEDED: u8 = 4;
 
 const ICMP_CHECK_OFF: usize = L4_OFF + 2;
 const INNER_IP_OFF: usize = L4_OFF + 8;
@@ -97,6 +99,7 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
         // another backend is eligible, the error is held back and the client's
         // retransmitted SYN goes there (see `handshake`).
         if h.kind == ICMP_DEST_UNREACH
+            && h.code != ICMP_FRAG_NEEDED
             && inner.proto == proto::TCP
             && entry.state == ConnState::TcpSyn as u8
         {

@@ -28,6 +28,16 @@ pub fn traffic(service_id: u32, backend_id: u32, bytes: u32, new_connection: boo
     }
 }
 
+/// Counts a connection attempt moved to `backend_id` (the service's count is unchanged:
+/// it is still one connection).
+#[inline(always)]
+pub fn backend_new_connection(backend_id: u32) {
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot returned by the kernel for this CPU only.
+        unsafe { (*s).new_connections += 1 };
+    }
+}
+
 /// Counts a completed handshake (a connect success) of `backend_id`.
 #[inline(always)]
 pub fn handshake(backend_id: u32) {

@@ -12,6 +12,9 @@ pub const SYN: u8 = 0x02;
 pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
+/// ECN-Echo and Congestion Window Reduced: both set in a SYN that asks for ECN.
+pub const ECE: u8 = 0x40;
+pub const CWR: u8 = 0x80;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -48,6 +51,14 @@ pub struct PacketSpec {
     pub udp_no_checksum: bool,
     /// Raw L4 bytes to send instead of a generated header (e.g. an ICMP error).
     pub raw_l4: Option<Vec<u8>>,
+    /// Identification field of the IPv4 header.
+    pub ip_id: u16,
+    /// TCP only: sequence and acknowledgement numbers, window.
+    pub seq: u32,
+    pub ack: u32,
+    pub window: u16,
+    /// TCP only: options (length a multiple of 4, at most 40), e.g. `linux_syn_options`.
+    pub tcp_options: Vec<u8>,
 }
 
 impl PacketSpec {
@@ -64,6 +75,11 @@ impl PacketSpec {
             frag_field: 0x4000, // don't fragment
             udp_no_checksum: false,
             raw_l4: None,
+            ip_id: 0x1234,
+            seq: 1000,
+            ack: 2000,
+            window: 64240,
+            tcp_options: Vec::new(),
         }
     }
 
@@ -78,6 +94,31 @@ impl PacketSpec {
 
     pub fn with_payload(mut self, payload: &[u8]) -> Self {
         self.payload = payload.to_vec();
+        self
+    }
+
+    pub fn with_seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    pub fn with_ack(mut self, ack: u32) -> Self {
+        self.ack = ack;
+        self
+    }
+
+    pub fn with_window(mut self, window: u16) -> Self {
+        self.window = window;
+        self
+    }
+
+    pub fn with_tcp_options(mut self, options: &[u8]) -> Self {
+        self.tcp_options = options.to_vec();
+        self
+    }
+
+    pub fn with_ip_id(mut self, id: u16) -> Self {
+        self.ip_id = id;
         self
     }
 
@@ -102,7 +143,7 @@ impl PacketSpec {
         ip.push(0x40 | (ihl / 4) as u8);
         ip.push(0);
         ip.extend_from_slice(&(total as u16).to_be_bytes());
-        ip.extend_from_slice(&0x1234u16.to_be_bytes());
+        ip.extend_from_slice(&self.ip_id.to_be_bytes());
         ip.extend_from_slice(&self.frag_field.to_be_bytes());
         ip.push(64);
         ip.push(self.proto);
@@ -139,14 +180,20 @@ impl PacketSpec {
         let mut l4 = Vec::new();
         match self.proto {
             TCP => {
+                let opts = &self.tcp_options;
+                assert!(
+                    opts.len().is_multiple_of(4) && opts.len() <= 40,
+                    "TCP options must fill whole words, at most 40 bytes"
+                );
                 l4.extend_from_slice(&self.sport.to_be_bytes());
                 l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
-                l4.extend_from_slice(&2000u32.to_be_bytes()); // ack
-                l4.push(5 << 4);
+                l4.extend_from_slice(&self.seq.to_be_bytes());
+                l4.extend_from_slice(&self.ack.to_be_bytes());
+                l4.push((((20 + opts.len()) / 4) as u8) << 4);
                 l4.push(self.tcp_flags);
-                l4.extend_from_slice(&64240u16.to_be_bytes());
+                l4.extend_from_slice(&self.window.to_be_bytes());
                 l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
+                l4.extend_from_slice(opts);
                 l4.extend_from_slice(&self.payload);
                 let c = finish(self.pseudo_sum(l4.len()) + sum(&l4));
                 l4[16..18].copy_from_slice(&c.to_be_bytes());
@@ -175,6 +222,18 @@ impl PacketSpec {
         }
         l4
     }
+}
+
+/// The options of a SYN as Linux sends them (`tcp_options_write`): MSS, SACK permitted,
+/// timestamp (`tsval`, echo 0), NOP, window scale.
+pub fn linux_syn_options(mss: u16, tsval: u32, wscale: u8) -> Vec<u8> {
+    let mut o = vec![2, 4];
+    o.extend_from_slice(&mss.to_be_bytes());
+    o.extend_from_slice(&[4, 2, 8, 10]);
+    o.extend_from_slice(&tsval.to_be_bytes());
+    o.extend_from_slice(&[0, 0, 0, 0]);
+    o.extend_from_slice(&[1, 3, 3, wscale]);
+    o
 }
 
 /// An ICMP error (`kind`, `code`; for "fragmentation needed" `mtu` is the next-hop MTU)
@@ -212,6 +271,10 @@ pub fn checksums_valid(frame: &[u8]) -> bool {
         return false;
     }
     let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if total > ip.len() || total < ihl {
+        // The IPv4 length claims bytes the frame does not hold: nothing to sum.
+        return false;
+    }
     let l4 = &ip[ihl..total];
     let mut pseudo = Vec::new();
     pseudo.extend_from_slice(&ip[12..20]);
@@ -257,5 +320,38 @@ mod tests {
         let mut bad = PacketSpec::tcp(a, b, SYN).build();
         bad[40] ^= 1;
         assert!(!checksums_valid(&bad));
+        let cut = PacketSpec::tcp(a, b, ACK)
+            .with_payload(b"HTTP/1.1 200 OK")
+            .build();
+        assert!(!checksums_valid(&cut[..cut.len() - 4]));
+    }
+
+    #[test]
+    fn tcp_header_with_options() {
+        let a = (Ipv4Addr::new(10, 0, 0, 1), 40000);
+        let b = (Ipv4Addr::new(10, 96, 0, 10), 80);
+        let syn = PacketSpec::tcp(a, b, SYN)
+            .with_seq(0x0102_0304)
+            .with_ack(0)
+            .with_window(42340)
+            .with_tcp_options(&linux_syn_options(1460, 7, 7))
+            .build();
+        assert!(checksums_valid(&syn));
+        let tcp = &syn[34..];
+        assert_eq!(tcp.len(), 40);
+        assert_eq!(tcp[4..8], [1, 2, 3, 4]);
+        assert_eq!(tcp[8..12], [0, 0, 0, 0]);
+        assert_eq!(tcp[12], 10 << 4);
+        assert_eq!(tcp[14..16], 42340u16.to_be_bytes());
+        assert_eq!(
+            tcp[20..],
+            [2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0, 1, 3, 3, 7]
+        );
+        // Defaults are what existing callers always got.
+        let plain = PacketSpec::tcp(a, b, ACK).build();
+        assert_eq!(plain[18..20], [0x12, 0x34]);
+        assert_eq!(plain[38..42], 1000u32.to_be_bytes());
+        assert_eq!(plain[42..46], 2000u32.to_be_bytes());
+        assert_eq!(plain[46], 5 << 4);
     }
 }

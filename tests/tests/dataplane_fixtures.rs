@@ -5,21 +5,34 @@
 //! on the same maps, so later cases see the connections earlier ones created.
 //!
 //! Every case runs against the XDP program and the TC ingress program: they share one
-//! core, and this proves both return the same results.
+//! core, and this proves both return the same results. Every case also states the failure
+//! signals it sends to the agent (none, unless it says so).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
 use lb::dataplane::{
     sync::{DesiredBackend, DesiredService, Programmer},
     Dataplane, DataplaneOptions, Frontend, Protocol, TC_INGRESS_PROGRAM, XDP_PROGRAM,
 };
 use lb_common::{
-    family, flow_hash, AddrBe, BackendState, ConnDirection, ConnState, Counter, FlowKey,
+    config::SYN_RETRANSMIT_MIN_NS,
+    family, flow_hash,
+    maps::{
+        CONN_AWAIT_RETRANSMIT, CONN_HTTP, SYN_ECN, SYN_OPT_SACK, SYN_OPT_TIMESTAMPS, SYN_OPT_WSCALE,
+    },
+    AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Signal,
+    SignalKind,
 };
 use lb_tests::{
-    packets::{self, arp_frame, checksums_valid, icmp_error, PacketSpec, ACK, FIN, PSH, RST, SYN},
-    require_root,
+    packets::{
+        self, arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE,
+        FIN, PSH, RST, SYN,
+    },
+    require_root, Netns,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -45,6 +58,22 @@ const EMPTY: Frontend = Frontend {
     port: 80,
     protocol: Protocol::Tcp,
 };
+/// Published with the HTTP flag: the data plane reads response statuses.
+const API: Frontend = Frontend {
+    vip: VIP,
+    port: 8000,
+    protocol: Protocol::Tcp,
+};
+/// The one backend of `API`.
+const API_BACKEND: (Ipv4Addr, u16) = (BACKENDS[0], 8000);
+
+/// MAC addresses the TC program's route lookup finds in the namespace the TC fixtures run
+/// in (see `routed_netns`): the interface towards the backends, and each backend's.
+const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0, 0, 0x0b, o[2], o[3]]
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
@@ -56,12 +85,65 @@ enum Hook {
 enum Verdict {
     Pass,
     Drop,
+    /// TC only: sent out of another interface (TC_ACT_REDIRECT) after a route lookup.
+    Redirect,
+}
+
+/// The verdict for a packet the data plane turned around (a refusal re-sent as the
+/// client's SYN): XDP passes it to the stack, TC routes it to the new backend itself.
+fn resent_verdict(hook: Hook) -> Verdict {
+    match hook {
+        Hook::Xdp => Verdict::Pass,
+        Hook::TcIngress => Verdict::Redirect,
+    }
+}
+
+/// `frame` (a re-sent SYN) as it leaves the hook: XDP keeps the Ethernet header of the
+/// packet it rewrote; TC writes the addresses its route lookup found for the destination.
+fn resent_frame(hook: Hook, mut frame: Vec<u8>) -> Vec<u8> {
+    if hook == Hook::TcIngress {
+        let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+        frame[..6].copy_from_slice(&backend_mac(dst));
+        frame[6..12].copy_from_slice(&ROUTE_MAC);
+    }
+    frame
+}
+
+/// A failure signal as a case expects it (the kernel's timestamp is checked apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sig {
+    kind: SignalKind,
+    service_id: u32,
+    backend_id: u32,
+    status: u32,
+}
+
+fn sig(kind: SignalKind, service_id: u32, backend_id: u32) -> Sig {
+    Sig {
+        kind,
+        service_id,
+        backend_id,
+        status: 0,
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 struct Harness {
     dp: Dataplane,
     programmer: Programmer,
     hook: Hook,
+    /// The signal ring buffer (one consumer per data plane: taken when the harness is made).
+    signals: RingBuf<MapData>,
 }
 
 fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
@@ -99,7 +181,20 @@ fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
         backends: vec![],
         http: false,
     };
-    vec![web, dns, empty]
+    // Last, so the ids of the others do not change (ids are allocated in this order).
+    let api = DesiredService {
+        name: "api".into(),
+        frontend: API,
+        backends: vec![DesiredBackend {
+            addr: API_BACKEND.0,
+            port: API_BACKEND.1,
+            weight: 1,
+            state: BackendState::Active,
+            priority: Some(0),
+        }],
+        http: true,
+    };
+    vec![web, dns, empty, api]
 }
 
 impl Harness {
@@ -119,11 +214,24 @@ impl Harness {
         programmer
             .apply(&mut dp, &desired([BackendState::Active; 3]))
             .expect("program services");
+        let signals = dp.take_signals().expect("the signal ring buffer");
         Self {
             dp,
             programmer,
             hook,
+            signals,
         }
+    }
+
+    /// Every signal sent since the last call, oldest first.
+    fn signals(&mut self) -> Vec<Signal> {
+        let mut out = Vec::new();
+        while let Some(item) = self.signals.next() {
+            assert_eq!(item.len(), std::mem::size_of::<Signal>(), "signal size");
+            // SAFETY: the item holds one `Signal` (size checked), written by the kernel.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Signal>()) });
+        }
+        out
     }
 
     fn run(&mut self, input: &[u8]) -> (Verdict, Vec<u8>) {
@@ -161,6 +269,8 @@ impl Harness {
         let verdict = match (self.hook, code) {
             (Hook::Xdp, 2) | (Hook::TcIngress, 0) => Verdict::Pass,
             (Hook::Xdp, 1) | (Hook::TcIngress, 2) => Verdict::Drop,
+            // TC_ACT_REDIRECT: BPF_PROG_TEST_RUN reports it without sending the packet.
+            (Hook::TcIngress, 7) => Verdict::Redirect,
             (h, c) => anyhow::bail!("{h:?} returned unexpected code {c}"),
         };
         Ok((verdict, out))
@@ -187,7 +297,30 @@ impl Harness {
         )
     }
 
-    fn entry(&self, flow: &FlowKey) -> Option<lb_common::ConnEntry> {
+    /// Where the data plane must move the connection attempt `orig` of `frontend`: the
+    /// first backend of the service's failover list, as published in the maps, from the
+    /// entry's cursor on, that is neither the one it is on nor the one the table first
+    /// gave, and is active in the backends map. Also the position in the list.
+    fn next_backend(
+        &self,
+        frontend: &Frontend,
+        orig: &ConnEntry,
+    ) -> Option<((Ipv4Addr, u16), u32, usize)> {
+        let list = self.dp.failover_list(frontend).unwrap();
+        list.iter()
+            .enumerate()
+            .skip(orig.fallback_cursor as usize)
+            .filter(|&(_, &id)| id != orig.backend_id && id != orig.first_backend_id)
+            .find(|&(_, &id)| self.dp.backend(id).unwrap().state == BackendState::Active as u8)
+            .map(|(pos, &id)| (self.backend_addr(id), id, pos))
+    }
+
+    fn backend_addr(&self, id: u32) -> (Ipv4Addr, u16) {
+        let b = self.dp.backend(id).unwrap();
+        (Ipv4Addr::from(b.addr.v4_octets()), u16::from_be(b.port_be))
+    }
+
+    fn entry(&self, flow: &FlowKey) -> Option<ConnEntry> {
         self.dp
             .connections()
             .unwrap()
@@ -218,7 +351,16 @@ struct Case {
     counters: Vec<(Counter, u64)>,
 }
 
+/// Runs `case`, which must send no failure signal.
 fn check(h: &mut Harness, case: Case) {
+    check_signalled(h, case, &[]);
+}
+
+/// Runs `case`, which must send exactly `signals`, in this order, each stamped with the
+/// kernel's clock while the case ran.
+fn check_signalled(h: &mut Harness, case: Case, signals: &[Sig]) {
+    // Signals of packets sent outside a case (setup) are not this case's.
+    h.signals();
     let before = h.counters();
     let ctx = format!("{:?} / {}", h.hook, case.name);
     // BPF_PROG_TEST_RUN refuses some inputs (EINVAL) before the program runs: any
@@ -236,15 +378,19 @@ fn check(h: &mut Harness, case: Case) {
         );
         return;
     }
+    let started = monotonic_ns();
     let (verdict, out) = h
         .try_run(&case.input)
         .unwrap_or_else(|e| panic!("{ctx}: BPF_PROG_TEST_RUN failed: {e:?}"));
+    let ended = monotonic_ns();
     let after = h.counters();
     assert_eq!(verdict, case.verdict, "{ctx}: verdict");
     let expected = case.output.as_ref().unwrap_or(&case.input);
-    if verdict == Verdict::Pass {
+    if verdict != Verdict::Drop {
         assert_eq!(&out, expected, "{ctx}: output packet");
-        if case.output.is_some() {
+        // A frame cut shorter than its IPv4 length has no checksum to verify; its bytes
+        // were compared with the expectation (built whole, then cut) above.
+        if case.output.is_some() && !cut_short(&out) {
             assert!(
                 checksums_valid(&out),
                 "{ctx}: checksums of the rewritten packet"
@@ -261,11 +407,59 @@ fn check(h: &mut Harness, case: Case) {
             "{ctx}: counter {name} changed by {delta}, expected {expected}"
         );
     }
+    let sent = h.signals();
+    for s in &sent {
+        assert!(
+            (started..=ended).contains(&s.ktime_ns),
+            "{ctx}: signal {s:?} not stamped while the case ran ({started}..={ended})"
+        );
+    }
+    let sent: Vec<Sig> = sent
+        .iter()
+        .map(|s| Sig {
+            kind: SignalKind::from_u32(s.kind).expect("a known signal kind"),
+            service_id: s.service_id,
+            backend_id: s.backend_id,
+            status: s.status,
+        })
+        .collect();
+    assert_eq!(sent, signals, "{ctx}: signals");
+}
+
+/// `frame` as received from the wire: padded with zeros to the Ethernet minimum (60
+/// bytes without the frame check sequence).
+fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+    assert!(frame.len() < 60);
+    frame.resize(60, 0);
+    frame
+}
+
+/// Whether the IPv4 length of `frame` claims more bytes than the frame holds.
+fn cut_short(frame: &[u8]) -> bool {
+    frame.len() >= 18 && 14 + u16::from_be_bytes([frame[16], frame[17]]) as usize > frame.len()
 }
 
 fn refused_by_test_run(hook: Hook, input: &[u8]) -> bool {
     let is_ipv4 = input.len() >= 14 && input[12..14] == [0x08, 0x00];
     input.len() < 14 || (hook == Hook::TcIngress && is_ipv4 && input.len() < 34)
+}
+
+/// Runs `case` (a backend's segment) and checks what it added to backend `backend_id`'s
+/// HTTP statistics: `(ok, errors)`.
+fn check_response(h: &mut Harness, case: Case, signals: &[Sig], backend_id: u32, http: (u64, u64)) {
+    let name = case.name.clone();
+    let before = h.dp.backend_stats(backend_id).unwrap();
+    check_signalled(h, case, signals);
+    let after = h.dp.backend_stats(backend_id).unwrap();
+    assert_eq!(
+        (
+            after.http_ok - before.http_ok,
+            after.http_5xx - before.http_5xx
+        ),
+        http,
+        "{:?} / {name}: HTTP responses (ok, 5xx) of backend {backend_id}",
+        h.hook
+    );
 }
 
 fn client(port: u16) -> (Ipv4Addr, u16) {
@@ -402,16 +596,21 @@ fn run_fixtures(hook: Hook) {
             counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
         },
     );
+    // The builder's RST carries no ACK, so it cannot answer the SYN lb sent (a refusal
+    // acknowledges ISN + 1): it is not re-sent elsewhere but passed on, as a refusal that
+    // reached the client. The backend did refuse during the handshake: signalled.
     let rst = PacketSpec::tcp((b2.0, b2.1), client(40001), RST);
-    check(
+    check_signalled(
         &mut h,
         Case {
-            name: "RST from the backend is reverse-NATed and closes the connection".into(),
+            name: "RST without ACK from the backend is reverse-NATed and closes the connection"
+                .into(),
             input: rst.build(),
             verdict: Verdict::Pass,
             output: Some(rst.clone().with_src(vip80).build()),
-            counters: vec![(Counter::ReplyTracked, 1)],
+            counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
         },
+        &[sig(SignalKind::ConnectRefused, svc_id, b2.2)],
     );
     assert_eq!(
         h.entry(&flow_of(&syn2)).unwrap().state,
@@ -420,64 +619,642 @@ fn run_fixtures(hook: Hook) {
 
     // --- Signals for the agent: a refused connect is reported through the ring buffer,
     // a completed handshake is counted per backend.
-    let mut signals = h.dp.take_signals().expect("the signal ring buffer");
-    // Earlier cases signalled already (the RST answering a SYN above); start clean.
-    while signals.next().is_some() {}
     let refused = PacketSpec::tcp(client(40020), vip80, SYN);
     let (r_addr, r_port, r_id) = h.predicted_backend(&WEB, &flow_of(&refused));
     h.run(&refused.build());
+    // The builder's RST|ACK acknowledges 2000, the SYN's ISN is 1000: not an answer to the
+    // SYN lb sent (stale or forged), so no reason to resend the SYN. It goes on to the
+    // client (whose stack discards it) and counts as a refusal that reached the client.
     let rst = PacketSpec::tcp((r_addr, r_port), client(40020), RST | ACK);
-    check(
+    assert_ne!(rst.ack, refused.seq.wrapping_add(1));
+    check_signalled(
         &mut h,
         Case {
-            name: "RST answering the SYN (connect refused) is translated and signalled".into(),
+            name: "RST|ACK not acknowledging the SYN (ack ≠ ISN + 1) is translated and signalled"
+                .into(),
             input: rst.build(),
             verdict: Verdict::Pass,
             output: Some(rst.clone().with_src(vip80).build()),
-            counters: vec![(Counter::ReplyTracked, 1)],
+            counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
         },
+        &[sig(SignalKind::ConnectRefused, svc_id, r_id)],
     );
-    let item = signals.next().expect("a signal for the refused connect");
-    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    drop(item);
-    assert_eq!(sig.kind, lb_common::SignalKind::ConnectRefused as u32);
-    assert_eq!(sig.backend_id, r_id);
     let accepted = PacketSpec::tcp(client(40021), vip80, SYN);
     let (a_addr, a_port, a_id) = h.predicted_backend(&WEB, &flow_of(&accepted));
     h.run(&accepted.build());
     let before = h.dp.backend_stats(a_id).unwrap().handshakes;
-    h.run(&PacketSpec::tcp((a_addr, a_port), client(40021), SYN | ACK).build());
-    assert_eq!(h.dp.backend_stats(a_id).unwrap().handshakes, before + 1);
-    assert!(
-        signals.next().is_none(),
-        "a handshake is counted, not signalled"
+    let synack = PacketSpec::tcp((a_addr, a_port), client(40021), SYN | ACK);
+    check(
+        &mut h,
+        Case {
+            name: "SYN-ACK (connect success) is counted per backend, not signalled".into(),
+            input: synack.build(),
+            verdict: Verdict::Pass,
+            output: Some(synack.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
     );
+    assert_eq!(h.dp.backend_stats(a_id).unwrap().handshakes, before + 1);
     h.run(&PacketSpec::tcp(client(40021), vip80, ACK).build());
     h.run(
         &PacketSpec::tcp((a_addr, a_port), client(40021), ACK | PSH)
             .with_payload(b"x")
             .build(),
     );
-    h.run(&PacketSpec::tcp((a_addr, a_port), client(40021), RST).build());
-    let item = signals.next().expect("a signal for the reset");
-    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    drop(item);
-    assert_eq!(sig.kind, lb_common::SignalKind::EstablishedReset as u32);
-    assert_eq!(sig.backend_id, a_id);
-    // Host unreachable about a connection in its handshake is a connect failure too.
-    let unreachable = PacketSpec::tcp(client(40022), vip80, SYN);
-    let (u_addr, u_port, u_id) = h.predicted_backend(&WEB, &flow_of(&unreachable));
-    h.run(&unreachable.build());
-    let seen = PacketSpec::tcp(client(40022), (u_addr, u_port), SYN);
+    let reset = PacketSpec::tcp((a_addr, a_port), client(40021), RST);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "RST of an established connection is passed on and signalled as a reset".into(),
+            input: reset.build(),
+            verdict: Verdict::Pass,
+            output: Some(reset.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+        &[sig(SignalKind::EstablishedReset, svc_id, a_id)],
+    );
+
+    // --- Connection attempts that fail move to another backend ("re-steer"), hidden
+    // from the client. Where to is the service's failover list, published by the control
+    // plane after the selection table: every active backend by priority, then weight;
+    // here all at priority 0 with equal weights, so by id.
+    let mut web_ids: Vec<u32> = BACKENDS
+        .iter()
+        .map(|&a| h.programmer.backend_id(&WEB, a, 8080).unwrap())
+        .collect();
+    web_ids.sort();
+    assert_eq!(h.dp.failover_list(&WEB).unwrap(), web_ids);
+    let budget = h.dp.options().timeouts.connect_retries;
+    assert_eq!(budget, 2, "the default budget (these cases count on it)");
+
+    // A SYN as Linux sends it: MSS 1460, SACK permitted, timestamp, window scale 7.
+    const ISN: u32 = 0x5eed_0001;
+    const TSVAL: u32 = 0x00c0_ffee;
+    let linux_opts = linux_syn_options(1460, TSVAL, 7);
+    let linux_syn = |port: u16| {
+        PacketSpec::tcp(client(port), vip80, SYN)
+            .with_seq(ISN)
+            .with_ack(0)
+            .with_window(64240)
+            .with_tcp_options(&linux_opts)
+    };
+    // What a backend's stack answers a SYN for a closed port with.
+    let refusal = |from: (Ipv4Addr, u16), port: u16, isn: u32| {
+        PacketSpec::tcp(from, client(port), RST | ACK)
+            .with_seq(0)
+            .with_ack(isn.wrapping_add(1))
+            .with_window(0)
+    };
+    // The client's SYN as lb sends it again: IPv4 identification 0, all else as offered.
+    // lb writes the options in Linux's order, so a Linux SYN comes out as it went in.
+    let resent = |syn: &PacketSpec, to: (Ipv4Addr, u16)| {
+        resent_frame(hook, syn.clone().with_dst(to).with_ip_id(0).build())
+    };
+
+    let r_syn = linux_syn(40030);
+    let r_flow = flow_of(&r_syn);
+    let (r1_addr, r1_port, r1) = h.predicted_backend(&WEB, &r_flow);
+    let r1_at = (r1_addr, r1_port);
+    check(
+        &mut h,
+        Case {
+            name: "SYN with Linux's options is DNATed, its offer kept for a re-send".into(),
+            input: r_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(r_syn.clone().with_dst(r1_at).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    let orig = h.entry(&r_flow).unwrap();
+    assert_eq!(
+        (
+            orig.syn_isn,
+            orig.syn_tsval,
+            orig.syn_window,
+            orig.syn_mss,
+            orig.syn_wscale
+        ),
+        (ISN, TSVAL, 64240, 1460, 7)
+    );
+    assert_eq!(
+        orig.flags,
+        SYN_OPT_SACK | SYN_OPT_TIMESTAMPS | SYN_OPT_WSCALE,
+        "no ECN asked, not an HTTP service"
+    );
+    assert_eq!(
+        (orig.first_backend_id, orig.retries, orig.fallback_cursor),
+        (r1, 0, 0)
+    );
+    let (r2_at, r2, r2_pos) = h.next_backend(&WEB, &orig).expect("another active backend");
+    assert_ne!(r2, r1);
+    let new_conns = |h: &Harness, id: u32| h.dp.backend_stats(id).unwrap().new_connections;
+    let (r1_conns, r2_conns) = (new_conns(&h, r1), new_conns(&h, r2));
+    check_signalled(
+        &mut h,
+        Case {
+            name: "refusal of the SYN (RST|ACK, ack = ISN + 1) becomes the client's SYN to the \
+                   next backend of the failover list"
+                .into(),
+            // As it comes off the wire: 54 bytes padded to the Ethernet minimum of 60.
+            input: padded(refusal(r1_at, 40030, ISN).build()),
+            verdict: resent_verdict(hook),
+            output: Some(resent(&r_syn, r2_at)),
+            counters: vec![(Counter::ForwardResteered, 1)],
+        },
+        &[sig(SignalKind::ConnectRefused, svc_id, r1)],
+    );
+    let moved = h.entry(&r_flow).unwrap();
+    assert!(moved.last_seen_ns >= orig.last_seen_ns);
+    assert_eq!(
+        moved,
+        ConnEntry {
+            nat_addr: AddrBe::v4(r2_at.0.octets()),
+            nat_port_be: r2_at.1.to_be(),
+            backend_id: r2,
+            retries: 1,
+            fallback_cursor: (r2_pos + 1) as u8,
+            last_seen_ns: moved.last_seen_ns,
+            ..orig
+        },
+        "{hook:?}: the client's entry names the new backend, the rest is kept"
+    );
+    assert!(
+        h.entry(&flow_of(&refusal(r1_at, 40030, ISN))).is_none(),
+        "{hook:?}: the refusing backend's entry is gone"
+    );
+    let r2_synack = PacketSpec::tcp(r2_at, client(40030), SYN | ACK)
+        .with_seq(0x7a11_0000)
+        .with_ack(ISN.wrapping_add(1));
+    let rev = h
+        .entry(&flow_of(&r2_synack))
+        .expect("the new backend's entry");
+    assert_eq!(
+        (
+            rev.direction,
+            rev.state,
+            rev.backend_id,
+            rev.service_id,
+            rev.first_backend_id
+        ),
+        (
+            ConnDirection::Reply as u8,
+            ConnState::TcpSyn as u8,
+            r2,
+            svc_id,
+            r1
+        )
+    );
+    assert_eq!(
+        (rev.nat_addr, u16::from_be(rev.nat_port_be)),
+        (AddrBe::v4(VIP.octets()), 80)
+    );
+    assert_eq!(
+        (new_conns(&h, r1), new_conns(&h, r2)),
+        (r1_conns, r2_conns + 1),
+        "{hook:?}: the attempt is the new backend's connection now"
+    );
+    check(
+        &mut h,
+        Case {
+            name: "a late segment from the refusing backend is no longer translated".into(),
+            input: refusal(r1_at, 40030, ISN).build(),
+            verdict: Verdict::Pass,
+            output: None,
+            counters: vec![(Counter::PassNotService, 1)],
+        },
+    );
+    let handshakes = h.dp.backend_stats(r2).unwrap().handshakes;
+    check(
+        &mut h,
+        Case {
+            name: "the new backend's SYN-ACK is reverse-NATed to the VIP".into(),
+            input: r2_synack.build(),
+            verdict: Verdict::Pass,
+            output: Some(r2_synack.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+    );
+    assert_eq!(h.dp.backend_stats(r2).unwrap().handshakes, handshakes + 1);
+    let r_ack = PacketSpec::tcp(client(40030), vip80, ACK)
+        .with_seq(ISN.wrapping_add(1))
+        .with_ack(0x7a11_0001)
+        .with_payload(b"GET / HTTP/1.1\r\n\r\n");
+    check(
+        &mut h,
+        Case {
+            name: "the client's ACK completes the handshake with the new backend".into(),
+            input: r_ack.build(),
+            verdict: Verdict::Pass,
+            output: Some(r_ack.clone().with_dst(r2_at).build()),
+            counters: vec![(Counter::ForwardTracked, 1)],
+        },
+    );
+    assert_eq!(
+        h.entry(&r_flow).unwrap().state,
+        ConnState::TcpEstablished as u8
+    );
+
+    // The budget: `dataplane.connect_retries` re-sends per connection attempt. A SYN that
+    // asks for ECN and offers only an MSS: the re-sent SYN keeps ECN and has NOPs where
+    // the client offered nothing. Its ISN is the largest, so the refusal acknowledges 0.
+    let ecn_syn = PacketSpec::tcp(client(40031), vip80, SYN | ECE | CWR)
+        .with_seq(u32::MAX)
+        .with_ack(0)
+        .with_window(29200)
+        .with_tcp_options(&[2, 4, 0x05, 0x78]);
+    let mut mss_and_nops = vec![2, 4, 0x05, 0x78];
+    mss_and_nops.extend([1; 16]);
+    let ecn_resent = ecn_syn.clone().with_tcp_options(&mss_and_nops);
+    let e_flow = flow_of(&ecn_syn);
+    let (e_addr, e_port, mut e_id) = h.predicted_backend(&WEB, &e_flow);
+    let mut e_at = (e_addr, e_port);
+    check(
+        &mut h,
+        Case {
+            name: "SYN asking for ECN with only an MSS option".into(),
+            input: ecn_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(ecn_syn.clone().with_dst(e_at).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    let orig = h.entry(&e_flow).unwrap();
+    assert_eq!(
+        (orig.flags, orig.syn_mss, orig.syn_window, orig.syn_isn),
+        (SYN_ECN, 1400, 29200, u32::MAX)
+    );
+    for n in 1..=budget {
+        let orig = h.entry(&e_flow).unwrap();
+        let (next_at, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
+        check_signalled(
+            &mut h,
+            Case {
+                name: format!(
+                    "refusal {n} of a budget of {budget}: re-sent to the next backend with \
+                     ECN, the MSS and NOPs"
+                ),
+                input: refusal(e_at, 40031, u32::MAX).build(),
+                verdict: resent_verdict(hook),
+                output: Some(resent(&ecn_resent, next_at)),
+                counters: vec![(Counter::ForwardResteered, 1)],
+            },
+            &[sig(SignalKind::ConnectRefused, svc_id, e_id)],
+        );
+        let entry = h.entry(&e_flow).unwrap();
+        assert_eq!(
+            (entry.backend_id, entry.retries, entry.state),
+            (next, n as u8, ConnState::TcpSyn as u8)
+        );
+        (e_at, e_id) = (next_at, next);
+    }
+    // Here the budget and the failover list end together (three backends);
+    // `the_retry_budget_bounds_resteers` and the last case below separate them.
+    let last = refusal(e_at, 40031, u32::MAX);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "refusal after the budget is used up reaches the client, from the VIP".into(),
+            input: last.build(),
+            verdict: Verdict::Pass,
+            output: Some(last.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
+        },
+        &[sig(SignalKind::ConnectRefused, svc_id, e_id)],
+    );
+    let entry = h.entry(&e_flow).unwrap();
+    assert_eq!(
+        (entry.backend_id, entry.retries, entry.state),
+        (e_id, budget as u8, ConnState::TcpClosing as u8)
+    );
+
+    // --- Connect timeouts: a client retransmits its SYN when no answer came.
+    let t_syn = linux_syn(40032);
+    let t_flow = flow_of(&t_syn);
+    let (t1_addr, t1_port, t1) = h.predicted_backend(&WEB, &t_flow);
+    let t1_at = (t1_addr, t1_port);
+    check(
+        &mut h,
+        Case {
+            name: "SYN of a connection whose backend will not answer".into(),
+            input: t_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(t_syn.clone().with_dst(t1_at).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    check(
+        &mut h,
+        Case {
+            name: "the same SYN again at once is a duplicate, not a timeout: same backend".into(),
+            input: t_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(t_syn.clone().with_dst(t1_at).build()),
+            counters: vec![(Counter::ForwardTracked, 1)],
+        },
+    );
+    let t_orig = h.entry(&t_flow).unwrap();
+    assert_eq!((t_orig.backend_id, t_orig.retries), (t1, 0));
+
+    // --- ICMP destination unreachable about the SYN: the backend cannot be reached.
+    let u_syn = linux_syn(40033);
+    let u_flow = flow_of(&u_syn);
+    let (u1_addr, u1_port, u1) = h.predicted_backend(&WEB, &u_flow);
+    let u1_at = (u1_addr, u1_port);
+    check(
+        &mut h,
+        Case {
+            name: "SYN of a connection whose backend cannot be reached".into(),
+            input: u_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(u_syn.clone().with_dst(u1_at).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    let orig = h.entry(&u_flow).unwrap();
+    let (u2_at, u2, _) = h.next_backend(&WEB, &orig).expect("another backend");
+    // A router on the way quotes the whole SYN as the backend side saw it.
     let router = Ipv4Addr::new(10, 200, 0, 1);
-    h.run(&icmp_error(router, CLIENT, 3, 1, 0, &seen, 28));
-    let item = signals
-        .next()
-        .expect("a signal for the unreachable backend");
-    let sig: lb_common::Signal = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    drop(item);
-    assert_eq!(sig.kind, lb_common::SignalKind::ConnectRefused as u32);
-    assert_eq!(sig.backend_id, u_id);
+    let unreachable = icmp_error(router, CLIENT, 3, 1, 0, &u_syn.clone().with_dst(u1_at), 60);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "host unreachable about the SYN is held back; the attempt moves on".into(),
+            input: unreachable,
+            verdict: Verdict::Drop,
+            output: None,
+            counters: vec![(Counter::DropRefusalHeld, 1)],
+        },
+        &[sig(SignalKind::Unreachable, svc_id, u1)],
+    );
+    let held = h.entry(&u_flow).unwrap();
+    assert_eq!(
+        (held.backend_id, held.retries, held.flags),
+        (
+            u2,
+            1,
+            SYN_OPT_SACK | SYN_OPT_TIMESTAMPS | SYN_OPT_WSCALE | CONN_AWAIT_RETRANSMIT
+        )
+    );
+    assert!(h
+        .entry(&flow_of(&PacketSpec::tcp(u1_at, client(40033), ACK)))
+        .is_none());
+    assert!(h
+        .entry(&flow_of(&PacketSpec::tcp(u2_at, client(40033), ACK)))
+        .is_some());
+
+    // Both clients retransmit after the backend had time to answer (Linux waits 1 s);
+    // one sleep past SYN_RETRANSMIT_MIN_NS serves both.
+    std::thread::sleep(Duration::from_nanos(SYN_RETRANSMIT_MIN_NS) + Duration::from_millis(50));
+    let (t2_at, t2, t2_pos) = h.next_backend(&WEB, &t_orig).expect("another backend");
+    check_signalled(
+        &mut h,
+        Case {
+            name: "SYN retransmitted after 200 ms is a connect timeout: signalled, and sent \
+                   to the next backend"
+                .into(),
+            input: t_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(t_syn.clone().with_dst(t2_at).build()),
+            counters: vec![
+                (Counter::ForwardTracked, 1),
+                (Counter::EventTimeoutResteered, 1),
+            ],
+        },
+        &[sig(SignalKind::ConnectTimeout, svc_id, t1)],
+    );
+    let moved = h.entry(&t_flow).unwrap();
+    assert_eq!(
+        moved,
+        ConnEntry {
+            nat_addr: AddrBe::v4(t2_at.0.octets()),
+            nat_port_be: t2_at.1.to_be(),
+            backend_id: t2,
+            retries: 1,
+            fallback_cursor: (t2_pos + 1) as u8,
+            last_seen_ns: moved.last_seen_ns,
+            ..t_orig
+        }
+    );
+    assert!(moved.last_seen_ns > t_orig.last_seen_ns + SYN_RETRANSMIT_MIN_NS);
+    assert!(h
+        .entry(&flow_of(&PacketSpec::tcp(t1_at, client(40032), ACK)))
+        .is_none());
+    assert!(h
+        .entry(&flow_of(&PacketSpec::tcp(t2_at, client(40032), ACK)))
+        .is_some());
+    check(
+        &mut h,
+        Case {
+            name: "the SYN retransmitted after a held-back unreachable goes to the new backend \
+                   and is no timeout"
+                .into(),
+            input: u_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(u_syn.clone().with_dst(u2_at).build()),
+            counters: vec![(Counter::ForwardTracked, 1)],
+        },
+    );
+    let entry = h.entry(&u_flow).unwrap();
+    assert_eq!(
+        (
+            entry.backend_id,
+            entry.retries,
+            entry.flags & CONN_AWAIT_RETRANSMIT
+        ),
+        (u2, 1, 0)
+    );
+    // The second backend rejects it itself (iptables' REJECT: port unreachable).
+    let (u3_at, u3, _) = h.next_backend(&WEB, &entry).expect("a third backend");
+    let rejected = icmp_error(u2_at.0, CLIENT, 3, 3, 0, &u_syn.clone().with_dst(u2_at), 60);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "port unreachable from the second backend is held back as well".into(),
+            input: rejected,
+            verdict: Verdict::Drop,
+            output: None,
+            counters: vec![(Counter::DropRefusalHeld, 1)],
+        },
+        &[sig(SignalKind::Unreachable, svc_id, u2)],
+    );
+    check(
+        &mut h,
+        Case {
+            name: "the next retransmission goes to the third backend".into(),
+            input: u_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(u_syn.clone().with_dst(u3_at).build()),
+            counters: vec![(Counter::ForwardTracked, 1)],
+        },
+    );
+    check_signalled(
+        &mut h,
+        Case {
+            name: "unreachable after the budget is used up is translated for the client".into(),
+            input: icmp_error(u3_at.0, CLIENT, 3, 3, 0, &u_syn.clone().with_dst(u3_at), 60),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(VIP, CLIENT, 3, 3, 0, &u_syn, 60)),
+            counters: vec![
+                (Counter::ReplyIcmpError, 1),
+                (Counter::EventRefusalPassed, 1),
+            ],
+        },
+        &[sig(SignalKind::Unreachable, svc_id, u3)],
+    );
+    assert_eq!(h.entry(&u_flow).unwrap().retries, budget as u8);
+
+    // --- HTTP/1.x response status, read for services published with the HTTP flag.
+    let api_id = h.programmer.service_id(&API).unwrap();
+    let api_vip = (VIP, 8000);
+    let h_syn = PacketSpec::tcp(client(40040), api_vip, SYN);
+    let (h_addr, h_port, h_id) = h.predicted_backend(&API, &flow_of(&h_syn));
+    assert_eq!((h_addr, h_port), API_BACKEND);
+    h.run(&h_syn.build());
+    assert_eq!(
+        h.entry(&flow_of(&h_syn)).unwrap().flags & CONN_HTTP,
+        CONN_HTTP
+    );
+    h.run(&PacketSpec::tcp(API_BACKEND, client(40040), SYN | ACK).build());
+    h.run(
+        &PacketSpec::tcp(client(40040), api_vip, ACK)
+            .with_payload(b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n")
+            .build(),
+    );
+    let response = |payload: &[u8]| {
+        PacketSpec::tcp(API_BACKEND, client(40040), ACK | PSH).with_payload(payload)
+    };
+    let http_case = |name: &str, seg: &PacketSpec, extra: Option<Counter>| Case {
+        name: name.into(),
+        input: seg.build(),
+        verdict: Verdict::Pass,
+        output: Some(seg.clone().with_src(api_vip).build()),
+        counters: std::iter::once((Counter::ReplyTracked, 1))
+            .chain(extra.map(|c| (c, 1)))
+            .collect(),
+    };
+    let ok = response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+    check_response(
+        &mut h,
+        http_case("200 response counts a success", &ok, None),
+        &[],
+        h_id,
+        (1, 0),
+    );
+    let body = response(b"hello, and a quoted HTTP/1.1 503 in the body");
+    check_response(
+        &mut h,
+        http_case("a body segment is not read as a response", &body, None),
+        &[],
+        h_id,
+        (0, 0),
+    );
+    let error = response(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+    check_response(
+        &mut h,
+        http_case(
+            "503 response counts an error and is signalled",
+            &error,
+            None,
+        ),
+        &[Sig {
+            status: 503,
+            ..sig(SignalKind::HttpError, api_id, h_id)
+        }],
+        h_id,
+        (0, 1),
+    );
+    let shortest = response(b"HTTP/1.1 502");
+    check_response(
+        &mut h,
+        http_case("a status line of exactly 12 bytes is read", &shortest, None),
+        &[Sig {
+            status: 502,
+            ..sig(SignalKind::HttpError, api_id, h_id)
+        }],
+        h_id,
+        (0, 1),
+    );
+    let old = response(b"HTTP/1.0 404 Not Found\r\n\r\n");
+    check_response(
+        &mut h,
+        http_case("HTTP/1.0 404 is a success (below 500)", &old, None),
+        &[],
+        h_id,
+        (1, 0),
+    );
+    let split_head = response(b"HTTP/1.1 50");
+    check_response(
+        &mut h,
+        http_case(
+            "status line split across segments: the first is unparsed",
+            &split_head,
+            Some(Counter::EventHttpUnparsed),
+        ),
+        &[],
+        h_id,
+        (0, 0),
+    );
+    let split_tail = response(b"3 Service Unavailable\r\n\r\n");
+    check_response(
+        &mut h,
+        http_case("... and its rest is not a response", &split_tail, None),
+        &[],
+        h_id,
+        (0, 0),
+    );
+    for bad in [
+        &b"HTTP/1.1 5x3 Odd\r\n\r\n"[..],
+        b"HTTP/1.1 600 Huh\r\n",
+        b"HTTP/1.1503 \r\n",
+    ] {
+        let seg = response(bad);
+        check_response(
+            &mut h,
+            http_case(
+                &format!(
+                    "malformed status {:?} is unparsed",
+                    String::from_utf8_lossy(bad)
+                ),
+                &seg,
+                Some(Counter::EventHttpUnparsed),
+            ),
+            &[],
+            h_id,
+            (0, 0),
+        );
+    }
+    // Frames whose IPv4 length claims more payload than they hold: nothing is read past
+    // the end. Cut inside `HTTP/1.`, the segment is not a response; cut inside the
+    // status, it is one whose status cannot be read (unparsed, as when it is too short).
+    for (keep, unparsed) in [(6, None), (10, Some(Counter::EventHttpUnparsed))] {
+        let whole = error.build();
+        let cut = 14 + 20 + 20 + keep;
+        let mut case = http_case(
+            &format!("frame cut after {keep} payload bytes: no read past its end"),
+            &error,
+            unparsed,
+        );
+        case.input = whole[..cut].to_vec();
+        case.output = Some(error.clone().with_src(api_vip).build()[..cut].to_vec());
+        check_response(&mut h, case, &[], h_id, (0, 0));
+    }
+    // The same 503 from a backend of a service without the HTTP flag (the connection that
+    // was re-sent to its second backend above).
+    let plain = PacketSpec::tcp(r2_at, client(40030), ACK | PSH)
+        .with_payload(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+    check_response(
+        &mut h,
+        Case {
+            name: "503 on a service without the HTTP flag is not read".into(),
+            input: plain.build(),
+            verdict: Verdict::Pass,
+            output: Some(plain.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+        &[],
+        r2,
+        (0, 0),
+    );
 
     // --- UDP both ways, with and without a checksum.
     let q = PacketSpec::udp(client(5000), (VIP, 53), b"query");
@@ -521,6 +1298,11 @@ fn run_fixtures(hook: Hook) {
     let (b3_addr, b3_port, _) = h.predicted_backend(&WEB, &flow_of(&syn3));
     let b3 = (b3_addr, b3_port);
     h.run(&syn3.build());
+    // Established both ways (the backend's side once it sent a segment without SYN): an
+    // unreachable during the handshake is a connect failure, handled above.
+    h.run(&PacketSpec::tcp(b3, client(40010), SYN | ACK).build());
+    h.run(&PacketSpec::tcp(client(40010), vip80, ACK).build());
+    h.run(&PacketSpec::tcp(b3, client(40010), ACK).build());
     // What the backend received (after DNAT), and what the client sent.
     let seen_by_backend = PacketSpec::tcp(client(40010), b3, ACK).with_payload(&[7; 1400]);
     let sent_by_client = seen_by_backend.clone().with_dst(vip80);
@@ -863,6 +1645,50 @@ fn run_fixtures(hook: Hook) {
             counters: vec![(Counter::ForwardTracked, 1)],
         },
     );
+    // The failover list, like the table, still names the ejected backend: a re-steer
+    // skips it by its state in the backends map. A connection on the backend listed just
+    // before it must go to the one listed just after it.
+    let list = h.dp.failover_list(&WEB).unwrap();
+    let pos = list.iter().position(|&id| id == ejected_id).unwrap();
+    assert!(
+        pos >= 1 && pos + 1 < list.len(),
+        "the ejected backend is mid-list"
+    );
+    let (before_id, after_id) = (list[pos - 1], list[pos + 1]);
+    let (before_at, after_at) = (h.backend_addr(before_id), h.backend_addr(after_id));
+    let s_port = port_landing_on(&h, &WEB, linux_syn, before_id, new_port + 1);
+    let s_syn = linux_syn(s_port);
+    check(
+        &mut h,
+        Case {
+            name: "SYN to the backend listed before the ejected one".into(),
+            input: s_syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(s_syn.clone().with_dst(before_at).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    check_signalled(
+        &mut h,
+        Case {
+            name: "re-steer skips a backend the failover list names but the map has ejected".into(),
+            // With a payload (RFC 1122 allows diagnostic text in an RST): the packet
+            // shrinks to the SYN.
+            input: refusal(before_at, s_port, ISN)
+                .with_payload(&[b'x'; 100])
+                .build(),
+            verdict: resent_verdict(hook),
+            output: Some(resent(&s_syn, after_at)),
+            counters: vec![(Counter::ForwardResteered, 1)],
+        },
+        &[sig(SignalKind::ConnectRefused, svc_id, before_id)],
+    );
+    let entry = h.entry(&flow_of(&s_syn)).unwrap();
+    assert_eq!(
+        (entry.backend_id, entry.fallback_cursor),
+        (after_id, (pos + 2) as u8)
+    );
+
     for id in 1..=3 {
         let (addr, state) = (BACKENDS[id - 1], BackendState::Ejected);
         let bid = h.programmer.backend_id(&WEB, addr, 8080).unwrap();
@@ -912,6 +1738,38 @@ fn run_fixtures(hook: Hook) {
             "{hook:?}: only the active backend"
         );
     }
+    // A refusal with budget left but no other active backend (the list holds only the
+    // active ones) reaches the client.
+    let lone_id = h.programmer.backend_id(&WEB, BACKENDS[1], 8080).unwrap();
+    assert_eq!(h.dp.failover_list(&WEB).unwrap(), vec![lone_id]);
+    let lone = linux_syn(41100);
+    check(
+        &mut h,
+        Case {
+            name: "SYN to the only active backend".into(),
+            input: lone.build(),
+            verdict: Verdict::Pass,
+            output: Some(lone.clone().with_dst((BACKENDS[1], 8080)).build()),
+            counters: vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        },
+    );
+    let refused = refusal((BACKENDS[1], 8080), 41100, ISN);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "refusal with no other active backend reaches the client, from the VIP".into(),
+            input: refused.build(),
+            verdict: Verdict::Pass,
+            output: Some(refused.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
+        },
+        &[sig(SignalKind::ConnectRefused, svc_id, lone_id)],
+    );
+    let entry = h.entry(&flow_of(&lone)).unwrap();
+    assert_eq!(
+        (entry.backend_id, entry.retries, entry.state),
+        (lone_id, 0, ConnState::TcpClosing as u8)
+    );
 }
 
 #[test]
@@ -921,7 +1779,54 @@ fn xdp_fixtures() {
 
 #[test]
 fn tc_fixtures() {
-    run_fixtures(Hook::TcIngress);
+    if !require_root() {
+        return;
+    }
+    let ns = routed_netns();
+    ns.run(|| run_fixtures(Hook::TcIngress));
+}
+
+/// A namespace where the TC program's route lookup finds a route and a neighbour for
+/// every backend, so a re-sent SYN is redirected with known addresses.
+/// BPF_PROG_TEST_RUN runs the program in the caller's namespace (input lookup on its
+/// loopback); the host's routes and forwarding setting would make the result depend on
+/// the machine.
+fn routed_netns() -> Netns {
+    let ns = Netns::new("dpf").expect("a namespace for the TC fixtures");
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let route_mac = mac(ROUTE_MAC);
+    let setup = || -> anyhow::Result<()> {
+        ns.ip(&[
+            "link", "add", "lbr0", "address", &route_mac, "type", "veth", "peer", "name", "lbr1",
+        ])?;
+        ns.ip(&["link", "set", "lbr0", "up"])?;
+        ns.ip(&["link", "set", "lbr1", "up"])?;
+        ns.ip(&["addr", "add", "10.200.0.1/16", "dev", "lbr0"])?;
+        for b in BACKENDS {
+            let addr = b.to_string();
+            let lladdr = mac(backend_mac(b));
+            ns.ip(&[
+                "neigh",
+                "add",
+                &addr,
+                "lladdr",
+                &lladdr,
+                "dev",
+                "lbr0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        // bpf_fib_lookup answers only where forwarding is on (here: on loopback).
+        ns.set_sysctl("net.ipv4.conf.all.forwarding", "1")
+    };
+    setup().expect("routes and neighbours for the TC fixtures");
+    ns
 }
 
 /// A full connection table evicts the least recently used entries and counts what that
@@ -1010,5 +1915,177 @@ fn idle_flows_expire_after_the_configured_timeout() {
             "after the timeout",
             vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
         ),
+    );
+}
+
+/// `dataplane.connect_retries` bounds the re-steers of one connection attempt even when
+/// another backend is eligible; 0 turns re-steering off.
+#[test]
+fn the_retry_budget_bounds_resteers() {
+    if !require_root() {
+        return;
+    }
+    for budget in [0u32, 1] {
+        let mut options = DataplaneOptions {
+            max_connections: 1024,
+            ..Default::default()
+        };
+        options.timeouts.connect_retries = budget;
+        let mut h = Harness::with_options(Hook::Xdp, options);
+        let svc_id = h.programmer.service_id(&WEB).unwrap();
+        let vip80 = (VIP, 80);
+        let syn = PacketSpec::tcp(client(45000), vip80, SYN)
+            .with_seq(7)
+            .with_ack(0);
+        let flow = flow_of(&syn);
+        let (addr, port, mut id) = h.predicted_backend(&WEB, &flow);
+        let mut at = (addr, port);
+        h.run(&syn.build());
+        let refusal = |from: (Ipv4Addr, u16)| {
+            PacketSpec::tcp(from, client(45000), RST | ACK)
+                .with_seq(0)
+                .with_ack(8)
+        };
+        for n in 1..=budget {
+            let orig = h.entry(&flow).unwrap();
+            let (next_at, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
+            // The builder's SYN has no options: the re-sent one has NOPs only.
+            let resent = syn
+                .clone()
+                .with_dst(next_at)
+                .with_ip_id(0)
+                .with_tcp_options(&[1; 20]);
+            check_signalled(
+                &mut h,
+                Case {
+                    name: format!("budget {budget}: refusal {n} is re-sent"),
+                    input: refusal(at).build(),
+                    verdict: Verdict::Pass,
+                    output: Some(resent.build()),
+                    counters: vec![(Counter::ForwardResteered, 1)],
+                },
+                &[sig(SignalKind::ConnectRefused, svc_id, id)],
+            );
+            (at, id) = (next_at, next);
+        }
+        let orig = h.entry(&flow).unwrap();
+        assert_eq!(orig.retries as u32, budget);
+        assert!(
+            h.next_backend(&WEB, &orig).is_some(),
+            "another backend would be eligible"
+        );
+        let last = refusal(at);
+        check_signalled(
+            &mut h,
+            Case {
+                name: format!("budget {budget}: the next refusal reaches the client"),
+                input: last.build(),
+                verdict: Verdict::Pass,
+                output: Some(last.clone().with_src(vip80).build()),
+                counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
+            },
+            &[sig(SignalKind::ConnectRefused, svc_id, id)],
+        );
+    }
+}
+
+/// A connection the client has completed (SYN, SYN-ACK, ACK with a request) whose backend
+/// has not sent anything yet: the usual state of a request/response protocol while the
+/// request is on its way. Returns the harness, the backend and the request as sent.
+fn established_before_the_backend_speaks(port: u16) -> (Harness, (Ipv4Addr, u16), u32) {
+    let mut h = Harness::new(Hook::Xdp);
+    let vip80 = (VIP, 80);
+    let syn = PacketSpec::tcp(client(port), vip80, SYN);
+    let (addr, bport, id) = h.predicted_backend(&WEB, &flow_of(&syn));
+    h.run(&syn.build());
+    h.run(&PacketSpec::tcp((addr, bport), client(port), SYN | ACK).build());
+    h.run(
+        &PacketSpec::tcp(client(port), vip80, ACK)
+            .with_payload(&[7; 1400])
+            .build(),
+    );
+    assert_eq!(
+        h.entry(&flow_of(&syn)).unwrap().state,
+        ConnState::TcpEstablished as u8,
+        "the client completed the handshake"
+    );
+    h.signals();
+    (h, (addr, bport), id)
+}
+
+/// Path MTU discovery on a connection whose handshake is complete is not a connect
+/// failure: the error is translated for the client, and nothing is signalled.
+#[test]
+fn fragmentation_needed_after_the_handshake_is_no_connect_failure() {
+    if !require_root() {
+        return;
+    }
+    let (mut h, backend, _) = established_before_the_backend_speaks(46000);
+    let seen = PacketSpec::tcp(client(46000), backend, ACK).with_payload(&[7; 1400]);
+    let sent = seen.clone().with_dst((VIP, 80));
+    let router = Ipv4Addr::new(10, 200, 3, 1);
+    check(
+        &mut h,
+        Case {
+            name: "fragmentation needed about the client's request".into(),
+            input: icmp_error(router, CLIENT, 3, 4, 1280, &seen, 48),
+            verdict: Verdict::Pass,
+            output: Some(icmp_error(router, CLIENT, 3, 4, 1280, &sent, 48)),
+            counters: vec![(Counter::ReplyIcmpError, 1)],
+        },
+    );
+}
+
+/// A backend that resets a connection after the client completed the handshake did not
+/// refuse the connection: a reset, not a refusal passed to the client.
+#[test]
+fn reset_after_the_handshake_is_no_refusal() {
+    if !require_root() {
+        return;
+    }
+    let (mut h, backend, id) = established_before_the_backend_speaks(46001);
+    let svc_id = h.programmer.service_id(&WEB).unwrap();
+    let rst = PacketSpec::tcp(backend, client(46001), RST | ACK);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "RST from the backend before it sent anything".into(),
+            input: rst.build(),
+            verdict: Verdict::Pass,
+            output: Some(rst.clone().with_src((VIP, 80)).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+        &[sig(SignalKind::EstablishedReset, svc_id, id)],
+    );
+}
+
+/// A retransmitted SYN moved to another backend (connect timeout) is one packet: the
+/// service and the new backend count it once.
+#[test]
+fn a_syn_resent_after_a_timeout_counts_as_one_packet() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new(Hook::Xdp);
+    let svc_id = h.programmer.service_id(&WEB).unwrap();
+    let syn = PacketSpec::tcp(client(47000), (VIP, 80), SYN).with_ack(0);
+    h.run(&syn.build());
+    let orig = h.entry(&flow_of(&syn)).unwrap();
+    let (_, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
+    let packets = |h: &Harness| {
+        (
+            h.dp.service_stats(svc_id).unwrap().packets,
+            h.dp.backend_stats(next).unwrap().packets,
+        )
+    };
+    let before = packets(&h);
+    std::thread::sleep(Duration::from_nanos(SYN_RETRANSMIT_MIN_NS) + Duration::from_millis(50));
+    h.run(&syn.build());
+    assert_eq!(h.entry(&flow_of(&syn)).unwrap().backend_id, next);
+    let after = packets(&h);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "packets of the service and of the new backend"
     );
 }

@@ -69,7 +69,17 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     /// How often counters are logged (None: never).
     pub stats_interval: Option<Duration>,
+    /// Directory in the BPF filesystem where the maps are pinned, so `lb` commands (and a
+    /// restarted agent) can read them.
+    pub pin_dir: PathBuf,
+    /// Root-only file holding the token mutating admin calls must carry.
+    pub admin_token_file: PathBuf,
 }
+
+/// Where the agent pins its maps unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Where the agent writes the admin token unless told otherwise.
+pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "/run/lb/admin.token";
 
 /// Outlier detection without thresholds: only operator actions eject. Used for services
 /// whose DestinationRule has no `outlierDetection`.

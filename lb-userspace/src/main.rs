@@ -39,6 +39,12 @@ enum Command {
         /// Log the data-plane counters every this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
+        /// Directory in the BPF filesystem where the maps are pinned.
+        #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// File (created root-only) holding the token mutating admin calls must carry.
+        #[arg(long, default_value = agent::DEFAULT_ADMIN_TOKEN_FILE)]
+        admin_token_file: PathBuf,
     },
     /// Check a configuration file and print what it defines.
     Check {
@@ -58,6 +64,8 @@ async fn main() -> Result<()> {
             admin,
             watch_interval,
             stats_interval,
+            pin_dir,
+            admin_token_file,
         } => {
             agent::run(AgentOptions {
                 configs,
@@ -66,6 +74,8 @@ async fn main() -> Result<()> {
                 admin,
                 watch_interval: Duration::from_secs(watch_interval.max(1)),
                 stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
+                pin_dir,
+                admin_token_file,
             })
             .await
         }

@@ -31,6 +31,11 @@ pub fn lb_binary() -> Result<PathBuf> {
 /// A running `lb agent`; stopped with SIGTERM (then killed) when dropped.
 pub struct AgentProcess {
     child: Child,
+    /// Where this agent pins its maps (unique per agent, so tests run side by side).
+    pub pin_dir: PathBuf,
+    /// Where this agent writes its admin token.
+    pub admin_token_file: PathBuf,
+    _state: TempDir,
 }
 
 impl AgentProcess {
@@ -41,11 +46,18 @@ impl AgentProcess {
 
     /// Like `start`, with more arguments for `lb agent` (e.g. `--admin`).
     pub fn start_with(bed: &TestBed, config: &Path, extra: &[&str]) -> Result<Self> {
+        let state = TempDir::new("lbstate")?;
+        let admin_token_file = state.0.join("admin.token");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique_name("lbpin"));
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", bed.node.name()])
             .arg(lb_binary()?)
             .args(["agent", "--config"])
             .arg(config)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--admin-token-file")
+            .arg(&admin_token_file)
             .args(["--watch-interval", "1", "--stats-interval", "5"])
             .args(extra);
         for i in &bed.interfaces {
@@ -59,7 +71,12 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {cmd:?}"))?;
-        Ok(Self { child })
+        Ok(Self {
+            child,
+            pin_dir,
+            admin_token_file,
+            _state: state,
+        })
     }
 
     /// Whether the process is still running.
@@ -73,14 +90,19 @@ impl Drop for AgentProcess {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+        let mut exited = false;
+        while !exited && Instant::now() < deadline {
+            exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if !exited {
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // The agent leaves its pins for a restart; a test's are removed with it.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

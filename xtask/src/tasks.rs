@@ -138,6 +138,8 @@ pub fn bench(args: &[String]) -> Result<()> {
         );
     }
     setup_check()?;
+    // The failover section runs the agent binary: build it too, so it is never stale.
+    build_binaries(true)?;
     step("bench: lb-bench");
     cmd::run(
         cmd::cargo([

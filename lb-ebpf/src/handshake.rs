@@ -19,6 +19,12 @@
 //! and options (MSS, window scale, SACK, timestamp). They are read when the connection is
 //! created and kept in its original-direction entry.
 
+// Keys are passed by reference: by value, each lookup would copy the key on the stack.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "avoid a stack copy of each key"
+)]
+
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
     config::MAX_CONNECT_RETRIES,

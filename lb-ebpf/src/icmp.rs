@@ -12,6 +12,12 @@
 //!
 //! Any other ICMP passes untouched.
 
+// Keys are passed by reference: by value, each lookup would copy the key on the stack.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "avoid a stack copy of each key"
+)]
+
 use lb_common::{
     csum, family, maps::CONN_AWAIT_RETRANSMIT, proto, AddrBe, ConnDirection, ConnEntry, ConnState,
     Counter, FlowKey, SignalKind,

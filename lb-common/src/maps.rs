@@ -37,6 +37,8 @@ pub enum AddrRole {
 pub const SIGNALS: &str = "lb_sig_v1";
 /// Bytes of the signal ring buffer (a power of two, a multiple of the page size).
 pub const SIGNALS_BYTES: u32 = 256 * 1024;
+/// Per-CPU scratch buffer of the programs (a SYN's options, a re-sent SYN's headers).
+pub const SCRATCH: &str = "lb_scratch_v1";
 /// Per-CPU `u64` counters indexed by `Counter`.
 pub const COUNTERS: &str = "lb_cnt_v1";
 /// Per-CPU `TrafficStats` indexed by service id.
@@ -45,6 +47,29 @@ pub const SERVICE_STATS: &str = "lb_svc_st_v1";
 pub const BACKEND_STATS: &str = "lb_be_st_v1";
 /// Name of the read-only global holding `DataplaneConfig`.
 pub const CONFIG_GLOBAL: &str = "LB_CONFIG";
+/// Service id of each backend id (`u32` index → `u32`), written by the agent and never
+/// read by the programs: which frontend a backend belongs to, also while it is draining or
+/// ejected and so in no selection table, for `lb` commands and a later agent.
+pub const BACKEND_SERVICES: &str = "lb_be_svc_v1";
+/// Name under which the agent pins the read-only global's map (`.rodata`, which holds
+/// exactly one `DataplaneConfig`), so `lb` commands know the idle timeouts.
+pub const CONFIG_PIN: &str = "lb_config_v1";
+
+/// Every map the agent pins, by the name of its file in the pin directory.
+pub const PINNED: &[&str] = &[
+    SERVICES,
+    SELECTION,
+    BACKENDS,
+    BACKEND_SERVICES,
+    CONNECTIONS,
+    ADDR_FILTER,
+    SIGNALS,
+    SCRATCH,
+    COUNTERS,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    CONFIG_PIN,
+];
 
 /// Default sizes; the agent overrides them at load from its configuration.
 pub const DEFAULT_MAX_SERVICES: u32 = 256;

@@ -40,6 +40,11 @@ pub fn selection_slot_id(slot: u32) -> Option<u32> {
 #[map(name = "lb_be_v1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Backend id → service id. Written by the agent for `lb` commands and never read here:
+/// it says which frontend a draining or ejected backend (in no table) belongs to.
+#[map(name = "lb_be_svc_v1")]
+pub static BACKEND_SERVICES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 /// Connection table, both directions of each balanced connection (LRU: when full, the
 /// least recently used entries make room).
 #[map(name = "lb_ct_v1")]

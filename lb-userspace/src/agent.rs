@@ -31,6 +31,8 @@ use crate::{
     model::{Locality, OutlierDetection, Service},
     outlier::{Change, Event, OperatorAction, OutlierDetector},
 };
+// Accumulated for the admin endpoint's `GET /metrics`.
+use crate::admin::metrics::AgentMetrics;
 
 /// An interface to attach to and how.
 #[derive(Clone, Debug)]
@@ -116,6 +118,25 @@ pub struct Agent {
     /// Failover reaction times: from the kernel seeing a failure to the table that avoids
     /// the backend being live (the most recent `REACTIONS_KEPT`).
     pub reactions: std::collections::VecDeque<Duration>,
+    /// Histograms and event counts for the admin endpoint's `GET /metrics`.
+    pub metrics: AgentMetrics,
+    /// The configuration files and directories `reload_from_files` reads.
+    pub config_paths: Vec<PathBuf>,
+    /// When the configuration in force was applied, and how reloads went.
+    pub reloads: ReloadStatus,
+}
+
+/// When the configuration in force was applied, and how reloads from the files went.
+#[derive(Clone, Debug)]
+pub struct ReloadStatus {
+    /// When the configuration in force was applied.
+    pub loaded_at: SystemTime,
+    /// Reloads from the files that were applied (since the start).
+    pub succeeded: u64,
+    /// Reloads from the files that were refused (the previous configuration stayed).
+    pub failed: u64,
+    /// Why the last reload was refused, while no later one succeeded.
+    pub last_error: Option<String>,
 }
 
 /// How many failover reaction times the agent keeps.
@@ -144,13 +165,24 @@ fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> Ser
 }
 
 impl Agent {
-    /// Loads the programs, attaches them and programs `config`.
+    /// Loads the programs, attaches them and programs `config`. Pins nothing.
     pub fn start(
         config: Config,
         interfaces: &[InterfaceSpec],
         node_locality: Option<Locality>,
     ) -> Result<Self> {
-        let mut dataplane = Dataplane::load(&config.dataplane)?;
+        Self::start_pinned(config, interfaces, node_locality, None)
+    }
+
+    /// Like [`Agent::start`], and pins every map under `pin_dir` when given (see
+    /// `dataplane::pin`); the pins stay after the agent exits.
+    pub fn start_pinned(
+        config: Config,
+        interfaces: &[InterfaceSpec],
+        node_locality: Option<Locality>,
+        pin_dir: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let mut dataplane = Dataplane::load_pinned(&config.dataplane, pin_dir)?;
         for i in interfaces {
             dataplane.attach(&i.name, i.mode)?;
         }
@@ -165,6 +197,14 @@ impl Agent {
             successes_seen: Default::default(),
             publishes: 0,
             reactions: Default::default(),
+            metrics: AgentMetrics::default(),
+            config_paths: Vec::new(),
+            reloads: ReloadStatus {
+                loaded_at: SystemTime::now(),
+                succeeded: 0,
+                failed: 0,
+                last_error: None,
+            },
         };
         agent.reload(config)?;
         Ok(agent)
@@ -217,7 +257,22 @@ impl Agent {
         self.programmer.apply(&mut self.dataplane, &desired)?;
         self.config = new;
         self.services = states;
+        self.reloads.loaded_at = SystemTime::now();
         Ok(())
+    }
+
+    /// Each service with its outlier detector and current plan (for the admin views).
+    pub fn service_states(&self) -> impl Iterator<Item = (&Service, &OutlierDetector, &Plan)> {
+        self.config
+            .services
+            .iter()
+            .zip(&self.services)
+            .map(|(svc, st)| (svc, &st.detector, &st.plan))
+    }
+
+    /// Tables published for health decisions since the start.
+    pub fn publishes(&self) -> u64 {
+        self.publishes
     }
 
     /// Recomputes the plans of the services in `changed` (indices) and publishes them.
@@ -235,6 +290,7 @@ impl Agent {
         let took = decided.elapsed();
         self.last_publish = Some(took);
         self.publishes += 1;
+        self.metrics.table_publish.observe(took.as_secs_f64());
         info!(
             "tables published {} µs after the decision",
             took.as_micros()
@@ -257,6 +313,7 @@ impl Agent {
             if state.detector.next_sweep() <= now {
                 for change in state.detector.sweep(now) {
                     log_change(svc, &change);
+                    self.metrics.count_change(svc, &change);
                     if changed.last() != Some(&i) {
                         changed.push(i);
                     }
@@ -327,6 +384,7 @@ impl Agent {
                     touched += 1;
                     if let Some(change) = act(&mut state.detector, i, now) {
                         log_change(svc, &change);
+                        self.metrics.count_change(svc, &change);
                         if changed.last() != Some(&si) {
                             changed.push(si);
                         }
@@ -389,6 +447,7 @@ impl Agent {
                 self.reactions.pop_front();
             }
             self.reactions.push_back(took);
+            self.metrics.failover_reaction.observe(took.as_secs_f64());
             info!(
                 "failover live {} µs after the kernel saw the failure",
                 took.as_micros()
@@ -558,12 +617,78 @@ fn config_stamp(paths: &[PathBuf]) -> (Option<SystemTime>, usize) {
     (newest, count)
 }
 
+/// Reads the configuration files (`Agent::config_paths`) again and applies them: for the
+/// watcher, SIGHUP and the admin endpoint's `POST /reload`. On error the configuration in
+/// force stays, and the error is returned. Returns the number of services.
+pub fn reload_from_files(agent: &Mutex<Agent>) -> Result<usize> {
+    let paths = lock(agent).config_paths.clone();
+    // Read and validated without holding the lock.
+    let loaded = config::load_paths(&paths);
+    let mut agent = lock(agent);
+    let applied = loaded.and_then(|loaded| {
+        for w in &loaded.warnings {
+            warn!("{w}");
+        }
+        agent.reload(loaded.config)?;
+        Ok(agent.config.services.len())
+    });
+    let agent = &mut *agent;
+    match &applied {
+        Ok(services) => {
+            agent.reloads.succeeded += 1;
+            agent.reloads.last_error = None;
+            agent.metrics.forget_removed(&agent.config);
+            info!("configuration reloaded: {services} services");
+        }
+        Err(e) => {
+            agent.reloads.failed += 1;
+            agent.reloads.last_error = Some(format!("{e:#}"));
+            error!("configuration not applied, the previous one stays in force: {e:#}");
+        }
+    }
+    applied
+}
+
 pub async fn run(opts: AgentOptions) -> Result<()> {
+    // The admin endpoint comes up first: `/healthz` answers and `/ready` says 503 while
+    // the programs load. The token file is removed when `token_file` drops (clean
+    // shutdown, or a start that fails).
+    let mut admin = None;
+    let mut token_file = None;
+    if let Some(addr) = opts.admin {
+        let token = crate::admin::token::TokenFile::create(&opts.admin_token_file)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin endpoint to {addr}"))?;
+        if !addr.ip().is_loopback() {
+            warn!(
+                "the admin endpoint listens on {addr}, not a loopback address: its views \
+                 (configuration, endpoints, counters) are open to whoever reaches it; bind it \
+                 to 127.0.0.1 (mutating calls are refused from other addresses anyway)"
+            );
+        }
+        info!(
+            "admin endpoint on http://{addr}/ (mutating calls need the token in {})",
+            opts.admin_token_file.display()
+        );
+        let state =
+            crate::admin::AdminState::new(token.token().to_string(), opts.admin_token_file.clone());
+        tokio::spawn(crate::admin::serve(listener, state.clone()));
+        admin = Some(state);
+        token_file = Some(token);
+    }
+
     let loaded = config::load_paths(&opts.configs)?;
     for w in &loaded.warnings {
         warn!("{w}");
     }
-    let agent = Agent::start(loaded.config, &opts.interfaces, opts.node_locality.clone())?;
+    let mut agent = Agent::start_pinned(
+        loaded.config,
+        &opts.interfaces,
+        opts.node_locality.clone(),
+        Some(&opts.pin_dir),
+    )?;
+    agent.config_paths = opts.configs.clone();
     info!(
         "lb agent running: {} services, node at {}, on {}",
         agent.config.services.len(),
@@ -575,12 +700,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             .join(", ")
     );
     let agent = Arc::new(Mutex::new(agent));
-    if let Some(addr) = opts.admin {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin endpoint to {addr}"))?;
-        info!("admin endpoint on http://{addr}/");
-        tokio::spawn(crate::admin::serve(listener, agent.clone()));
+    if let Some(admin) = &admin {
+        admin.set_agent(agent.clone());
     }
 
     if let Some(signals) = lock(&agent).dataplane.take_signals() {
@@ -617,24 +738,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             }
         };
         if reload {
-            let applied = config::load_paths(&opts.configs).and_then(|loaded| {
-                for w in &loaded.warnings {
-                    warn!("{w}");
-                }
-                lock(&agent).reload(loaded.config)
-            });
-            match applied {
-                Ok(()) => info!(
-                    "configuration reloaded: {} services",
-                    lock(&agent).config.services.len()
-                ),
-                Err(e) => {
-                    error!("configuration not applied, the previous one stays in force: {e:#}")
-                }
-            }
+            // Logged, counted and kept for the admin views by `reload_from_files`.
+            let _ = reload_from_files(&agent);
         }
     }
     info!("lb agent stopping; programs are detached");
+    drop(token_file);
     Ok(())
 }
 

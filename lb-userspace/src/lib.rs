@@ -5,10 +5,12 @@
 //!   (`selection` builds tables, `sync` applies a desired state);
 //! - `locality`: which share of new connections each endpoint gets (Istio locality
 //!   priorities, Envoy priority load and panic);
-//! - `agent`: the long-running process.
+//! - `agent`: the long-running process;
+//! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...).
 
 pub mod admin;
 pub mod agent;
+pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod locality;

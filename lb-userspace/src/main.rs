@@ -39,7 +39,9 @@ enum Command {
         /// Log the data-plane counters every this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
-        /// Directory in the BPF filesystem where the maps are pinned.
+        /// Directory in the BPF filesystem where the maps are pinned (a BPF filesystem is
+        /// mounted at /sys/fs/bpf if none is); the pins stay after the agent exits, for `lb`
+        /// commands, and the next agent replaces them.
         #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// File (created root-only) holding the token mutating admin calls must carry.
@@ -51,6 +53,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Operator commands: read the pinned maps and the admin endpoint, act on endpoints.
+    #[command(flatten)]
+    Operate(lb::cli::Command),
 }
 
 #[tokio::main]
@@ -79,6 +84,7 @@ async fn main() -> Result<()> {
             })
             .await
         }
+        Command::Operate(command) => std::process::exit(lb::cli::run(command)),
         Command::Check { config } => {
             let c = lb::config::load(&config)?;
             println!("node locality: {}", c.node.locality);

@@ -35,6 +35,8 @@ pub struct AgentProcess {
     pub pin_dir: PathBuf,
     /// Where this agent writes its admin token.
     pub admin_token_file: PathBuf,
+    /// Set once the process was waited for (it must not be signalled again).
+    stopped: bool,
     _state: TempDir,
 }
 
@@ -45,12 +47,18 @@ impl AgentProcess {
     }
 
     /// Like `start`, with more arguments for `lb agent` (e.g. `--admin`).
+    ///
+    /// The agent enters only the node's network namespace (`nsenter --net`), not a mount
+    /// namespace of its own as `ip netns exec` makes (with a fresh /sys): its BPF
+    /// filesystem and pins are then the machine's, where `lb` commands and this harness
+    /// see them, and they outlive the agent as on a real node.
     pub fn start_with(bed: &TestBed, config: &Path, extra: &[&str]) -> Result<Self> {
         let state = TempDir::new("lbstate")?;
         let admin_token_file = state.0.join("admin.token");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique_name("lbpin"));
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", bed.node.name()])
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", bed.node.name()))
+            .arg("--")
             .arg(lb_binary()?)
             .args(["agent", "--config"])
             .arg(config)
@@ -75,6 +83,7 @@ impl AgentProcess {
             child,
             pin_dir,
             admin_token_file,
+            stopped: false,
             _state: state,
         })
     }
@@ -83,10 +92,17 @@ impl AgentProcess {
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
-}
 
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
+    /// Stops the agent as an operator does (SIGTERM) and waits for it; kills it when it
+    /// has not exited after 3 s. Returns whether it exited by itself.
+    pub fn stop(&mut self) -> bool {
+        if self.stopped {
+            return true;
+        }
+        self.stopped = true;
+        if !self.running() {
+            return true;
+        }
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -101,6 +117,13 @@ impl Drop for AgentProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        exited
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
         // The agent leaves its pins for a restart; a test's are removed with it.
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }

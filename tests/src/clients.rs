@@ -54,6 +54,47 @@ pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Stri
         .with_context(what)
 }
 
+/// Sends `POST path` with an empty body and extra `headers` (e.g. lb's admin token,
+/// `x-lb-token`) on a new connection and returns the body of a `200` answer; any other
+/// status is an error that includes it.
+pub fn http_post_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<String> {
+    match http_request(addr, "POST", path, headers, timeout)? {
+        (200, body) => Ok(body),
+        (status, body) => bail!("POST http://{addr}{path}: status {status}, body {body:?}"),
+    }
+}
+
+/// Sends `METHOD path` (empty body) with extra `headers` on a new connection
+/// (`Connection: close`) and returns the status and the body, whatever the status.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let what = || format!("{method} http://{addr}{path}");
+    let mut stream = connect(addr, timeout).with_context(what)?;
+    let mut reader = BufReader::new(stream.try_clone().with_context(what)?);
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .context("sending request")
+        .and_then(|()| read_status_and_body(&mut reader))
+        .with_context(what)
+}
+
 /// One TCP connection kept open for several requests, to test that the load balancer keeps a
 /// connection on one backend. Create it inside the client's namespace.
 #[derive(Debug)]
@@ -152,6 +193,15 @@ fn send_get(writer: &mut TcpStream, addr: SocketAddr, path: &str, keep_alive: bo
 
 /// Reads one response and returns its body if the status is `200`.
 fn read_response(reader: &mut BufReader<TcpStream>) -> Result<String> {
+    let (status, body) = read_status_and_body(reader)?;
+    if status != 200 {
+        bail!("status {status}, body {body:?}");
+    }
+    Ok(body)
+}
+
+/// Reads one response: its status and body.
+fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, String)> {
     let mut status_line = String::new();
     if reader
         .read_line(&mut status_line)
@@ -195,9 +245,5 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<String> {
             reader.read_to_end(&mut body).context("reading the body")?;
         }
     }
-    let body = String::from_utf8_lossy(&body).into_owned();
-    if status != 200 {
-        bail!("status {status}, body {body:?}");
-    }
-    Ok(body)
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

@@ -110,21 +110,42 @@ impl HttpNameServer {
             status: AtomicU16::new(200),
             conns: Mutex::new(Connections::default()),
         });
-        // The socket already lives in `ns`; the accepting thread itself need not.
-        let accept_thread = thread::Builder::new()
-            .name(format!("http-{name}"))
-            .spawn({
-                let listener = Arc::clone(&listener);
-                let shared = Arc::clone(&shared);
-                move || accept_loop(&listener, &shared)
-            })
-            .context("spawning the accept thread")?;
+        let accept_thread = spawn_accept_thread(&listener, &shared)?;
         Ok(HttpNameServer {
             addr,
             shared,
             listener,
             accept_thread: Some(accept_thread),
         })
+    }
+
+    /// Serves again after [`HttpNameServer::stop`], as a drained server brought back: binds
+    /// the same address in `ns` (the namespace it was started in) and accepts connections
+    /// again, with the same name, status and [`HttpNameServer::accepted`] count. Does
+    /// nothing while the server is serving.
+    pub fn start_again(&mut self, ns: &Netns) -> Result<()> {
+        if self.serving() {
+            return Ok(());
+        }
+        let addr = self.addr;
+        let listener = ns.run(|| TcpListener::bind(addr)).with_context(|| {
+            format!(
+                "HTTP server {}: binding {addr} again in netns {}",
+                self.shared.name,
+                ns.name()
+            )
+        })?;
+        // `stop` joined every thread of the previous run: nothing reads the flag now.
+        self.shared.stop.store(false, Ordering::SeqCst);
+        self.listener = Arc::new(listener);
+        self.accept_thread = Some(spawn_accept_thread(&self.listener, &self.shared)?);
+        Ok(())
+    }
+
+    /// Whether the server accepts connections: started and not stopped since (or started
+    /// again).
+    pub fn serving(&self) -> bool {
+        self.accept_thread.is_some()
     }
 
     /// The address the server listens on (with the real port when started on port 0).
@@ -197,6 +218,21 @@ impl Drop for HttpNameServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn spawn_accept_thread(
+    listener: &Arc<TcpListener>,
+    shared: &Arc<HttpShared>,
+) -> Result<JoinHandle<()>> {
+    // The socket already lives in its namespace; the accepting thread itself need not.
+    thread::Builder::new()
+        .name(format!("http-{}", shared.name))
+        .spawn({
+            let listener = Arc::clone(listener);
+            let shared = Arc::clone(shared);
+            move || accept_loop(&listener, &shared)
+        })
+        .context("spawning the accept thread")
 }
 
 fn accept_loop(listener: &TcpListener, shared: &Arc<HttpShared>) {
@@ -519,10 +555,13 @@ fn udp_loop(socket: &UdpSocket, name: &str, stop: &AtomicBool, received: &Atomic
                     eprintln!("lb-tests: UDP server {name}: reply to {peer}: {e}");
                 }
             }
+            // A signal handled by this thread (a tool's Ctrl-C handler): just go on.
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             // An ICMP error for an earlier reply surfaces here; keep serving.
             Err(e) => eprintln!("lb-tests: UDP server {name}: recv: {e}"),
@@ -555,6 +594,35 @@ mod tests {
         assert_eq!(reason_phrase(503), "Service Unavailable");
         assert_eq!(reason_phrase(504), "Gateway Timeout");
         assert_eq!(reason_phrase(599), "Status");
+    }
+
+    /// Over loopback in a fresh namespace: a stopped server's port refuses connections,
+    /// and `start_again` serves on it again under the same name, counting on.
+    #[test]
+    fn stop_then_start_again() {
+        if !crate::require_root() {
+            return;
+        }
+        let ns = Netns::new("sta").unwrap();
+        let mut server = HttpNameServer::start(&ns, "127.0.0.1:0".parse().unwrap(), "be1").unwrap();
+        let addr = server.addr();
+        let get = || ns.run(|| crate::http_get(addr, "/", Duration::from_secs(3)));
+        assert_eq!(get().unwrap(), "be1");
+        assert!(server.serving());
+        server.stop();
+        assert!(!server.serving());
+        let err = ns.run(|| TcpStream::connect(addr)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        server.start_again(&ns).unwrap();
+        assert!(server.serving());
+        assert_eq!(server.addr(), addr);
+        assert_eq!(get().unwrap(), "be1");
+        assert_eq!(server.accepted(), 2);
+        // Serving already: nothing to do.
+        server.start_again(&ns).unwrap();
+        assert_eq!(get().unwrap(), "be1");
+        server.stop();
+        server.stop();
     }
 
     /// Over loopback in a fresh namespace: `set_status` changes what every path answers,

@@ -13,7 +13,8 @@ use anyhow::Context as _;
 use lb::dataplane::AttachMode;
 use lb_tests::{
     agent_process::{wait_until, write_atomically, AgentProcess, TempDir},
-    http_get, http_post, names_from, require_root,
+    clients::http_post_with,
+    http_get, names_from, require_root,
     topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, CLIENT_ADDR, VIP},
     DEFAULT_TIMEOUT,
 };
@@ -99,7 +100,7 @@ const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: regi
 struct Scenario {
     bed: TestBed,
     _dir: TempDir,
-    _agent: AgentProcess,
+    agent: AgentProcess,
 }
 
 impl Scenario {
@@ -127,7 +128,7 @@ impl Scenario {
         Self {
             bed,
             _dir: dir,
-            _agent: agent,
+            agent,
         }
     }
 
@@ -154,11 +155,15 @@ impl Scenario {
         );
     }
 
+    /// A mutating admin call, with the token the agent wrote.
     fn admin(&self, path: &str) -> String {
         let admin: SocketAddr = ADMIN.parse().unwrap();
+        let token = std::fs::read_to_string(&self.agent.admin_token_file)
+            .unwrap_or_else(|e| panic!("reading the admin token: {e}"));
+        let headers = [("x-lb-token", token.trim())];
         self.bed
             .node
-            .run(|| http_post(admin, path, DEFAULT_TIMEOUT))
+            .run(|| http_post_with(admin, path, &headers, DEFAULT_TIMEOUT))
             .unwrap_or_else(|e| panic!("admin {path}: {e:#}"))
     }
 

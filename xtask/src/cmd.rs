@@ -29,6 +29,38 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// While it lives, SIGINT (Ctrl-C) does not end xtask: the terminal sends it to the
+/// child as well, which decides what to do, and xtask keeps waiting for it. The handler
+/// is a no-op rather than `SIG_IGN`, because an ignored signal stays ignored in children
+/// (exec resets handlers, not `SIG_IGN`).
+pub struct InterruptsGoToChild {
+    previous: usize,
+}
+
+/// `SIGINT` and `signal(2)` (libc is linked anyway; no crate needed for one call).
+const SIGINT: i32 = 2;
+extern "C" {
+    fn signal(signum: i32, handler: usize) -> usize;
+}
+
+extern "C" fn on_sigint(_: i32) {}
+
+impl InterruptsGoToChild {
+    pub fn install() -> Self {
+        let handler = on_sigint as extern "C" fn(i32) as usize;
+        // SAFETY: the handler does nothing, so it is async-signal-safe.
+        let previous = unsafe { signal(SIGINT, handler) };
+        Self { previous }
+    }
+}
+
+impl Drop for InterruptsGoToChild {
+    fn drop(&mut self) {
+        // SAFETY: restores the disposition `signal` returned.
+        unsafe { signal(SIGINT, self.previous) };
+    }
+}
+
 /// Totals of the `test result:` lines of a `cargo test` run.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct TestTotals {

@@ -48,13 +48,19 @@ enum Task {
         debug: bool,
     },
 
-    /// Build, then run the demo, or the `lb` agent with ARGS (needs root)
+    /// Build, then run the live sandbox, or `lb` with ARGS (needs root)
     #[command(long_about = "Build, then run.\n\n\
-        Without ARGS runs the demo (`lb-demo` from lb-tests). With ARGS runs the agent: \
-        `cargo xtask run agent --config lb.yaml` is `lb agent --config lb.yaml`.\n\n\
+        Without ARGS runs the sandbox (`lb-demo` from lb-tests): Istio's locality failover \
+        task live on network namespaces, a client at region1/zone1, HelloWorld in four \
+        localities and the `lb agent` with the task's DestinationRule. The view shows which \
+        locality answers and lb's endpoint states every second; keys d1..d4 drain a \
+        backend, r1..r4 restore it, e1..e4 / u1..u4 eject / un-eject it through lb's admin \
+        endpoint, q quits. Ctrl-C and q remove everything it made.\n\n\
+        With ARGS runs `lb`: `cargo xtask run -- agent --config lb.yaml` (or without the \
+        `--`) is `lb agent --config lb.yaml`.\n\n\
         Needs root (eBPF, network namespaces): sudo -E env PATH=$PATH cargo xtask run")]
     Run {
-        /// Arguments for the `lb` binary; with none, the demo runs instead
+        /// Arguments for the `lb` binary; with none, the sandbox runs instead
         #[arg(
             trailing_var_arg = true,
             allow_hyphen_values = true,
@@ -177,6 +183,20 @@ mod tests {
             panic!("expected run");
         };
         assert_eq!(args, ["agent", "--help"]);
+
+        // `--` first: everything after it is for `lb`.
+        let cli = Cli::parse_from(["xtask", "run", "--", "agent", "--config", "x.yaml"]);
+        let Task::Run { args } = cli.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args, ["agent", "--config", "x.yaml"]);
+
+        // No ARGS: the sandbox.
+        let cli = Cli::parse_from(["xtask", "run"]);
+        let Task::Run { args } = cli.command else {
+            panic!("expected run");
+        };
+        assert!(args.is_empty());
     }
 
     #[test]

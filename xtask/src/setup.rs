@@ -298,6 +298,10 @@ fn apt_instructions(missing: &[&str], reason: &str) -> String {
 }
 
 fn install_packages(missing: &[&str]) -> Result<()> {
+    println!(
+        "setup: installing {} with apt-get (downloads; a minute or more)",
+        missing.join(" ")
+    );
     // One `apt-get update`, and only because something is missing: a fresh machine has no
     // package lists, and an up-to-date machine should not touch the network at all.
     cmd::run(

@@ -15,7 +15,10 @@ fn step(title: &str) {
 }
 
 fn setup_check() -> Result<()> {
-    step("setup: checking the toolchain");
+    step(
+        "setup: checking the toolchain, installing what is missing (the first time this \
+         takes a few minutes: Debian packages, then bpf-linker is built)",
+    );
     setup::ensure(setup::Mode::Quiet)
 }
 
@@ -27,7 +30,8 @@ pub fn build(release: bool) -> Result<()> {
 fn build_binaries(release: bool) -> Result<()> {
     let profile = if release { "release" } else { "debug" };
     step(&format!(
-        "build: lb-userspace and lb-tests binaries ({profile})"
+        "build: the lb agent, its eBPF programs and the lb-tests binaries ({profile}); the \
+         first build takes a few minutes, cargo shows its progress below"
     ));
     let mut cargo = cmd::cargo(["build"]);
     if release {
@@ -41,8 +45,15 @@ pub fn run(args: &[String]) -> Result<()> {
     root::require_root("run")?;
     setup_check()?;
     build_binaries(true)?;
+    // Ctrl-C reaches the child too: xtask waits for it to clean up (the sandbox removes
+    // its namespaces and agent) instead of returning to the shell in the middle of that.
+    let _wait_for_child = cmd::InterruptsGoToChild::install();
     if args.is_empty() {
-        step("run: lb-demo");
+        step(
+            "run: lb-demo, a live sandbox of Istio's locality failover task (starting takes \
+             a few seconds; keys: d1..d4 drain, r1..r4 restore, e1..e4 / u1..u4 eject / \
+             un-eject, q quits; Ctrl-C quits too, and everything is removed)",
+        );
         cmd::run(&mut cmd::cargo([
             "run",
             "--release",

@@ -3,10 +3,11 @@
 //! counters and connections back.
 
 mod mmap;
+pub mod pin;
 pub mod selection;
 pub mod sync;
 
-use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, os::fd::AsFd as _};
+use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, os::fd::AsFd as _, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -133,6 +134,8 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, Service>,
     selection: mmap::MappedU32Array,
     backends: Array<MapData, Backend>,
+    /// Service id of each backend id (for `lb` commands; the programs never read it).
+    backend_services: Array<MapData, u32>,
     connections: HashMap<MapData, FlowKey, ConnEntry>,
     addr_filter: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -158,7 +161,16 @@ where
 
 impl Dataplane {
     /// Loads the programs into the kernel (verifying them) without attaching anything.
+    /// Nothing is pinned (see [`Dataplane::load_pinned`]).
     pub fn load(options: &DataplaneOptions) -> Result<Self> {
+        Self::load_pinned(options, None)
+    }
+
+    /// Like [`Dataplane::load`], and with `pin_dir` pins every map there by name (see
+    /// [`pin`]): the BPF filesystem is mounted at `/sys/fs/bpf` if needed, the directory
+    /// created, and pins of the same names left by an earlier agent replaced. The pins stay
+    /// when `self` is dropped.
+    pub fn load_pinned(options: &DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
         validate(options)?;
         let selection_len = options
             .max_services
@@ -169,6 +181,7 @@ impl Dataplane {
             // Two slots per array element (see lb-ebpf's SELECTION).
             .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
             .map_max_entries(names::BACKENDS, options.max_backends)
+            .map_max_entries(names::BACKEND_SERVICES, options.max_backends)
             .map_max_entries(names::CONNECTIONS, options.max_connections)
             .map_max_entries(names::SERVICE_STATS, options.max_services)
             .map_max_entries(names::BACKEND_STATS, options.max_backends)
@@ -186,6 +199,11 @@ impl Dataplane {
             };
             loaded.with_context(|| format!("the kernel rejected program {name}"))?;
         }
+        if let Some(dir) = pin_dir {
+            let pinned = pin::pin_maps(&ebpf, dir, &options.timeouts)
+                .with_context(|| format!("pinning the maps under {}", dir.display()))?;
+            log::info!("{} maps pinned under {}", pinned.len(), dir.display());
+        }
         Ok(Self {
             services: take(&mut ebpf, names::SERVICES)?,
             selection: {
@@ -202,6 +220,7 @@ impl Dataplane {
                 )?
             },
             backends: take(&mut ebpf, names::BACKENDS)?,
+            backend_services: take(&mut ebpf, names::BACKEND_SERVICES)?,
             connections: take(&mut ebpf, names::CONNECTIONS)?,
             addr_filter: take(&mut ebpf, names::ADDR_FILTER)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
@@ -300,6 +319,15 @@ impl Dataplane {
         self.backends
             .set(id, Backend::default(), 0)
             .with_context(|| format!("clearing backend {id}"))
+    }
+
+    /// Records that backend `id` belongs to service `service_id` (0: to none), for `lb`
+    /// commands: the programs never read it.
+    pub fn set_backend_service(&mut self, id: u32, service_id: u32) -> Result<()> {
+        self.check_backend_id(id)?;
+        self.backend_services
+            .set(id, service_id, 0)
+            .with_context(|| format!("writing the service of backend {id}"))
     }
 
     pub fn backend(&self, id: u32) -> Result<Backend> {

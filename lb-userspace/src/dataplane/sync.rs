@@ -74,6 +74,8 @@ pub struct Programmer {
     written_backends: BTreeMap<u32, (Ipv4Addr, u16, BackendState)>,
     /// Inputs of the last table published per service id.
     written_tables: BTreeMap<u32, PublishedTable>,
+    /// Service id last written per backend id in the backend → service map.
+    written_owners: BTreeMap<u32, u32>,
 }
 
 /// Allocates a free id in `1..limit`, searching from `cursor` (where the last one was
@@ -147,6 +149,7 @@ impl Programmer {
     pub fn forget_written(&mut self) {
         self.written_backends.clear();
         self.written_tables.clear();
+        self.written_owners.clear();
     }
 
     pub fn service_id(&self, frontend: &Frontend) -> Option<u32> {
@@ -246,6 +249,14 @@ impl Programmer {
                 }
             };
             self.publish_table(dp, id, s)?;
+            // Which service each backend belongs to, for `lb` commands.
+            for b in &s.backends {
+                let bid = self.backends[&(s.frontend, b.addr, b.port)];
+                if self.written_owners.get(&bid) != Some(&id) {
+                    dp.set_backend_service(bid, id)?;
+                    self.written_owners.insert(bid, id);
+                }
+            }
         }
         // 3. Then what is gone.
         for (frontend, id) in stale_services {
@@ -255,6 +266,8 @@ impl Programmer {
         }
         for (key, id) in stale_backends {
             dp.clear_backend(id)?;
+            dp.set_backend_service(id, 0)?;
+            self.written_owners.remove(&id);
             self.backends.remove(&key);
             self.backend_keys.remove(&id);
             self.written_backends.remove(&id);

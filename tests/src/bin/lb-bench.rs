@@ -591,7 +591,8 @@ fn failover(trials: usize) -> Result<()> {
     use lb::dataplane::AttachMode;
     use lb_tests::{
         agent_process::{lb_binary, write_atomically, AgentProcess, TempDir},
-        http_get, http_post,
+        clients::http_post_with,
+        http_get,
         topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, VIP},
         DEFAULT_TIMEOUT,
     };
@@ -655,10 +656,14 @@ fn failover(trials: usize) -> Result<()> {
         reactions == 0,
         "{reactions} failover(s) before the first trial"
     );
+    // Mutating admin calls carry the token the agent wrote.
+    let token = std::fs::read_to_string(&agent.admin_token_file)
+        .context("reading the agent's admin token")?;
+    let token = token.trim();
     for trial in 1..=trials {
         let answer = bed
             .node
-            .run(|| http_post(admin, &uneject, DEFAULT_TIMEOUT))
+            .run(|| http_post_with(admin, &uneject, &[("x-lb-token", token)], DEFAULT_TIMEOUT))
             .with_context(|| format!("trial {trial}: un-ejecting backend 1"))?;
         anyhow::ensure!(
             answer.contains("1 endpoint(s)"),

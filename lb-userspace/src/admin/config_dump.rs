@@ -1,0 +1,133 @@
+//! `GET /config_dump`: the configuration in force as the agent reads it (Istio's defaults
+//! filled in, the node's locality override applied), with what the locality plan makes of
+//! each endpoint, where it was read from and when it was applied.
+
+use std::time::Duration;
+
+use lb_common::BackendState;
+use serde_json::{json, Value};
+
+use super::{
+    clusters::cluster_name,
+    snapshot::{unix_seconds, ServiceSnapshot, Snapshot},
+};
+use crate::{
+    dataplane::Protocol,
+    model::{Locality, LocalityLbSetting, OutlierDetection},
+};
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn locality(l: &Locality) -> Value {
+    json!({ "region": l.region, "zone": l.zone, "subzone": l.subzone })
+}
+
+fn outlier_detection(o: &OutlierDetection) -> Value {
+    json!({
+        "consecutive_5xx_errors": o.consecutive_5xx_errors,
+        "consecutive_gateway_errors": o.consecutive_gateway_errors,
+        "split_external_local_origin_errors": o.split_external_local_origin_errors,
+        "consecutive_local_origin_failures": o.consecutive_local_origin_failures,
+        "interval": duration(o.interval),
+        "base_ejection_time": duration(o.base_ejection_time),
+        "max_ejection_time": duration(o.max_ejection_time),
+        "max_ejection_percent": o.max_ejection_percent,
+        "min_health_percent": o.min_health_percent,
+    })
+}
+
+fn locality_lb(l: &LocalityLbSetting) -> Value {
+    json!({
+        "enabled": l.enabled,
+        "failover": l.failover.iter()
+            .map(|f| json!({ "from": f.from, "to": f.to }))
+            .collect::<Vec<_>>(),
+        "failover_priority": l.failover_priority,
+        "distribute": l.distribute.iter()
+            .map(|d| json!({ "from": d.from, "to": d.to }))
+            .collect::<Vec<_>>(),
+    })
+}
+
+fn service(svc: &ServiceSnapshot) -> Value {
+    let s = &svc.service;
+    let endpoints: Vec<Value> = s
+        .endpoints
+        .iter()
+        .zip(&svc.endpoints)
+        .enumerate()
+        .map(|(i, (e, snap))| {
+            let mut v = json!({
+                "address": snap.address.to_string(),
+                "locality": locality(&e.locality),
+                "labels": e.labels,
+                "weight": e.weight,
+                "priority": svc.plan.priorities.get(i).copied().flatten(),
+                "share": svc.plan.shares.get(i).copied().unwrap_or(0.0),
+            });
+            if let Some(state) = snap.configured {
+                v["state"] = match state {
+                    BackendState::Draining => "draining",
+                    BackendState::Ejected => "ejected",
+                    _ => "active",
+                }
+                .into();
+            }
+            v
+        })
+        .collect();
+    json!({
+        "name": s.name,
+        "cluster": cluster_name(s.frontend.port, &s.name),
+        "frontend": {
+            "vip": s.frontend.vip.to_string(),
+            "port": s.frontend.port,
+            "protocol": match s.frontend.protocol {
+                Protocol::Tcp => "TCP",
+                Protocol::Udp => "UDP",
+            },
+        },
+        "http": s.http,
+        // `null`: the DestinationRule has none; only operator actions eject.
+        "outlier_detection": s.policy.outlier_detection.as_ref().map(outlier_detection),
+        "locality_lb": s.policy.locality_lb.as_ref().map(locality_lb),
+        "priority_loads": svc.plan.loads.load,
+        "priority_panic": svc.plan.loads.panic,
+        "endpoints": endpoints,
+    })
+}
+
+pub fn json(snapshot: &Snapshot) -> Value {
+    let d = &snapshot.dataplane;
+    let t = &d.timeouts;
+    json!({
+        "config_paths": snapshot.config_paths,
+        "loaded_at": humantime::format_rfc3339_seconds(snapshot.reloads.loaded_at).to_string(),
+        "loaded_at_unix": unix_seconds(snapshot.reloads.loaded_at),
+        "reloads": {
+            "succeeded": snapshot.reloads.succeeded,
+            "failed": snapshot.reloads.failed,
+            "last_error": snapshot.reloads.last_error,
+        },
+        "node": {
+            "locality": locality(&snapshot.node.locality),
+            "labels": snapshot.node.labels,
+        },
+        "dataplane": {
+            "max_services": d.max_services,
+            "max_backends": d.max_backends,
+            "table_slots": d.table_slots,
+            "max_connections": d.max_connections,
+            "connect_retries": t.connect_retries,
+            "timeouts": {
+                "tcp_syn": duration(Duration::from_nanos(t.tcp_syn_timeout_ns)),
+                "tcp_established": duration(Duration::from_nanos(t.tcp_established_timeout_ns)),
+                "tcp_closing": duration(Duration::from_nanos(t.tcp_closing_timeout_ns)),
+                "udp": duration(Duration::from_nanos(t.udp_timeout_ns)),
+            },
+        },
+        "services": snapshot.services.iter().map(service).collect::<Vec<_>>(),
+    })
+}

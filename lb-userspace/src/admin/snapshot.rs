@@ -1,0 +1,230 @@
+//! A copy of what the admin views show, taken from the agent so that formatting happens
+//! without holding its lock.
+//!
+//! The agent's state is copied in one short hold of the lock. The data plane's per-CPU
+//! traffic counters, one map lookup per service and per backend, are then read in chunks,
+//! each under its own short hold, so a scrape of many thousands of backends never keeps a
+//! failure signal waiting for more than one chunk's lookups.
+
+use std::{
+    net::SocketAddrV4,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use lb_common::{BackendState, Counter, TrafficStats};
+
+use super::metrics::AgentMetrics;
+use crate::{
+    agent::{lock, Agent, ReloadStatus},
+    dataplane::DataplaneOptions,
+    locality::Plan,
+    model::{Node, OutlierDetection, Service},
+    outlier::{DetectorStats, EndpointStatus},
+};
+
+/// Map lookups per hold of the agent's lock.
+const LOOKUPS_PER_LOCK: usize = 256;
+
+pub struct Snapshot {
+    pub node: Node,
+    pub dataplane: DataplaneOptions,
+    pub config_paths: Vec<PathBuf>,
+    pub reloads: ReloadStatus,
+    pub last_publish: Option<Duration>,
+    pub publishes: u64,
+    pub metrics: AgentMetrics,
+    pub services: Vec<ServiceSnapshot>,
+    /// The data plane's verdict and event counters (empty without traffic stats).
+    pub counters: Vec<(Counter, u64)>,
+}
+
+pub struct ServiceSnapshot {
+    pub service: Service,
+    /// The outlier detection in force: the DestinationRule's, or thresholds off (only
+    /// operator actions eject) when it has none.
+    pub outlier: OutlierDetection,
+    pub detector: DetectorStats,
+    pub plan: Plan,
+    /// The data plane's traffic counters for the service.
+    pub stats: TrafficStats,
+    pub endpoints: Vec<EndpointSnapshot>,
+}
+
+pub struct EndpointSnapshot {
+    pub address: SocketAddrV4,
+    pub status: EndpointStatus,
+    /// The state the configuration gives the backend (lb's own format), when not active.
+    pub configured: Option<BackendState>,
+    /// The data plane's traffic counters for this backend of this service.
+    pub stats: TrafficStats,
+}
+
+impl EndpointSnapshot {
+    /// Held out by outlier detection.
+    pub fn outlier_ejected(&self) -> bool {
+        self.status.outlier_ejection.is_some()
+    }
+
+    /// Held out by an operator (admin endpoint) or by the configuration.
+    pub fn operator_ejected(&self) -> bool {
+        self.status.operator_ejected_since.is_some()
+            || self.configured == Some(BackendState::Ejected)
+    }
+
+    /// Drained by an operator or by the configuration.
+    pub fn draining(&self) -> bool {
+        self.status.draining || self.configured == Some(BackendState::Draining)
+    }
+}
+
+/// Which data-plane ids a snapshot's counters are read from.
+struct Ids {
+    service: Option<u32>,
+    backends: Vec<Option<u32>>,
+}
+
+impl Snapshot {
+    /// Copies the agent's state; with `traffic`, also reads the data plane's counters.
+    pub fn take(agent: &Mutex<Agent>, traffic: bool) -> Self {
+        let (mut snapshot, ids) = {
+            let agent = lock(agent);
+            let mut ids = Vec::new();
+            let services = agent
+                .service_states()
+                .map(|(svc, detector, plan)| {
+                    ids.push(Ids {
+                        service: agent.programmer.service_id(&svc.frontend),
+                        backends: svc
+                            .endpoints
+                            .iter()
+                            .map(|e| {
+                                agent
+                                    .programmer
+                                    .backend_id(&svc.frontend, e.address, e.port)
+                            })
+                            .collect(),
+                    });
+                    ServiceSnapshot {
+                        service: svc.clone(),
+                        outlier: detector.config().clone(),
+                        detector: detector.stats(),
+                        plan: plan.clone(),
+                        stats: TrafficStats::default(),
+                        endpoints: svc
+                            .endpoints
+                            .iter()
+                            .enumerate()
+                            .map(|(i, e)| EndpointSnapshot {
+                                address: SocketAddrV4::new(e.address, e.port),
+                                status: detector.status(i).unwrap_or(EMPTY_STATUS),
+                                configured: agent
+                                    .config
+                                    .initial_states
+                                    .get(&(svc.frontend, e.address, e.port))
+                                    .copied(),
+                                stats: TrafficStats::default(),
+                            })
+                            .collect(),
+                    }
+                })
+                .collect();
+            let counters = if traffic {
+                agent.dataplane.counters().unwrap_or_else(|e| {
+                    log::warn!("reading the data plane's counters: {e:#}");
+                    Vec::new()
+                })
+            } else {
+                Vec::new()
+            };
+            let snapshot = Snapshot {
+                node: agent.config.node.clone(),
+                dataplane: agent.dataplane.options().clone(),
+                config_paths: agent.config_paths.clone(),
+                reloads: agent.reloads.clone(),
+                last_publish: agent.last_publish,
+                publishes: agent.publishes(),
+                metrics: agent.metrics.clone(),
+                services,
+                counters,
+            };
+            (snapshot, ids)
+        };
+        if traffic {
+            snapshot.read_traffic(agent, &ids);
+        }
+        snapshot
+    }
+
+    /// Reads every service's and backend's counters, a chunk of lookups per hold of the
+    /// lock. An id is read only while it still stands for the same frontend (and backend):
+    /// a reload between two chunks may have given it to another.
+    fn read_traffic(&mut self, agent: &Mutex<Agent>, ids: &[Ids]) {
+        enum Slot {
+            Service(usize),
+            Backend(usize, usize),
+        }
+        let mut lookups = Vec::new();
+        for (si, ids) in ids.iter().enumerate() {
+            if let Some(id) = ids.service {
+                lookups.push((Slot::Service(si), id));
+            }
+            for (ei, id) in ids.backends.iter().enumerate() {
+                if let Some(id) = id {
+                    lookups.push((Slot::Backend(si, ei), *id));
+                }
+            }
+        }
+        for chunk in lookups.chunks(LOOKUPS_PER_LOCK) {
+            let agent = lock(agent);
+            for (slot, id) in chunk {
+                match *slot {
+                    Slot::Service(si) => {
+                        let svc = &mut self.services[si];
+                        if agent.programmer.service_id(&svc.service.frontend) == Some(*id) {
+                            if let Ok(stats) = agent.dataplane.service_stats(*id) {
+                                svc.stats = stats;
+                            }
+                        }
+                    }
+                    Slot::Backend(si, ei) => {
+                        let svc = &mut self.services[si];
+                        let frontend = svc.service.frontend;
+                        let e = &mut svc.endpoints[ei];
+                        let same = agent.programmer.backend_key(*id)
+                            == Some((frontend, *e.address.ip(), e.address.port()));
+                        if same {
+                            if let Ok(stats) = agent.dataplane.backend_stats(*id) {
+                                e.stats = stats;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// For an endpoint the detector does not know (cannot happen: they are built together).
+const EMPTY_STATUS: EndpointStatus = EndpointStatus {
+    outlier_ejection: None,
+    operator_ejected_since: None,
+    draining: false,
+    ejection_multiplier: 0,
+    ejections_total: 0,
+    consecutive_5xx: 0,
+    consecutive_gateway_errors: 0,
+    consecutive_local_origin_failures: 0,
+    totals: crate::outlier::Totals {
+        cx_connect_fail: 0,
+        rq_error: 0,
+        rq_total: 0,
+    },
+};
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}

@@ -214,7 +214,10 @@ pub struct ConnEntry {
     /// `bpf_ktime_get_coarse_ns` of the last refresh (refreshed at most once a second),
     /// and of the SYN sent to the current backend while in `TcpSyn`.
     pub last_seen_ns: u64,
-    /// The client's initial sequence number (host order).
+    /// Original direction: the client's initial sequence number (host order). Reply
+    /// direction of an HTTP service, with `CONN_RESPONSE_SEQ`: the sequence number of the
+    /// last response start whose status was counted, so a retransmitted one is not
+    /// counted twice.
     pub syn_isn: u32,
     /// The client's timestamp value (host order), when `SYN_OPT_TIMESTAMPS`.
     pub syn_tsval: u32,
@@ -233,6 +236,44 @@ pub struct ConnEntry {
 }
 assert_size!(ConnEntry, 56);
 
+/// Name of the connection table of the previous layout (`ConnEntryV0`). An agent that
+/// finds it pinned copies its entries into `lb_ct_v1`, converted, and removes it.
+pub const CONNECTIONS_V0: &str = "lb_ct_v0";
+
+/// The connection table's value before the handshake fields (`syn_*`, retries, failover
+/// position) were added: 40 bytes. Kept to migrate a pinned table of that layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntryV0 {
+    pub nat_addr: AddrBe,
+    pub nat_port_be: u16,
+    pub direction: u8,
+    pub state: u8,
+    pub backend_id: u32,
+    pub service_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+assert_size!(ConnEntryV0, 40);
+
+impl From<ConnEntryV0> for ConnEntry {
+    /// The same connection in today's layout: no handshake in progress to re-send, so the
+    /// `syn_*` fields stay empty and the first backend is the current one.
+    fn from(v0: ConnEntryV0) -> Self {
+        Self {
+            nat_addr: v0.nat_addr,
+            nat_port_be: v0.nat_port_be,
+            direction: v0.direction,
+            state: v0.state,
+            backend_id: v0.backend_id,
+            service_id: v0.service_id,
+            first_backend_id: v0.backend_id,
+            last_seen_ns: v0.last_seen_ns,
+            ..Self::default()
+        }
+    }
+}
+
 /// The SYN offered selective acknowledgements.
 pub const SYN_OPT_SACK: u8 = 1;
 /// The SYN carried a timestamp option.
@@ -246,6 +287,8 @@ pub const CONN_HTTP: u8 = 16;
 /// A refusal was held back and the entry already points to the next backend: the
 /// client's retransmitted SYN goes there and is not a timeout.
 pub const CONN_AWAIT_RETRANSMIT: u8 = 32;
+/// Reply direction: `syn_isn` holds the sequence number of the last response counted.
+pub const CONN_RESPONSE_SEQ: u8 = 64;
 
 /// What the data plane saw go wrong with a backend.
 #[repr(u32)]

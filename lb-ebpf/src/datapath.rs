@@ -183,10 +183,12 @@ fn tracked<P: Packet>(
                 return Some(result);
             }
         } else if entry.flags & CONN_HTTP != 0
-            && state == ConnState::TcpEstablished as u8
+            // Established, or closing with this segment: a response sent with FIN.
+            && (state == ConnState::TcpEstablished as u8
+                || entry.state == ConnState::TcpEstablished as u8)
             && p.tcp_flags & (TCP_SYN | TCP_RST) == 0
         {
-            http::response_status(pkt, entry.service_id, entry.backend_id);
+            http::response_status(pkt, entry);
         }
     } else if is_tcp
         && entry.state == ConnState::TcpSyn as u8

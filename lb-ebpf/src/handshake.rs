@@ -195,11 +195,22 @@ pub fn resteer(orig_key: &FlowKey, orig: &mut ConnEntry, now: u64) -> Option<Res
     // SAFETY: pointer to a live map value returned by the kernel; copied at once.
     let svc = unsafe { *SERVICES.get_ptr(&key)? };
     let list = svc.table_offset + svc.table_len;
+    let len = svc.fallback_len as u32;
+    if len == 0 {
+        return None;
+    }
+    // The walk starts after the last pick and wraps: the list may have been republished
+    // shorter since (ejections), and a position past its end must not hide a backend
+    // that is still eligible.
+    let start = (orig.fallback_cursor as u32).min(len) % len;
     let mut pick = None;
     for i in 0..FALLBACK_LEN {
-        let pos = orig.fallback_cursor as u32 + i;
-        if pos >= svc.fallback_len as u32 {
+        if i >= len {
             break;
+        }
+        let mut pos = start + i;
+        if pos >= len {
+            pos -= len;
         }
         let Some(id) = selection_slot_id(list + pos) else {
             break;

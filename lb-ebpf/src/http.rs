@@ -5,12 +5,15 @@
 //! reported to the agent at once; anything else is a success, counted per CPU. Body
 //! segments (any other first bytes) cost one 8-byte read and compare.
 //!
+//! A retransmitted segment is recognised by its sequence number (kept in the reply entry)
+//! and not counted again.
+//!
 //! Bounded by construction: at most 12 bytes are read, at an offset the TCP header gives
 //! (at most 60 bytes past it), and only when the IPv4 length says they are payload. A
 //! status line split across segments, cut short or without three digits is counted as
 //! unparsed and not used either way.
 
-use lb_common::Counter;
+use lb_common::{maps::CONN_RESPONSE_SEQ, ConnEntry, Counter};
 
 use crate::{
     handshake::be32_at,
@@ -24,9 +27,9 @@ const HTTP_1: [u8; 8] = *b"HTTP/1.\0";
 const VERSION_MASK: u64 = 0x00ff_ffff_ffff_ffff;
 
 /// Looks for a response status at the start of the payload of a backend's segment and
-/// accounts it to `backend_id`.
+/// accounts it to the backend of `entry` (the reply-direction entry).
 #[inline(always)]
-pub fn response_status<P: Packet>(pkt: &P, service_id: u32, backend_id: u32) {
+pub fn response_status<P: Packet>(pkt: &P, entry: &mut ConnEntry) {
     let (data, data_end) = (pkt.data(), pkt.data_end());
     let Some(word) = be32_at(data, data_end, ETH_LEN) else {
         return;
@@ -48,6 +51,16 @@ pub fn response_status<P: Packet>(pkt: &P, service_id: u32, backend_id: u32) {
     if u64::from_le_bytes(start) & VERSION_MASK != u64::from_le_bytes(HTTP_1) {
         return;
     }
+    // A retransmitted segment starts the same response again: count each response once.
+    let Some(seq) = be32_at(data, data_end, L4_OFF + 4) else {
+        return;
+    };
+    if entry.flags & CONN_RESPONSE_SEQ != 0 && seq == entry.syn_isn {
+        return;
+    }
+    entry.syn_isn = seq;
+    entry.flags |= CONN_RESPONSE_SEQ;
+    let (service_id, backend_id) = (entry.service_id, entry.backend_id);
     let status = if payload >= 12 {
         pkt.load_bytes::<4>(off + 8).and_then(parse_status)
     } else {

@@ -70,6 +70,16 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
     };
     // SAFETY: bounds checked by header_at; copied because rewrites move the packet.
     let h = unsafe { *h };
+    // What is rewritten must be inside the ICMP message (the outer IPv4 length), not in
+    // bytes after it (a trailer): the ICMP checksum covers only the message.
+    let Some(total) = header_at::<[u8; 2]>(pkt.data(), pkt.data_end(), ETH_LEN + 2) else {
+        return UNRELATED;
+    };
+    // SAFETY: bounds checked by header_at.
+    let total = u16::from_be_bytes(unsafe { *total }) as usize;
+    if ETH_LEN + total < L4_OFF + core::mem::size_of::<IcmpError>() {
+        return UNRELATED;
+    }
     let inner = &h.inner;
     if inner.vihl != 0x45 || (inner.proto != proto::TCP && inner.proto != proto::UDP) {
         return UNRELATED;
@@ -131,7 +141,15 @@ pub fn handle<P: Packet>(pkt: &mut P, outer_src: AddrBe, now: u64) -> (Outcome, 
             })
             .map(|()| (Outcome::Replied, Counter::ReplyIcmpError))
     } else {
-        // Quote: VIP → client (a reply). Make it backend → client, and deliver it there.
+        // Quote: VIP → client (a reply). Make it backend → client, and deliver it there;
+        // only an error addressed to the VIP the quote came from (another destination is
+        // not lb's to redirect).
+        let outer_dst = header_at::<[u8; 4]>(pkt.data(), pkt.data_end(), ETH_LEN + IP_DST)
+            // SAFETY: bounds checked by header_at.
+            .map(|p| unsafe { *p });
+        if outer_dst != Some(inner.src_addr) {
+            return UNRELATED;
+        }
         let old = Endpoint {
             addr: q_src.0[0],
             port: q_sport,
@@ -197,8 +215,18 @@ fn rewrite_quote<P: Packet>(
     let is_udp = h.inner.proto == proto::UDP;
     let l4_check_off = INNER_L4_OFF + if is_udp { 6 } else { 16 };
     // The L4 checksum is in the quote for UDP (first 8 bytes), and for TCP only when the
-    // sender quoted more than 8 bytes (Linux quotes as much as fits in 576 bytes).
-    if let Some(p) = header_at::<[u8; 2]>(pkt.data(), pkt.data_end(), l4_check_off) {
+    // sender quoted more than 8 bytes (Linux quotes as much as fits in 576 bytes). Quoted
+    // means within the outer IPv4 length: bytes after it (a trailer, padding) are not part
+    // of the ICMP message, and the ICMP checksum does not cover them.
+    let outer_end = match header_at::<[u8; 2]>(pkt.data(), pkt.data_end(), ETH_LEN + 2) {
+        // SAFETY: bounds checked by header_at.
+        Some(p) => ETH_LEN + u16::from_be_bytes(unsafe { *p }) as usize,
+        None => 0,
+    };
+    let quoted = l4_check_off + 2 <= outer_end;
+    if let Some(p) =
+        header_at::<[u8; 2]>(pkt.data(), pkt.data_end(), l4_check_off).filter(|_| quoted)
+    {
         // SAFETY: bounds checked by header_at.
         let old_l4 = u16::from_ne_bytes(unsafe { *p });
         let new_l4 = if is_udp {

@@ -124,6 +124,8 @@ pub struct Agent {
     pub config_paths: Vec<PathBuf>,
     /// When the configuration in force was applied, and how reloads went.
     pub reloads: ReloadStatus,
+    /// Backend states found in adopted maps, carried over by the first configuration.
+    restored: std::collections::BTreeMap<crate::dataplane::sync::BackendKey, BackendState>,
 }
 
 /// When the configuration in force was applied, and how reloads from the files went.
@@ -174,8 +176,12 @@ impl Agent {
         Self::start_pinned(config, interfaces, node_locality, None)
     }
 
-    /// Like [`Agent::start`], and pins every map under `pin_dir` when given (see
-    /// `dataplane::pin`); the pins stay after the agent exits.
+    /// Like [`Agent::start`], and pins every map and link under `pin_dir` when given
+    /// (see `dataplane::pin`); the pins stay after the agent exits, and the programs stay
+    /// attached. What an earlier agent pinned there is adopted: its maps (when of the same
+    /// layout and sizes), the ids it gave services and backends, its ejections and drains,
+    /// and its links, switched to the new programs in one step each. The maps are
+    /// programmed before the programs are attached or switched.
     pub fn start_pinned(
         config: Config,
         interfaces: &[InterfaceSpec],
@@ -183,12 +189,23 @@ impl Agent {
         pin_dir: Option<&std::path::Path>,
     ) -> Result<Self> {
         let mut dataplane = Dataplane::load_pinned(&config.dataplane, pin_dir)?;
-        for i in interfaces {
-            dataplane.attach(&i.name, i.mode)?;
-        }
+        let (programmer, restored) = if dataplane.adopted().contains(&lb_common::maps::SERVICES) {
+            let (programmer, restored) = Programmer::adopt(&mut dataplane)?;
+            let services: std::collections::BTreeSet<_> =
+                restored.keys().map(|(frontend, _, _)| *frontend).collect();
+            info!(
+                "adopted the pinned data plane: {} backends of {} services keep their ids",
+                restored.len(),
+                services.len()
+            );
+            (programmer, restored)
+        } else {
+            Default::default()
+        };
         let mut agent = Self {
             dataplane,
-            programmer: Programmer::default(),
+            programmer,
+            restored,
             config: Config::default(),
             node_locality,
             services: Vec::new(),
@@ -206,7 +223,24 @@ impl Agent {
                 last_error: None,
             },
         };
-        agent.reload(config)?;
+        // Adopting: the maps are brought to the configuration before the programs that
+        // read them are switched. Fresh: nothing is balanced before the configuration is
+        // applied either way, and the VIP answers only once everything is in place.
+        let mut config = Some(config);
+        if agent
+            .dataplane
+            .adopted()
+            .contains(&lb_common::maps::SERVICES)
+        {
+            agent.reload(config.take().expect("not applied yet"))?;
+        }
+        for i in interfaces {
+            agent.dataplane.attach(&i.name, i.mode)?;
+        }
+        agent.dataplane.finish_attach()?;
+        if let Some(config) = config {
+            agent.reload(config)?;
+        }
         Ok(agent)
     }
 
@@ -229,6 +263,7 @@ impl Agent {
         if let Some(l) = &self.node_locality {
             new.node.locality = l.clone();
         }
+        crate::config::host::check(&new, self.dataplane.options())?;
         let now = self.now();
         let states: Vec<ServiceState> = new
             .services
@@ -249,12 +284,17 @@ impl Agent {
                         detector: k.detector.clone(),
                         plan: locality::plan(&new.node, s, &k.detector.healthy()),
                     },
-                    None => new_state(s, &new.node, now),
+                    None => {
+                        let mut state = new_state(s, &new.node, now);
+                        restore(&mut state, s, &new, &self.restored, now);
+                        state
+                    }
                 }
             })
             .collect();
         let desired = desired_services(&new, &states);
         self.programmer.apply(&mut self.dataplane, &desired)?;
+        self.restored.clear();
         self.config = new;
         self.services = states;
         self.reloads.loaded_at = SystemTime::now();
@@ -541,6 +581,55 @@ fn desired_service(config: &Config, svc: &Service, st: &ServiceState) -> Desired
     }
 }
 
+/// Carries over what an earlier agent left in the data plane for `svc`'s endpoints
+/// (`restored`), as far as the maps tell: an endpoint the configuration leaves active
+/// but the maps show ejected stays ejected (an outlier ejection from now, which the sweep
+/// ends after `baseEjectionTime`; an operator ejection where the service has no outlier
+/// detection), and one the maps show draining stays drained by the operator.
+fn restore(
+    state: &mut ServiceState,
+    svc: &Service,
+    config: &Config,
+    restored: &std::collections::BTreeMap<crate::dataplane::sync::BackendKey, BackendState>,
+    now: Duration,
+) {
+    if restored.is_empty() {
+        return;
+    }
+    let mut changed = false;
+    for (i, e) in svc.endpoints.iter().enumerate() {
+        let key = (svc.frontend, e.address, e.port);
+        let configured = config.initial_states.get(&key).copied();
+        let eligible = state.plan.eligible.get(i).copied().unwrap_or(false);
+        match restored.get(&key) {
+            Some(BackendState::Ejected) if configured.is_none() && eligible => {
+                if svc.policy.outlier_detection.is_some() {
+                    state.detector.restore_ejection(i, now);
+                } else {
+                    let _ = state.detector.operator(i, OperatorAction::Eject, now);
+                }
+                info!(
+                    "{} ({}): {}:{} stays ejected, as the data plane had it",
+                    svc.name, svc.frontend, e.address, e.port
+                );
+                changed = true;
+            }
+            Some(BackendState::Draining) if configured.is_none() => {
+                let _ = state.detector.operator(i, OperatorAction::Drain, now);
+                info!(
+                    "{} ({}): {}:{} stays drained, as the data plane had it",
+                    svc.name, svc.frontend, e.address, e.port
+                );
+                changed = true;
+            }
+            _ => {}
+        }
+    }
+    if changed {
+        state.plan = locality::plan(&config.node, svc, &state.detector.healthy());
+    }
+}
+
 fn log_change(svc: &Service, change: &Change) {
     info!("{} ({}): {change:?}", svc.name, svc.frontend);
 }
@@ -742,8 +831,41 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             let _ = reload_from_files(&agent);
         }
     }
-    info!("lb agent stopping; programs are detached");
+    info!(
+        "lb agent stopping; the programs stay attached and the maps pinned under {}, so \
+         traffic keeps flowing and the next agent adopts them (`lb agent --cleanup` removes \
+         them)",
+        opts.pin_dir.display()
+    );
     drop(token_file);
+    Ok(())
+}
+
+/// `lb agent --cleanup`: detaches every program this agent's links attached, removes every
+/// pin under `pin_dir` (then the directory) and the admin token file.
+pub fn cleanup(pin_dir: &std::path::Path, admin_token_file: &std::path::Path) -> Result<()> {
+    let done = crate::dataplane::pin::cleanup(pin_dir)?;
+    for (iface, hook) in &done.links {
+        info!("detached lb's {hook} program from {iface}");
+    }
+    info!(
+        "removed {} map pins{}",
+        done.maps.len(),
+        if done.left.is_empty() {
+            format!(" and {}", pin_dir.display())
+        } else {
+            format!(
+                "; left in {}, not lb's: {}",
+                pin_dir.display(),
+                done.left.join(" ")
+            )
+        }
+    );
+    match std::fs::remove_file(admin_token_file) {
+        Ok(()) => info!("removed {}", admin_token_file.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("removing {}: {e}", admin_token_file.display()),
+    }
     Ok(())
 }
 

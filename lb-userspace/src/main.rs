@@ -22,10 +22,10 @@ enum Command {
     Agent {
         /// Configuration file or directory (YAML: Istio ServiceEntry and DestinationRule,
         /// lb's Node document). Repeatable; reloaded when it changes or on SIGHUP.
-        #[arg(long = "config", required = true)]
+        #[arg(long = "config", required_unless_present = "cleanup")]
         configs: Vec<PathBuf>,
         /// Interface to attach to, as IFACE (TC), IFACE:tc or IFACE:xdp. Repeatable.
-        #[arg(long = "interface", required = true)]
+        #[arg(long = "interface", required_unless_present = "cleanup")]
         interfaces: Vec<InterfaceSpec>,
         /// This node's locality, REGION/ZONE/SUBZONE (overrides the Node document).
         #[arg(long)]
@@ -39,14 +39,20 @@ enum Command {
         /// Log the data-plane counters every this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
-        /// Directory in the BPF filesystem where the maps are pinned (a BPF filesystem is
-        /// mounted at /sys/fs/bpf if none is); the pins stay after the agent exits, for `lb`
-        /// commands, and the next agent replaces them.
+        /// Directory in the BPF filesystem where the maps and links are pinned (a BPF
+        /// filesystem is mounted at /sys/fs/bpf if none is); they stay after the agent
+        /// exits, so the programs keep forwarding and `lb` commands keep reading, and the
+        /// next agent adopts them.
         #[arg(long, default_value = agent::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         /// File (created root-only) holding the token mutating admin calls must carry.
         #[arg(long, default_value = agent::DEFAULT_ADMIN_TOKEN_FILE)]
         admin_token_file: PathBuf,
+        /// Do not run: detach the programs the agent left attached (its pinned links), remove
+        /// every pin in --pin-dir and the directory, and the admin token file. Stop the
+        /// agent first.
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Check a configuration file and print what it defines.
     Check {
@@ -71,7 +77,11 @@ async fn main() -> Result<()> {
             stats_interval,
             pin_dir,
             admin_token_file,
+            cleanup,
         } => {
+            if cleanup {
+                return agent::cleanup(&pin_dir, &admin_token_file);
+            }
             agent::run(AgentOptions {
                 configs,
                 interfaces,

@@ -28,9 +28,13 @@ pub fn lb_binary() -> Result<PathBuf> {
     )
 }
 
-/// A running `lb agent`; stopped with SIGTERM (then killed) when dropped.
+/// A running `lb agent`; stopped with SIGTERM (then killed) when dropped, and what it
+/// left (programs attached through pinned links, pinned maps) removed with
+/// `lb agent --cleanup`'s code.
 pub struct AgentProcess {
     child: Child,
+    /// The whole command line (`nsenter ... lb agent ...`), to start it again.
+    command: Vec<std::ffi::OsString>,
     /// Where this agent pins its maps (unique per agent, so tests run side by side).
     pub pin_dir: PathBuf,
     /// Where this agent writes its admin token.
@@ -53,9 +57,20 @@ impl AgentProcess {
     /// filesystem and pins are then the machine's, where `lb` commands and this harness
     /// see them, and they outlive the agent as on a real node.
     pub fn start_with(bed: &TestBed, config: &Path, extra: &[&str]) -> Result<Self> {
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique_name("lbpin"));
+        Self::start_with_pin_dir(bed, config, extra, pin_dir)
+    }
+
+    /// Like `start_with`, pinning under `pin_dir` (which may hold what the agent is to
+    /// adopt); it is cleaned up when the agent is dropped.
+    pub fn start_with_pin_dir(
+        bed: &TestBed,
+        config: &Path,
+        extra: &[&str],
+        pin_dir: PathBuf,
+    ) -> Result<Self> {
         let state = TempDir::new("lbstate")?;
         let admin_token_file = state.0.join("admin.token");
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(crate::unique_name("lbpin"));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", bed.node.name()))
             .arg("--")
@@ -75,17 +90,41 @@ impl AgentProcess {
             };
             cmd.arg("--interface").arg(format!("{}:{mode}", i.name));
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {cmd:?}"))?;
+        let command: Vec<std::ffi::OsString> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(Into::into)
+            .collect();
+        let child = spawn(&command)?;
         Ok(Self {
             child,
+            command,
             pin_dir,
             admin_token_file,
             stopped: false,
             _state: state,
         })
+    }
+
+    /// Kills the agent with SIGKILL, as a crash or an OOM kill would, and waits for it.
+    /// Its pins stay (the data plane keeps forwarding): see [`AgentProcess::restart`].
+    pub fn kill(&mut self) {
+        if !self.stopped && self.running() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        self.stopped = true;
+    }
+
+    /// Starts the agent again with the same command line: same configuration, interfaces,
+    /// pin directory and admin token file, so it adopts what the previous one left. The
+    /// previous process must be gone ([`AgentProcess::kill`] or [`AgentProcess::stop`]).
+    pub fn restart(&mut self) -> Result<()> {
+        if !self.stopped {
+            bail!("the agent is still running: kill or stop it first");
+        }
+        self.child = spawn(&self.command)?;
+        self.stopped = false;
+        Ok(())
     }
 
     /// Whether the process is still running.
@@ -124,9 +163,19 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
-        // The agent leaves its pins for a restart; a test's are removed with it.
+        // The agent leaves its programs attached and its pins for a restart; a test's are
+        // removed with it (links detached first, as `lb agent --cleanup` does).
+        let _ = lb::dataplane::pin::cleanup(&self.pin_dir);
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+fn spawn(command: &[std::ffi::OsString]) -> Result<Child> {
+    Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))
 }
 
 /// A temporary directory, removed when dropped.

@@ -129,6 +129,20 @@ impl KeepAliveClient {
             })
     }
 
+    /// Sends `GET path` on the kept connection and returns the status and body of the
+    /// answer, whatever the status (a `503` is an answer here, not an error).
+    pub fn get_with_status(&mut self, path: &str) -> Result<(u16, String)> {
+        send_get(&mut self.writer, self.addr, path, true)
+            .and_then(|()| read_status_and_body(&mut self.reader))
+            .with_context(|| {
+                format!(
+                    "GET http://{}{path} (kept connection from {:?})",
+                    self.addr,
+                    self.writer.local_addr().ok()
+                )
+            })
+    }
+
     /// The client's end of the connection (the 5-tuple the load balancer tracks).
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.writer.local_addr()?)
@@ -200,8 +214,8 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<String> {
     Ok(body)
 }
 
-/// Reads one response: its status and body.
-fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, String)> {
+/// Reads one response: its status and body (any status).
+pub fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, String)> {
     let mut status_line = String::new();
     if reader
         .read_line(&mut status_line)

@@ -400,3 +400,46 @@ fn missing_pin_dir_exits_3() {
         "lb commands only read: {missing} was created"
     );
 }
+
+/// Without root, `lb` says which privileges it needs (exit 3), and the state it would read
+/// is root-only: the pin directory 0700, every pin and the admin token file 0600.
+#[test]
+fn privileges_are_explained_and_pins_are_root_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !require_root() {
+        return;
+    }
+    let s = Setup::new();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.agent.pin_dir), 0o700, "pin directory");
+    let mut pins = 0;
+    for entry in std::fs::read_dir(&s.agent.pin_dir).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        pins += 1;
+    }
+    assert!(pins >= 10, "{pins} pins");
+    assert_eq!(mode(&s.agent.admin_token_file), 0o600, "admin token file");
+
+    let pin_dir = s.agent.pin_dir.to_str().unwrap();
+    let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok();
+    if !have_setpriv {
+        eprintln!("setpriv not found: the unprivileged run is skipped");
+        return;
+    }
+    for command in ["services", "endpoints", "conntrack", "stats", "maps"] {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(lb_binary().unwrap())
+            .args([command, "--pin-dir", pin_dir])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running lb as nobody");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(3), "{command}: {stderr}");
+        for cap in ["CAP_BPF", "CAP_SYS_ADMIN", "CAP_NET_ADMIN", "sudo"] {
+            assert!(stderr.contains(cap), "{command}: {cap} not named: {stderr}");
+        }
+        assert!(output.stdout.is_empty(), "{command}");
+    }
+}

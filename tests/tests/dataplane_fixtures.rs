@@ -307,12 +307,17 @@ impl Harness {
         orig: &ConnEntry,
     ) -> Option<((Ipv4Addr, u16), u32, usize)> {
         let list = self.dp.failover_list(frontend).unwrap();
-        list.iter()
-            .enumerate()
-            .skip(orig.fallback_cursor as usize)
-            .filter(|&(_, &id)| id != orig.backend_id && id != orig.first_backend_id)
-            .find(|&(_, &id)| self.dp.backend(id).unwrap().state == BackendState::Active as u8)
-            .map(|(pos, &id)| (self.backend_addr(id), id, pos))
+        if list.is_empty() {
+            return None;
+        }
+        // From the cursor on, wrapping: the list may have been republished shorter.
+        let start = (orig.fallback_cursor as usize).min(list.len()) % list.len();
+        (0..list.len())
+            .map(|i| (start + i) % list.len())
+            .map(|pos| (pos, list[pos]))
+            .filter(|&(_, id)| id != orig.backend_id && id != orig.first_backend_id)
+            .find(|&(_, id)| self.dp.backend(id).unwrap().state == BackendState::Active as u8)
+            .map(|(pos, id)| (self.backend_addr(id), id, pos))
     }
 
     fn backend_addr(&self, id: u32) -> (Ipv4Addr, u16) {
@@ -1120,8 +1125,14 @@ fn run_fixtures(hook: Hook) {
             .with_payload(b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n")
             .build(),
     );
+    // Each segment its own sequence number, as on a real connection: a segment that
+    // starts the same response again (a retransmission) is not counted twice.
+    let next_seq = std::cell::Cell::new(5000u32);
     let response = |payload: &[u8]| {
-        PacketSpec::tcp(API_BACKEND, client(40040), ACK | PSH).with_payload(payload)
+        next_seq.set(next_seq.get() + 1000);
+        PacketSpec::tcp(API_BACKEND, client(40040), ACK | PSH)
+            .with_seq(next_seq.get())
+            .with_payload(payload)
     };
     let http_case = |name: &str, seg: &PacketSpec, extra: Option<Counter>| Case {
         name: name.into(),
@@ -1139,6 +1150,13 @@ fn run_fixtures(hook: Hook) {
         &[],
         h_id,
         (1, 0),
+    );
+    check_response(
+        &mut h,
+        http_case("the same response retransmitted is counted once", &ok, None),
+        &[],
+        h_id,
+        (0, 0),
     );
     let body = response(b"hello, and a quoted HTTP/1.1 503 in the body");
     check_response(
@@ -1227,15 +1245,16 @@ fn run_fixtures(hook: Hook) {
     // the end. Cut inside `HTTP/1.`, the segment is not a response; cut inside the
     // status, it is one whose status cannot be read (unparsed, as when it is too short).
     for (keep, unparsed) in [(6, None), (10, Some(Counter::EventHttpUnparsed))] {
-        let whole = error.build();
+        let seg = response(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n");
+        let whole = seg.build();
         let cut = 14 + 20 + 20 + keep;
         let mut case = http_case(
             &format!("frame cut after {keep} payload bytes: no read past its end"),
-            &error,
+            &seg,
             unparsed,
         );
         case.input = whole[..cut].to_vec();
-        case.output = Some(error.clone().with_src(api_vip).build()[..cut].to_vec());
+        case.output = Some(seg.clone().with_src(api_vip).build()[..cut].to_vec());
         check_response(&mut h, case, &[], h_id, (0, 0));
     }
     // The same 503 from a backend of a service without the HTTP flag (the connection that
@@ -2088,4 +2107,72 @@ fn a_syn_resent_after_a_timeout_counts_as_one_packet() {
         (1, 1),
         "packets of the service and of the new backend"
     );
+}
+
+/// The failover list can be republished shorter between two re-steers of one connection
+/// attempt (an ejection). The walk wraps, so a cursor past the new end does not hide a
+/// backend that is still eligible (found by the soak test: the refusal used to reach the
+/// client, or a retransmitted SYN stayed on a black-holed backend).
+#[test]
+fn a_shorter_failover_list_does_not_hide_an_eligible_backend() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new(Hook::Xdp);
+    let svc_id = h.programmer.service_id(&WEB).unwrap();
+    let list = h.dp.failover_list(&WEB).unwrap();
+    assert_eq!(list.len(), 3);
+    let vip80 = (VIP, 80);
+    let spec = |port| {
+        PacketSpec::tcp(client(port), vip80, SYN)
+            .with_seq(7)
+            .with_ack(0)
+    };
+    let port = port_landing_on(&h, &WEB, spec, list[0], 46000);
+    let syn = spec(port);
+    let flow = flow_of(&syn);
+    h.run(&syn.build());
+    let refusal = |from: (Ipv4Addr, u16)| {
+        PacketSpec::tcp(from, client(port), RST | ACK)
+            .with_seq(0)
+            .with_ack(8)
+    };
+    // First refusal: re-sent to list[1]; the cursor now points past it (2).
+    let (verdict, _) = h.run(&refusal(h.backend_addr(list[0])).build());
+    assert_eq!(verdict, resent_verdict(Hook::Xdp));
+    let orig = h.entry(&flow).unwrap();
+    assert_eq!((orig.backend_id, orig.fallback_cursor), (list[1], 2));
+    // The first backend is ejected: the list becomes [list[1], list[2]], shorter than the
+    // cursor.
+    h.programmer
+        .apply(
+            &mut h.dp,
+            &desired([
+                BackendState::Ejected,
+                BackendState::Active,
+                BackendState::Active,
+            ]),
+        )
+        .unwrap();
+    assert_eq!(h.dp.failover_list(&WEB).unwrap(), vec![list[1], list[2]]);
+    h.signals();
+    let next = h.backend_addr(list[2]);
+    let refusing = h.backend_addr(list[1]);
+    let resent = syn
+        .clone()
+        .with_dst(next)
+        .with_ip_id(0)
+        .with_tcp_options(&[1; 20]);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "second refusal after the list shrank goes to the last eligible backend".into(),
+            input: refusal(refusing).build(),
+            verdict: Verdict::Pass,
+            output: Some(resent.build()),
+            counters: vec![(Counter::ForwardResteered, 1)],
+        },
+        &[sig(SignalKind::ConnectRefused, svc_id, list[1])],
+    );
+    assert_eq!(h.entry(&flow).unwrap().backend_id, list[2]);
 }

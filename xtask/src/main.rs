@@ -75,7 +75,8 @@ enum Task {
         Steps: setup check; `cargo fmt --all -- --check`; `cargo clippy --workspace \
         --exclude lb-ebpf --all-targets -- -D warnings`; build the binaries; `cargo test \
         --workspace --exclude lb-ebpf --release [CARGO_TEST_ARGS]`. Stops at the first \
-        failing step and exits non-zero.\n\n\
+        failing step and exits non-zero. `--soak` runs the soak test \
+        (tests/tests/soak.rs) for 300 s, or SECS, instead of its default 30 s.\n\n\
         Needs root: the tests load eBPF programs and send traffic between network \
         namespaces. Example: sudo -E env PATH=$PATH cargo xtask test -- --test e2e -- \
         --nocapture"
@@ -84,6 +85,11 @@ enum Task {
         /// Skip `cargo fmt --check` and `cargo clippy`
         #[arg(long)]
         no_lint: bool,
+
+        /// Run the soak test (tests/tests/soak.rs) for SECS seconds instead of its default
+        /// 30 (sets LB_SOAK_SECS; 300 when given without a value)
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "300")]
+        soak: Option<u64>,
 
         /// Extra arguments for `cargo test`, after `--`
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
@@ -114,8 +120,9 @@ fn main() -> ExitCode {
         Task::Run { args } => tasks::run(&args),
         Task::Test {
             no_lint,
+            soak,
             cargo_test_args,
-        } => tasks::test(!no_lint, &cargo_test_args),
+        } => tasks::test(!no_lint, soak, &cargo_test_args),
         Task::Bench { args } => tasks::bench(&args),
         Task::Lint => tasks::lint(),
     };
@@ -213,12 +220,30 @@ mod tests {
         ]);
         let Task::Test {
             no_lint,
+            soak,
             cargo_test_args,
         } = cli.command
         else {
             panic!("expected test");
         };
         assert!(no_lint);
+        assert_eq!(soak, None);
         assert_eq!(cargo_test_args, ["--test", "e2e", "--", "--nocapture"]);
+    }
+
+    #[test]
+    fn test_soak_defaults_to_300_seconds() {
+        let soak = |args: &[&str]| {
+            let Task::Test { soak, .. } = Cli::parse_from(args).command else {
+                panic!("expected test");
+            };
+            soak
+        };
+        assert_eq!(soak(&["xtask", "test", "--soak"]), Some(300));
+        assert_eq!(soak(&["xtask", "test", "--soak", "120"]), Some(120));
+        assert_eq!(
+            soak(&["xtask", "test", "--soak", "--", "--test", "soak"]),
+            Some(300)
+        );
     }
 }

@@ -113,7 +113,8 @@ fn lint_steps() -> Result<()> {
     ]))
 }
 
-pub fn test(lint: bool, cargo_test_args: &[String]) -> Result<()> {
+/// `soak`: seconds for the soak test (`LB_SOAK_SECS`), `None` for its default.
+pub fn test(lint: bool, soak: Option<u64>, cargo_test_args: &[String]) -> Result<()> {
     root::require_root("test")?;
     setup_check()?;
     if lint {
@@ -124,10 +125,13 @@ pub fn test(lint: bool, cargo_test_args: &[String]) -> Result<()> {
     build_binaries(true)?;
     // Release: the tests push real traffic through the datapath and time it.
     step("test: cargo test --release");
-    let (result, totals) = cmd::run_tests(
-        cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"])
-            .args(cargo_test_args),
-    );
+    let mut cargo_test = cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"]);
+    cargo_test.args(cargo_test_args);
+    if let Some(secs) = soak {
+        println!("soak test: {secs} s (LB_SOAK_SECS)");
+        cargo_test.env("LB_SOAK_SECS", secs.to_string());
+    }
+    let (result, totals) = cmd::run_tests(&mut cargo_test);
     println!();
     if result.is_ok() {
         println!("==> all steps passed");

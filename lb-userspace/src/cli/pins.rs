@@ -49,8 +49,8 @@ impl Pins {
         if !is_root() {
             return Err(fail(
                 EXIT_NO_PINS,
-                "reading the data plane's pinned maps needs root (CAP_BPF and CAP_SYS_ADMIN): \
-                 run lb with sudo",
+                "reading the data plane's pinned maps needs root (CAP_BPF and CAP_SYS_ADMIN; \
+                 the agent also needs CAP_NET_ADMIN to attach): run lb with sudo",
             ));
         }
         if !dir.exists() {
@@ -221,13 +221,15 @@ impl Pins {
         ))
     }
 
-    /// The names of the files in the pin directory, sorted.
+    /// The names of the maps pinned in the pin directory, sorted.
     pub fn names(&self) -> Result<Vec<String>> {
         let mut names: Vec<String> = std::fs::read_dir(&self.dir)
             .with_context(|| format!("listing {}", self.dir.display()))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| !n.starts_with(crate::dataplane::pin::TMP_PREFIX))
+            // The agent's bpf links, not maps.
+            .filter(|n| !n.starts_with(crate::dataplane::pin::LINK_PREFIX))
             .collect();
         names.sort();
         Ok(names)

@@ -90,7 +90,7 @@ pub(super) fn read_envelope<'v>(
                 }
             }
             "spec" => spec = doc.object("spec", value),
-            _ => doc.unknown_field(key),
+            _ => doc.unknown_field(&field("", key)),
         }
     }
     if !name_given {

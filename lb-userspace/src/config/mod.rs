@@ -40,6 +40,7 @@
 
 mod diagnostics;
 mod duration;
+pub mod host;
 mod istio;
 mod native;
 
@@ -415,5 +416,7 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -41,7 +41,7 @@ pub(super) fn read_native(doc: &mut Doc, root: &Map<String, Value>) -> NativeDoc
                     }
                 }
             }
-            _ => doc.unknown_field(key),
+            _ => doc.unknown_field(&field("", key)),
         }
     }
     out
@@ -344,7 +344,7 @@ pub(super) fn read_node(doc: &mut Doc, root: &Map<String, Value>) -> NodeDocumen
                     }
                 }
             }
-            _ => doc.unknown_field(key),
+            _ => doc.unknown_field(&field("", key)),
         }
     }
     out.node.locality = match locality {

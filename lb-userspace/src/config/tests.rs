@@ -12,7 +12,7 @@ use crate::{
 // ---------------------------------------------------------------------------------------
 // The original format.
 
-const GOOD: &str = r#"
+pub(super) const GOOD: &str = r#"
 dataplane:
   max_connections: 1024
   timeouts: { udp: 5s }
@@ -114,7 +114,7 @@ fn empty_file_is_an_empty_configuration() {
 // Istio resources.
 
 /// The DestinationRule the seed task applies (shared/seeds/README.md), as published.
-const SEED_RULE: &str = r#"
+pub(super) const SEED_RULE: &str = r#"
 apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata:
@@ -139,7 +139,7 @@ spec:
 "#;
 
 /// HelloWorld in the seed task's four localities, as a ServiceEntry with a VIP.
-const HELLOWORLD_ENTRY: &str = r#"
+pub(super) const HELLOWORLD_ENTRY: &str = r#"
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
 metadata:

@@ -7,12 +7,22 @@ pub mod pin;
 pub mod selection;
 pub mod sync;
 
-use std::{collections::HashMap as StdHashMap, net::Ipv4Addr, os::fd::AsFd as _, path::Path};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{tc::TcAttachType, SchedClassifier, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
+        XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -20,7 +30,7 @@ use lb_common::{
     counters::COUNTER_SLOTS,
     family,
     flow::addr_filter_slot,
-    maps::{self as names, AddrRole, FALLBACK_LEN},
+    maps::{self as names, AddrRole, ConnEntryV0, FALLBACK_LEN},
     AddrBe, Backend, BackendState, ConnEntry, Counter, DataplaneConfig, FlowKey, Service,
     ServiceKey, TrafficStats,
 };
@@ -107,6 +117,21 @@ pub struct Frontend {
 }
 
 impl Frontend {
+    /// The frontend a services-map key stands for; `None` for a VIP address marker or an
+    /// unknown protocol.
+    pub fn from_key(key: &ServiceKey) -> Option<Self> {
+        let protocol = match key.proto {
+            lb_common::proto::TCP => Protocol::Tcp,
+            lb_common::proto::UDP => Protocol::Udp,
+            _ => return None,
+        };
+        (key.family == family::V4).then(|| Self {
+            vip: Ipv4Addr::from(key.addr.v4_octets()),
+            port: u16::from_be(key.port_be),
+            protocol,
+        })
+    }
+
     pub fn key(&self) -> ServiceKey {
         ServiceKey {
             addr: AddrBe::v4(self.vip.octets()),
@@ -147,7 +172,178 @@ pub struct Dataplane {
     active_half: StdHashMap<u32, u32>,
     /// How many published frontends share each VIP address (for the address markers).
     vip_users: StdHashMap<Ipv4Addr, usize>,
+    /// Where everything is pinned, when it is.
+    pin_dir: Option<PathBuf>,
+    /// Maps reused from the pin directory with their contents.
+    adopted: Vec<&'static str>,
+    /// Connection tables whose entries are copied into ours (replaced, or old layout).
+    migrations: Vec<Migration>,
+    /// The link pins this data plane attached or updated.
+    links: Vec<PathBuf>,
 }
+
+/// The maps indexed by service or backend id: adopted together or not at all.
+const ID_GROUP: &[&str] = &[
+    names::SERVICES,
+    names::SELECTION,
+    names::BACKENDS,
+    names::BACKEND_SERVICES,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+];
+
+/// `BPF_NOEXIST`: insert only when the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// A connection table whose entries are carried over into the current one.
+struct Migration {
+    source: OldConnections,
+    /// The pin removed once migrated (an old-layout table's).
+    pin: Option<PathBuf>,
+}
+
+enum OldConnections {
+    /// Today's layout, other sizes (or type).
+    Current(HashMap<MapData, FlowKey, ConnEntry>),
+    /// `lb_ct_v0`: `ConnEntryV0` values.
+    V0(HashMap<MapData, FlowKey, ConnEntryV0>),
+}
+
+/// Opens a pinned connection table of today's layout or of the previous one, by its value
+/// size.
+fn open_old_connections(path: &Path) -> Result<OldConnections> {
+    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
+    let value_size = data.info()?.value_size() as usize;
+    let map = aya::maps::Map::from_map_data(data)?;
+    Ok(if value_size == std::mem::size_of::<ConnEntry>() {
+        OldConnections::Current(map.try_into()?)
+    } else if value_size == std::mem::size_of::<ConnEntryV0>() {
+        OldConnections::V0(map.try_into()?)
+    } else {
+        bail!(
+            "{}: values of {value_size} bytes are no known layout",
+            path.display()
+        )
+    })
+}
+
+/// All entries of a hash map, each key once, with a bounded walk (a key removed while it
+/// is walked makes the kernel start over).
+fn iterate_bounded<V: aya::Pod>(map: &HashMap<MapData, FlowKey, V>) -> Result<Vec<(FlowKey, V)>> {
+    let mut out = StdHashMap::new();
+    let limit = 4 * (1 << 20);
+    for (steps, key) in map.keys().enumerate() {
+        if steps > limit {
+            break;
+        }
+        let Ok(key) = key else { break };
+        if let Ok(v) = map.get(&key, 0) {
+            out.insert(key, v);
+        }
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// The type, layout and size of every map the agent pins (the read-only global aside).
+fn map_specs(o: &DataplaneOptions, selection_elements: u32) -> Vec<pin::MapSpec> {
+    use aya::maps::MapType;
+    use std::mem::size_of;
+    let spec = |name, map_type, key: usize, value: usize, max_entries, flags| pin::MapSpec {
+        name,
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+        flags,
+    };
+    let stats = size_of::<TrafficStats>();
+    vec![
+        spec(
+            names::SERVICES,
+            MapType::Hash,
+            size_of::<ServiceKey>(),
+            size_of::<Service>(),
+            o.max_services * 2,
+            0,
+        ),
+        spec(
+            names::SELECTION,
+            MapType::Array,
+            4,
+            8,
+            selection_elements,
+            BPF_F_MMAPABLE,
+        ),
+        spec(
+            names::BACKENDS,
+            MapType::Array,
+            4,
+            size_of::<Backend>(),
+            o.max_backends,
+            0,
+        ),
+        spec(
+            names::BACKEND_SERVICES,
+            MapType::Array,
+            4,
+            4,
+            o.max_backends,
+            0,
+        ),
+        spec(
+            names::CONNECTIONS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<ConnEntry>(),
+            o.max_connections,
+            0,
+        ),
+        spec(
+            names::ADDR_FILTER,
+            MapType::Array,
+            4,
+            8,
+            2 * names::ADDR_FILTER_WORDS,
+            0,
+        ),
+        spec(
+            names::SIGNALS,
+            MapType::RingBuf,
+            0,
+            0,
+            names::SIGNALS_BYTES,
+            0,
+        ),
+        spec(names::SCRATCH, MapType::PerCpuArray, 4, 64, 1, 0),
+        spec(
+            names::COUNTERS,
+            MapType::PerCpuArray,
+            4,
+            8,
+            COUNTER_SLOTS,
+            0,
+        ),
+        spec(
+            names::SERVICE_STATS,
+            MapType::PerCpuArray,
+            4,
+            stats,
+            o.max_services,
+            0,
+        ),
+        spec(
+            names::BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            stats,
+            o.max_backends,
+            0,
+        ),
+    ]
+}
+
+/// `BPF_F_MMAPABLE`.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
@@ -166,17 +362,61 @@ impl Dataplane {
         Self::load_pinned(options, None)
     }
 
-    /// Like [`Dataplane::load`], and with `pin_dir` pins every map there by name (see
-    /// [`pin`]): the BPF filesystem is mounted at `/sys/fs/bpf` if needed, the directory
-    /// created, and pins of the same names left by an earlier agent replaced. The pins stay
-    /// when `self` is dropped.
+    /// Like [`Dataplane::load`], and with `pin_dir` everything is pinned there (see
+    /// [`pin`]): the BPF filesystem is mounted at `/sys/fs/bpf` if needed and the directory
+    /// created. A map an earlier agent pinned with exactly this layout and these sizes is
+    /// adopted, contents and all ([`Dataplane::adopted`]); one that differs is replaced by
+    /// a new map pinned over it, the connection table's entries copied into it (and those
+    /// of a `lb_ct_v0` table of the previous layout, converted). The services, selection,
+    /// backends, backend → service and per-id statistics maps are adopted together or not
+    /// at all, since their ids must agree. Links made by [`Dataplane::attach`] are pinned
+    /// too. The pins stay when `self` is dropped.
     pub fn load_pinned(options: &DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
         validate(options)?;
         let selection_len = options
             .max_services
             .checked_mul(2 * options.table_slots)
             .context("max_services × 2 × table_slots overflows 32 bits")?;
-        let mut ebpf = EbpfLoader::new()
+        let specs = map_specs(options, selection_len.div_ceil(2));
+        // Which pinned maps are reused as they are, and which are replaced.
+        let mut reuse: Vec<&'static str> = Vec::new();
+        let mut adopted: Vec<&'static str> = Vec::new();
+        let mut replace: Vec<&'static str> = Vec::new();
+        if let Some(dir) = pin_dir {
+            pin::prepare_dir(dir)?;
+            let checks: Vec<(&pin::MapSpec, pin::PinnedMap)> = specs
+                .iter()
+                .map(|spec| (spec, pin::check_pinned(dir, spec)))
+                .collect();
+            let group_whole = checks
+                .iter()
+                .filter(|(spec, _)| ID_GROUP.contains(&spec.name))
+                .all(|(_, c)| matches!(c, pin::PinnedMap::Compatible));
+            for (spec, check) in checks {
+                let in_group = ID_GROUP.contains(&spec.name);
+                match check {
+                    pin::PinnedMap::Absent => reuse.push(spec.name),
+                    pin::PinnedMap::Compatible if !in_group || group_whole => {
+                        reuse.push(spec.name);
+                        adopted.push(spec.name);
+                    }
+                    pin::PinnedMap::Compatible => {
+                        log::warn!(
+                            "map {} is replaced: the maps of service and backend ids are \
+                             adopted together, and another of them differs",
+                            spec.name
+                        );
+                        replace.push(spec.name);
+                    }
+                    pin::PinnedMap::Incompatible(why) => {
+                        log::warn!("map {} is replaced: {why}", spec.name);
+                        replace.push(spec.name);
+                    }
+                }
+            }
+        }
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::SERVICES, options.max_services * 2)
             // Two slots per array element (see lb-ebpf's SELECTION).
             .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
@@ -185,7 +425,14 @@ impl Dataplane {
             .map_max_entries(names::CONNECTIONS, options.max_connections)
             .map_max_entries(names::SERVICE_STATS, options.max_services)
             .map_max_entries(names::BACKEND_STATS, options.max_backends)
-            .override_global(names::CONFIG_GLOBAL, &options.timeouts, true)
+            .override_global(names::CONFIG_GLOBAL, &options.timeouts, true);
+        if let Some(dir) = pin_dir {
+            // Adopted when pinned, else created and pinned by name.
+            for name in &reuse {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading lb's eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
         for name in [XDP_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
@@ -199,12 +446,46 @@ impl Dataplane {
             };
             loaded.with_context(|| format!("the kernel rejected program {name}"))?;
         }
+        let mut migrations = Vec::new();
         if let Some(dir) = pin_dir {
-            let pinned = pin::pin_maps(&ebpf, dir, &options.timeouts)
-                .with_context(|| format!("pinning the maps under {}", dir.display()))?;
-            log::info!("{} maps pinned under {}", pinned.len(), dir.display());
+            for name in &replace {
+                if *name == names::CONNECTIONS {
+                    // The old table, to copy its entries now and again once the new
+                    // programs are attached (what the old ones tracked meanwhile).
+                    match open_old_connections(&dir.join(name)) {
+                        Ok(old) => migrations.push(Migration {
+                            source: old,
+                            pin: None,
+                        }),
+                        Err(e) => log::warn!("the old connection table is not copied: {e:#}"),
+                    }
+                }
+                let map = ebpf
+                    .map(name)
+                    .with_context(|| format!("map {name} is missing from the eBPF object"))?;
+                pin::pin_map_replacing(map, dir, name)?;
+            }
+            let v0 = dir.join(names::CONNECTIONS_V0);
+            if v0.exists() {
+                match open_old_connections(&v0) {
+                    Ok(old) => migrations.push(Migration {
+                        source: old,
+                        pin: Some(v0),
+                    }),
+                    Err(e) => log::warn!("{} is not migrated: {e:#}", v0.display()),
+                }
+            }
+            pin::pin_config(&ebpf, dir, &options.timeouts)?;
+            log::info!(
+                "maps pinned under {}: {} adopted ({}), {} replaced, {} new",
+                dir.display(),
+                adopted.len(),
+                adopted.join(" "),
+                replace.len(),
+                reuse.len() - adopted.len()
+            );
         }
-        Ok(Self {
+        let mut dp = Self {
             services: take(&mut ebpf, names::SERVICES)?,
             selection: {
                 let map = ebpf
@@ -231,7 +512,116 @@ impl Dataplane {
             options: options.clone(),
             active_half: StdHashMap::new(),
             vip_users: StdHashMap::new(),
-        })
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            adopted,
+            migrations,
+            links: Vec::new(),
+        };
+        if dp.adopted.contains(&names::SERVICES) {
+            dp.adopt_services()?;
+        }
+        // First pass: the new programs find the old connections once attached.
+        let migrated = dp.migrate_connections(false)?;
+        if migrated > 0 {
+            log::info!("{migrated} connection-table entries copied from the old table");
+        }
+        Ok(dp)
+    }
+
+    /// Maps adopted from the pin directory (an earlier agent's, contents and all).
+    pub fn adopted(&self) -> &[&'static str] {
+        &self.adopted
+    }
+
+    /// Rebuilds which half of each service's table is active, and how many frontends use
+    /// each VIP address, from an adopted services map.
+    fn adopt_services(&mut self) -> Result<()> {
+        let slots = self.options.table_slots;
+        for (key, svc) in self.service_entries()? {
+            let Some(frontend) = Frontend::from_key(&key) else {
+                continue;
+            };
+            let half = (svc.table_offset / slots).saturating_sub(svc.id * 2) & 1;
+            self.active_half.insert(svc.id, half);
+            *self.vip_users.entry(frontend.vip).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    /// Copies the connections of replaced or old-layout tables into the connection table.
+    /// The first pass (`finish == false`) overwrites; the last one, once the new programs
+    /// are attached, adds only what the old programs tracked meanwhile, then lets the old
+    /// tables go (removing the pin of an old-layout one). Returns the entries copied.
+    fn migrate_connections(&mut self, finish: bool) -> Result<usize> {
+        let flags = if finish { BPF_NOEXIST } else { 0 };
+        let mut copied = 0;
+        for m in &self.migrations {
+            let entries: Vec<(FlowKey, ConnEntry)> = match &m.source {
+                OldConnections::Current(map) => iterate_bounded(map)?,
+                OldConnections::V0(map) => iterate_bounded(map)?
+                    .into_iter()
+                    .map(|(k, v)| (k, ConnEntry::from(v)))
+                    .collect(),
+            };
+            for (key, value) in entries {
+                match self.connections.insert(key, value, flags) {
+                    Ok(()) => copied += 1,
+                    // Already there (tracked by the new programs): theirs is newer.
+                    Err(_) if finish => {}
+                    Err(e) => return Err(e).context("copying a connection-table entry"),
+                }
+            }
+        }
+        if finish {
+            for m in self.migrations.drain(..) {
+                if let Some(pin) = m.pin {
+                    std::fs::remove_file(&pin)
+                        .with_context(|| format!("removing {}", pin.display()))?;
+                    log::info!("{} migrated and removed", pin.display());
+                }
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Ends an adoption once every interface is attached: copies what old programs
+    /// tracked since the first copy, and detaches links pinned for interfaces or hooks
+    /// this agent no longer uses (after the new ones are attached, so no packet goes
+    /// unbalanced). Returns the stale links removed.
+    pub fn finish_attach(&mut self) -> Result<Vec<String>> {
+        let late = self.migrate_connections(true)?;
+        if late > 0 {
+            log::info!("{late} more connection-table entries copied after the switch");
+        }
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(Vec::new());
+        };
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&dir)?.flatten() {
+            let path = entry.path();
+            let Some(file) = entry.file_name().into_string().ok() else {
+                continue;
+            };
+            if pin::parse_link_name(&file).is_some() && !self.links.contains(&path) {
+                pin::detach_link_pin(&path)?;
+                log::info!("detached {file}: not an interface or hook of this agent");
+                removed.push(file);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every entry of the services map (frontends and VIP address markers).
+    pub fn service_entries(&self) -> Result<Vec<(ServiceKey, Service)>> {
+        self.services
+            .iter()
+            .map(|r| r.context("reading the services map"))
+            .collect()
+    }
+
+    /// The service id recorded for backend `id` (0: none).
+    pub fn backend_service(&self, id: u32) -> Result<u32> {
+        Ok(self.backend_services.get(&id, 0)?)
     }
 
     pub fn options(&self) -> &DataplaneOptions {
@@ -239,24 +629,121 @@ impl Dataplane {
     }
 
     /// Attaches to `iface` in `mode`. With TC, both ingress (clients and replies) and
-    /// egress (connections the node opens) are attached. Links live as long as `self`.
+    /// egress (connections the node opens) are attached. Without a pin directory the links
+    /// live as long as `self`. With one, each link is pinned (`link_IFACE_HOOK`) and stays
+    /// after the agent exits, so the programs keep forwarding; a link an earlier agent
+    /// pinned there is updated in place to this agent's program (`BPF_LINK_UPDATE`: one
+    /// atomic switch, no packet without a program).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         match mode {
-            AttachMode::Xdp => {
-                let prog: &mut Xdp = self.program_mut(XDP_PROGRAM)?.try_into()?;
-                prog.attach(iface, XdpMode::default())
-                    .with_context(|| format!("attaching XDP to {iface}"))?;
-            }
+            AttachMode::Xdp => self.attach_hook(iface, XDP_PROGRAM, "xdp", None),
             AttachMode::Tc => {
-                for (name, at) in [
-                    (TC_INGRESS_PROGRAM, TcAttachType::Ingress),
-                    (TC_EGRESS_PROGRAM, TcAttachType::Egress),
-                ] {
-                    let prog: &mut SchedClassifier = self.program_mut(name)?.try_into()?;
-                    prog.attach(iface, at)
-                        .with_context(|| format!("attaching {name} to {iface} ({at:?})"))?;
-                }
+                self.attach_hook(
+                    iface,
+                    TC_INGRESS_PROGRAM,
+                    "tc_ingress",
+                    Some(TcAttachType::Ingress),
+                )?;
+                self.attach_hook(
+                    iface,
+                    TC_EGRESS_PROGRAM,
+                    "tc_egress",
+                    Some(TcAttachType::Egress),
+                )
             }
+        }
+    }
+
+    fn attach_hook(
+        &mut self,
+        iface: &str,
+        name: &str,
+        hook: &str,
+        tc: Option<TcAttachType>,
+    ) -> Result<()> {
+        let path = self
+            .pin_dir
+            .as_ref()
+            .map(|d| pin::link_path(d, iface, hook));
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing"))?;
+        // An earlier agent's link: switch it to this program.
+        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+            let updated: Result<()> = (|| {
+                let link: FdLink = PinnedLink::from_pin(path)?.into();
+                match (prog, tc) {
+                    (aya::programs::Program::SchedClassifier(p), Some(_)) => {
+                        let id = p.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                        // The pin keeps it attached; our descriptor can go.
+                        drop(p.take_link(id)?);
+                    }
+                    (aya::programs::Program::Xdp(p), None) => {
+                        let id = p.attach_to_link(XdpLink::try_from(link)?)?;
+                        drop(p.take_link(id)?);
+                    }
+                    _ => bail!("program {name} has an unexpected type"),
+                }
+                Ok(())
+            })();
+            match updated {
+                Ok(()) => {
+                    log::info!("{name} on {iface}: pinned link updated to the new program");
+                    self.links.push(path.clone());
+                    return Ok(());
+                }
+                // Attached anew below, then pinned over the old link (detaching it).
+                Err(e) => log::warn!(
+                    "{name} on {iface}: the pinned link {} cannot be updated ({e:#}); \
+                     attaching a new one",
+                    path.display()
+                ),
+            }
+        }
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing"))?;
+        let link: Option<FdLink> =
+            match (prog, tc) {
+                (aya::programs::Program::SchedClassifier(p), Some(at)) => {
+                    let id = p
+                        .attach(iface, at)
+                        .with_context(|| format!("attaching {name} to {iface} ({at:?})"))?;
+                    match path {
+                        Some(_) => Some(p.take_link(id)?.try_into().context(
+                            "a TC attachment that is not a bpf link (tcx) cannot be pinned",
+                        )?),
+                        None => None,
+                    }
+                }
+                (aya::programs::Program::Xdp(p), None) => {
+                    let id = p
+                        .attach(iface, XdpMode::default())
+                        .with_context(|| format!("attaching XDP to {iface}"))?;
+                    match path {
+                        Some(_) => Some(p.take_link(id)?.try_into().context(
+                            "an XDP attachment that is not a bpf link cannot be pinned",
+                        )?),
+                        None => None,
+                    }
+                }
+                _ => bail!("program {name} has an unexpected type"),
+            };
+        if let (Some(link), Some(path)) = (link, path) {
+            let dir = path.parent().expect("a link path has a directory");
+            let tmp = dir.join(format!("{}{}_link", pin::TMP_PREFIX, std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let pinned = link
+                .pin(&tmp)
+                .with_context(|| format!("pinning the link of {name} on {iface}"))?;
+            // Over a stale link (e.g. of a program that could not be updated): that one is
+            // detached once its pin is gone, after this one is attached.
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("pinning the link of {name} at {}", path.display()))?;
+            drop(pinned);
+            self.links.push(path);
         }
         Ok(())
     }

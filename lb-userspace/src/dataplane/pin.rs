@@ -1,12 +1,15 @@
-//! Pinning the data plane's maps in the BPF filesystem, so `lb` commands can read them
-//! while the agent runs, and after it stopped or crashed.
+//! Pinning the data plane in the BPF filesystem, so it outlives the agent: `lb` commands
+//! read the maps while the agent runs and after it stopped or crashed, the programs keep
+//! forwarding while no agent runs, and the next agent adopts what it finds.
 //!
 //! The agent pins every map by its name (`lb_common::maps::PINNED`) in its pin directory
 //! (`/sys/fs/bpf/lb` by default), mounting the BPF filesystem at `/sys/fs/bpf` first when
-//! nothing is mounted there. Each pin replaces one of the same name left by an earlier
-//! agent in one step (pinned under a temporary name, then renamed over it), so a reader
-//! never finds a name missing. Pins outlive the agent: the maps stay in the kernel, with
-//! their last contents, until a later agent replaces them or someone removes the files.
+//! nothing is mounted there, and every bpf link that attaches a program to an interface
+//! (`link_IFACE_xdp`, `link_IFACE_tc_ingress`, `link_IFACE_tc_egress`). A later agent
+//! reuses a pinned map whose type, key and value sizes, entries and flags are exactly its
+//! own ([`check_pinned`]); a map that differs is replaced by a new one pinned over it in
+//! one step (pinned under a temporary name, then renamed), so a reader never finds a name
+//! missing. [`cleanup`] removes it all.
 
 use std::{
     ffi::CString,
@@ -80,6 +83,9 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating the pin directory {}", dir.display()))?;
+    // Root only: the pins themselves get mode 0600 from the kernel.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("making the pin directory {} root-only", dir.display()))?;
     if !on_bpffs(dir).unwrap_or(false) {
         bail!(
             "pin directory {} is not on a BPF filesystem (mount one: mount -t bpf bpf DIR)",
@@ -140,35 +146,200 @@ fn pin_replacing(map: &aya::maps::Map, dir: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Pins every map of the loaded object in `dir` (created, on a BPF filesystem), by name.
-/// The read-only global's map is pinned as `lb_config_v1` once checked to hold exactly
-/// the `DataplaneConfig` loaded (`timeouts`). Returns the names pinned.
-pub fn pin_maps(ebpf: &Ebpf, dir: &Path, timeouts: &DataplaneConfig) -> Result<Vec<String>> {
-    prepare_dir(dir)?;
-    let mut pinned = Vec::new();
-    for (name, map) in ebpf.maps() {
-        let pin_name = if name.starts_with('.') {
-            // Global data. Only `.rodata` holding exactly LB_CONFIG is useful to readers.
-            let holds_config = name.starts_with(".rodata")
-                && matches!(map, aya::maps::Map::Array(_))
-                && Array::<&aya::maps::MapData, DataplaneConfig>::try_from(map)
-                    .and_then(|a| a.get(&0, 0))
-                    .is_ok_and(|c| c == *timeouts);
-            if !holds_config {
-                debug!("not pinning global data map {name}");
-                continue;
-            }
-            names::CONFIG_PIN
-        } else {
-            name
-        };
-        pin_replacing(map, dir, pin_name)?;
-        pinned.push(pin_name.to_string());
+/// What a map of this agent's layout and sizes looks like in the kernel: a pinned map is
+/// adopted only when it matches exactly.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub map_type: aya::maps::MapType,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+/// What the pin directory holds under a map's name.
+#[derive(Debug)]
+pub enum PinnedMap {
+    /// Nothing: the map is created and pinned.
+    Absent,
+    /// A map of the same type, layout and size: adopted, with its contents.
+    Compatible,
+    /// Something else (the reason): a new map is created and pinned over it.
+    Incompatible(String),
+}
+
+/// Compares the map pinned as `dir/spec.name` with `spec`.
+pub fn check_pinned(dir: &Path, spec: &MapSpec) -> PinnedMap {
+    let path = dir.join(spec.name);
+    if !path.exists() {
+        return PinnedMap::Absent;
     }
-    for expected in names::PINNED {
-        if !pinned.iter().any(|p| p == expected) {
-            warn!("map {expected} was not pinned: the eBPF object has no such map");
+    let info = match aya::maps::MapInfo::from_pin(&path) {
+        Ok(info) => info,
+        Err(e) => return PinnedMap::Incompatible(format!("not a readable map ({e})")),
+    };
+    let found = (
+        info.map_type().ok(),
+        info.key_size(),
+        info.value_size(),
+        info.max_entries(),
+        info.map_flags(),
+    );
+    let wanted = (
+        Some(spec.map_type),
+        spec.key_size,
+        spec.value_size,
+        spec.max_entries,
+        spec.flags,
+    );
+    if found == wanted {
+        PinnedMap::Compatible
+    } else {
+        PinnedMap::Incompatible(format!(
+            "pinned (type, key size, value size, entries, flags) {found:?}, this agent needs {wanted:?}"
+        ))
+    }
+}
+
+/// Pins `map` as `dir/name`, replacing whatever is pinned there in one step.
+pub fn pin_map_replacing(map: &aya::maps::Map, dir: &Path, name: &str) -> Result<()> {
+    pin_replacing(map, dir, name)
+}
+
+/// Pins the read-only global holding exactly `timeouts` as `lb_config_v1` (replacing an
+/// earlier agent's: the timeouts may have changed), and warns about maps of `PINNED` the
+/// object does not have.
+pub fn pin_config(ebpf: &Ebpf, dir: &Path, timeouts: &DataplaneConfig) -> Result<()> {
+    for (name, map) in ebpf.maps() {
+        let holds_config = name.starts_with(".rodata")
+            && matches!(map, aya::maps::Map::Array(_))
+            && Array::<&aya::maps::MapData, DataplaneConfig>::try_from(map)
+                .and_then(|a| a.get(&0, 0))
+                .is_ok_and(|c| c == *timeouts);
+        if holds_config {
+            return pin_replacing(map, dir, names::CONFIG_PIN);
         }
     }
-    Ok(pinned)
+    warn!("the configuration global was not pinned: no .rodata map holds it");
+    Ok(())
+}
+
+/// Prefix of the pins of the agent's bpf links.
+pub const LINK_PREFIX: &str = "link_";
+
+/// Where the link of `hook` (`xdp`, `tc_ingress`, `tc_egress`) on `iface` is pinned. bpffs
+/// refuses names with dots, which interface names may have: they become `:`, which
+/// interface names never have.
+pub fn link_path(dir: &Path, iface: &str, hook: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{}_{hook}", iface.replace('.', ":")))
+}
+
+/// The interface and hook a link pin's file name stands for.
+pub fn parse_link_name(file: &str) -> Option<(String, &str)> {
+    let rest = file.strip_prefix(LINK_PREFIX)?;
+    ["_tc_ingress", "_tc_egress", "_xdp"]
+        .into_iter()
+        .find_map(|suffix| {
+            rest.strip_suffix(suffix)
+                .map(|iface| (iface.replace(':', "."), &suffix[1..]))
+        })
+}
+
+/// `bpf(2)` with a zeroed attribute block whose first bytes are `attr`.
+fn bpf_syscall(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> {
+    let mut block = [0u64; 16];
+    // SAFETY: `block` has 128 bytes, more than any `attr` passed here.
+    unsafe {
+        std::ptr::copy_nonoverlapping(attr.as_ptr(), block.as_mut_ptr().cast::<u8>(), attr.len())
+    };
+    // SAFETY: a valid command and a valid, fully initialised attribute block of that size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            block.as_ptr(),
+            std::mem::size_of_val(&block),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Detaches the link pinned at `path` from its hook (`BPF_LINK_DETACH`, whoever else holds
+/// it) and removes the pin.
+pub fn detach_link_pin(path: &Path) -> Result<()> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let mut attr = [0u8; 16];
+    attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+    let fd = bpf_syscall(BPF_OBJ_GET, &attr)
+        .with_context(|| format!("opening the pinned link {}", path.display()))?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    if let Err(e) = bpf_syscall(BPF_LINK_DETACH, &raw.to_ne_bytes()) {
+        // Already detached (its device is gone): removing the pin is all that is left.
+        debug!("detaching {}: {e}", path.display());
+    }
+    drop(fd);
+    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    /// Link pins detached and removed (interface, hook).
+    pub links: Vec<(String, String)>,
+    /// Map pins removed.
+    pub maps: Vec<String>,
+    /// Files left in the pin directory (not lb's).
+    pub left: Vec<String>,
+}
+
+/// Removes everything an agent leaves in `dir`: detaches and unpins every link (so its
+/// program leaves the interface), removes every map pin (the maps are freed once no
+/// program uses them), then the directory when it is empty.
+pub fn cleanup(dir: &Path) -> Result<Cleanup> {
+    let mut done = Cleanup::default();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    let mut files: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    files.sort();
+    // Links first: the programs leave the interfaces before their maps go.
+    for file in &files {
+        if let Some((iface, hook)) = parse_link_name(file) {
+            detach_link_pin(&dir.join(file))?;
+            done.links.push((iface, hook.to_string()));
+        }
+    }
+    for file in &files {
+        if parse_link_name(file).is_some() {
+            continue;
+        }
+        let ours = names::PINNED.contains(&file.as_str())
+            || file == names::CONNECTIONS_V0
+            || file.starts_with(TMP_PREFIX);
+        if ours {
+            std::fs::remove_file(dir.join(file))
+                .with_context(|| format!("removing {}", dir.join(file).display()))?;
+            done.maps.push(file.clone());
+        } else {
+            done.left.push(file.clone());
+        }
+    }
+    if done.left.is_empty() {
+        std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(done)
 }

@@ -56,7 +56,8 @@ fn failover_list(s: &DesiredService, ids: impl Fn(&DesiredBackend) -> u32) -> Ve
         .collect()
 }
 
-type BackendKey = (Frontend, Ipv4Addr, u16);
+/// A backend of one service: the service's frontend, the backend's address and port.
+pub type BackendKey = (Frontend, Ipv4Addr, u16);
 
 /// What a published table was built from: backends, size, failover list, HTTP flag.
 type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool);
@@ -99,21 +100,39 @@ impl Programmer {
             bail!("service {} ({}) was never applied", s.name, s.frontend);
         };
         for b in &s.backends {
-            let Some(&bid) = self.backends.get(&(s.frontend, b.addr, b.port)) else {
+            if !self.backends.contains_key(&(s.frontend, b.addr, b.port)) {
                 bail!(
                     "service {}: backend {}:{} was never applied",
                     s.name,
                     b.addr,
                     b.port
                 );
-            };
+            }
+        }
+        // Backends coming back are made active before the table that names them, and
+        // backends leaving are marked after the table that no longer names them: a new
+        // connection never meets a table whose every slot holds an inactive backend.
+        self.write_backends(dp, s, |state| state == BackendState::Active)?;
+        self.publish_table(dp, id, s)?;
+        self.write_backends(dp, s, |state| state != BackendState::Active)
+    }
+
+    /// Writes the backends of `s` whose desired state passes `which` and changed.
+    fn write_backends(
+        &mut self,
+        dp: &mut Dataplane,
+        s: &DesiredService,
+        which: impl Fn(BackendState) -> bool,
+    ) -> Result<()> {
+        for b in s.backends.iter().filter(|b| which(b.state)) {
+            let bid = self.backends[&(s.frontend, b.addr, b.port)];
             let value = (b.addr, b.port, b.state);
             if self.written_backends.get(&bid) != Some(&value) {
                 dp.set_backend(bid, b.addr, b.port, b.state)?;
                 self.written_backends.insert(bid, value);
             }
         }
-        self.publish_table(dp, id, s)
+        Ok(())
     }
 
     /// Builds and publishes service `id`'s Maglev table if its inputs changed.
@@ -142,6 +161,47 @@ impl Programmer {
             self.written_tables.insert(id, inputs);
         }
         Ok(())
+    }
+
+    /// Rebuilds the ids an earlier agent gave services and backends from the maps it left
+    /// (services map, backends map, backend → service map), so they stay the same: tracked
+    /// connections, statistics and the `lb` commands keep their meaning across a restart.
+    /// What each backend entry holds counts as written (an unchanged backend is not written
+    /// again); every table is published once more (same contents, other half). Backend
+    /// entries of no known service are cleared. Returns each backend's state as found, for
+    /// the caller to carry over ejections and drains.
+    pub fn adopt(dp: &mut Dataplane) -> Result<(Self, BTreeMap<BackendKey, BackendState>)> {
+        let mut p = Self::default();
+        let mut frontends = BTreeMap::new();
+        for (key, svc) in dp.service_entries()? {
+            if let Some(frontend) = Frontend::from_key(&key) {
+                p.services.insert(frontend, svc.id);
+                frontends.insert(svc.id, frontend);
+            }
+        }
+        let mut states = BTreeMap::new();
+        for id in 1..dp.options().max_backends {
+            let backend = dp.backend(id)?;
+            if backend.family != lb_common::family::V4 {
+                continue;
+            }
+            let owner = dp.backend_service(id)?;
+            let Some(&frontend) = frontends.get(&owner) else {
+                dp.clear_backend(id)?;
+                dp.set_backend_service(id, 0)?;
+                continue;
+            };
+            let addr = Ipv4Addr::from(backend.addr.v4_octets());
+            let port = u16::from_be(backend.port_be);
+            let state = BackendState::from_u8(backend.state);
+            let key = (frontend, addr, port);
+            p.backends.insert(key, id);
+            p.backend_keys.insert(id, key);
+            p.written_backends.insert(id, (addr, port, state));
+            p.written_owners.insert(id, owner);
+            states.insert(key, state);
+        }
+        Ok((p, states))
     }
 
     /// Forgets what was written, so the next `apply` writes every backend and table again

@@ -369,6 +369,22 @@ impl OutlierDetector {
         Ok(change)
     }
 
+    /// Restores an ejection found in the data plane after a restart, whose cause (outlier
+    /// detection or an operator) the data plane does not record: an outlier ejection
+    /// from `now` (counting as the endpoint's first), which the sweep ends after
+    /// `baseEjectionTime` like any other. Returns whether the endpoint exists.
+    pub fn restore_ejection(&mut self, endpoint: usize, now: Duration) -> bool {
+        let Some(state) = self.endpoints.get_mut(endpoint) else {
+            return false;
+        };
+        state.outlier = Some(ActiveEjection {
+            since: now,
+            reason: EjectReason::ConsecutiveLocalOriginFailure,
+        });
+        state.multiplier = state.multiplier.max(1);
+        true
+    }
+
     /// The periodic sweep (Envoy's `onIntervalTimer` / `checkHostForUneject`): un-ejects
     /// endpoints whose ejection has run its length, and decrements by one the multiplier of
     /// every endpoint that was in service since the previous sweep. The next sweep is due one

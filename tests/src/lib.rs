@@ -27,6 +27,7 @@ pub mod cmd;
 pub mod names;
 pub mod netns;
 pub mod packets;
+pub mod seed;
 pub mod servers;
 pub mod topology;
 pub mod veth;

@@ -15,20 +15,12 @@ use lb_tests::{
     agent_process::{wait_until, write_atomically, AgentProcess, TempDir},
     clients::http_post_with,
     http_get, names_from, require_root,
+    seed::{self, service_entry, DESTINATION_RULE, HELLO_PORT, LOCALITIES, NODE},
     topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, CLIENT_ADDR, VIP},
     DEFAULT_TIMEOUT,
 };
 
 const ADMIN: &str = "127.0.0.1:15000";
-const HELLO_PORT: u16 = 5000;
-
-/// The seed's localities, one HelloWorld backend each (backend i at 10.200.i.2).
-const LOCALITIES: [(&str, &str); 4] = [
-    ("region1", "zone1"),
-    ("region1", "zone2"),
-    ("region2", "zone3"),
-    ("region3", "zone4"),
-];
 
 fn hello(region: &str, zone: &str) -> String {
     format!("Hello version: {region}.{zone}, instance: helloworld-{region}-{zone}")
@@ -37,65 +29,6 @@ fn hello(region: &str, zone: &str) -> String {
 fn vip() -> SocketAddr {
     (VIP, HELLO_PORT).into()
 }
-
-/// The seed's DestinationRule (shared/seeds/README.md), verbatim.
-const SEED_DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata:
-  name: helloworld
-spec:
-  host: helloworld.sample.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      http:
-        maxRequestsPerConnection: 1
-    loadBalancer:
-      simple: ROUND_ROBIN
-      localityLbSetting:
-        enabled: true
-        failover:
-          - from: region1
-            to: region2
-    outlierDetection:
-      consecutive5xxErrors: 1
-      interval: 1s
-      baseEjectionTime: 10m
-"#;
-
-/// A ServiceEntry for helloworld: `endpoints` are (backend number, locality).
-fn service_entry(endpoints: &[(u8, String)]) -> String {
-    let eps: String = endpoints
-        .iter()
-        .map(|(i, locality)| {
-            format!(
-                "  - address: {}\n    locality: {locality}\n",
-                backend_addr(*i)
-            )
-        })
-        .collect();
-    format!(
-        r#"apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: helloworld
-  namespace: sample
-spec:
-  hosts:
-  - helloworld.sample.svc.cluster.local
-  addresses:
-  - {VIP}
-  ports:
-  - number: {HELLO_PORT}
-    name: http
-    protocol: HTTP
-    targetPort: {BACKEND_HTTP_PORT}
-  resolution: STATIC
-  endpoints:
-{eps}"#
-    )
-}
-
-const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: region1/zone1\n";
 
 struct Scenario {
     bed: TestBed,
@@ -232,13 +165,6 @@ fn seed_backends() -> Vec<String> {
     LOCALITIES.iter().map(|(r, z)| hello(r, z)).collect()
 }
 
-fn seed_endpoints() -> Vec<(u8, String)> {
-    (1u8..)
-        .zip(LOCALITIES)
-        .map(|(i, (r, z))| (i, format!("{r}/{z}")))
-        .collect()
-}
-
 fn endpoint(i: u8) -> String {
     format!("{}:{BACKEND_HTTP_PORT}", backend_addr(i))
 }
@@ -252,8 +178,8 @@ fn seed_scenario_fails_over_in_priority_order() {
         return;
     }
     let config = format!(
-        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
-        service_entry(&seed_endpoints())
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
+        service_entry(&seed::endpoints())
     );
     let s = Scenario::start(&seed_backends(), &config);
     s.assert_all_in(30, "region1", "zone1");
@@ -273,8 +199,11 @@ fn outlier_ejection_expires_and_traffic_returns() {
     if !require_root() {
         return;
     }
-    let rule = SEED_DESTINATION_RULE.replace("baseEjectionTime: 10m", "baseEjectionTime: 4s");
-    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    let rule = DESTINATION_RULE.replace("baseEjectionTime: 10m", "baseEjectionTime: 4s");
+    let config = format!(
+        "{NODE}---\n{}---\n{rule}",
+        service_entry(&seed::endpoints())
+    );
     let s = Scenario::start(&seed_backends(), &config);
     s.assert_all_in(30, "region1", "zone1");
     let ejected_at = Instant::now();
@@ -316,7 +245,7 @@ fn partly_healthy_priority_splits_like_envoy() {
         (3, "region1/zone2".to_string()),
     ];
     let config = format!(
-        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
         service_entry(&endpoints)
     );
     let s = Scenario::start(&backends, &config);
@@ -356,8 +285,8 @@ fn partly_healthy_priority_splits_like_envoy() {
 /// locality, one extra round trip later.
 fn seed_task_exactly(mode: AttachMode) {
     let config = format!(
-        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
-        service_entry(&seed_endpoints())
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
+        service_entry(&seed::endpoints())
     );
     let mut s = Scenario::start_in(mode, &seed_backends(), &config);
     s.assert_all_in(30, "region1", "zone1");
@@ -424,8 +353,8 @@ fn total_outage_fails_fast() {
         return;
     }
     let config = format!(
-        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
-        service_entry(&seed_endpoints())
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
+        service_entry(&seed::endpoints())
     );
     let mut s = Scenario::start(&seed_backends(), &config);
     for b in &mut s.bed.backends {
@@ -459,12 +388,15 @@ fn drained_backends_are_ejected_when_the_rule_allows() {
     if !require_root() {
         return;
     }
-    let rule = SEED_DESTINATION_RULE.replace(
+    let rule = DESTINATION_RULE.replace(
         "      baseEjectionTime: 10m\n",
         "      baseEjectionTime: 10m\n      maxEjectionPercent: 100\n",
     );
-    assert_ne!(rule, SEED_DESTINATION_RULE);
-    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    assert_ne!(rule, DESTINATION_RULE);
+    let config = format!(
+        "{NODE}---\n{}---\n{rule}",
+        service_entry(&seed::endpoints())
+    );
     let mut s = Scenario::start(&seed_backends(), &config);
     for (drained, next) in [(0, LOCALITIES[1]), (1, LOCALITIES[2]), (2, LOCALITIES[3])] {
         s.bed.backends[drained].http.stop();
@@ -562,12 +494,15 @@ fn backend_answering_503_is_ejected() {
     if !require_root() {
         return;
     }
-    let rule = SEED_DESTINATION_RULE.replace(
+    let rule = DESTINATION_RULE.replace(
         "      consecutive5xxErrors: 1\n",
         "      consecutive5xxErrors: 3\n",
     );
-    assert_ne!(rule, SEED_DESTINATION_RULE);
-    let config = format!("{NODE}---\n{}---\n{rule}", service_entry(&seed_endpoints()));
+    assert_ne!(rule, DESTINATION_RULE);
+    let config = format!(
+        "{NODE}---\n{}---\n{rule}",
+        service_entry(&seed::endpoints())
+    );
     let s = Scenario::start(&seed_backends(), &config);
     s.assert_all_in(30, "region1", "zone1");
 
@@ -624,8 +559,8 @@ fn backend_black_holing_syns_is_avoided() {
         return;
     }
     let config = format!(
-        "{NODE}---\n{}---\n{SEED_DESTINATION_RULE}",
-        service_entry(&seed_endpoints())
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
+        service_entry(&seed::endpoints())
     );
     let s = Scenario::start(&seed_backends(), &config);
     s.assert_all_in(30, "region1", "zone1");

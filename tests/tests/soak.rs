@@ -64,13 +64,13 @@ use lb_tests::{
     agent_process::{lb_binary, wait_until, write_atomically, AgentProcess, TempDir},
     clients::{http_request, read_status_and_body},
     http_get, require_root,
+    seed::{self, service_entry, HELLO_PORT, LOCALITIES, NODE},
     topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, CLIENT_ADDR, VIP},
     KeepAliveClient,
 };
 use serde_json::Value;
 
 const ADMIN: &str = "127.0.0.1:15000";
-const HELLO_PORT: u16 = 5000;
 
 /// Clients making a new connection per call, and clients on kept connections.
 const NEW_CONN_THREADS: usize = 4;
@@ -111,14 +111,6 @@ const CONSECUTIVE_5XX: usize = 3;
 ///   KEEPALIVE_CLIENTS`.
 const RACE_5XX: usize = (NEW_CONN_THREADS - 1) + 1 + (NEW_CONN_THREADS + KEEPALIVE_CLIENTS);
 
-/// The seed's localities, one HelloWorld backend each (backend i at 10.200.i.2).
-const LOCALITIES: [(&str, &str); 4] = [
-    ("region1", "zone1"),
-    ("region1", "zone2"),
-    ("region2", "zone3"),
-    ("region3", "zone4"),
-];
-
 fn hello(region: &str, zone: &str) -> String {
     format!("Hello version: {region}.{zone}, instance: helloworld-{region}-{zone}")
 }
@@ -126,8 +118,6 @@ fn hello(region: &str, zone: &str) -> String {
 fn vip() -> SocketAddr {
     (VIP, HELLO_PORT).into()
 }
-
-const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: region1/zone1\n";
 
 /// The seed's DestinationRule (tests/tests/locality_failover.rs), with three changes for a
 /// soak that fails and restores backends over and over:
@@ -137,57 +127,15 @@ const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: regi
 /// - `maxEjectionPercent: 100` (seed: the default 10%, which with four hosts allows only
 ///   the first ejection), so every failing backend is ejected and the 503 bound holds.
 fn rule() -> String {
-    r#"apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata:
-  name: helloworld
-spec:
-  host: helloworld.sample.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      http:
-        maxRequestsPerConnection: 1
-    loadBalancer:
-      simple: ROUND_ROBIN
-      localityLbSetting:
-        enabled: true
-        failover:
-          - from: region1
-            to: region2
-    outlierDetection:
-      consecutive5xxErrors: 3
-      interval: 1s
-      baseEjectionTime: 5s
-      maxEjectionPercent: 100
-"#
-    .to_string()
-}
-
-fn service_entry() -> String {
-    let eps: String = (1u8..)
-        .zip(LOCALITIES)
-        .map(|(i, (r, z))| format!("  - address: {}\n    locality: {r}/{z}\n", backend_addr(i)))
-        .collect();
-    format!(
-        r#"apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: helloworld
-  namespace: sample
-spec:
-  hosts:
-  - helloworld.sample.svc.cluster.local
-  addresses:
-  - {VIP}
-  ports:
-  - number: {HELLO_PORT}
-    name: http
-    protocol: HTTP
-    targetPort: {BACKEND_HTTP_PORT}
-  resolution: STATIC
-  endpoints:
-{eps}"#
-    )
+    let rule = seed::DESTINATION_RULE
+        .replace("consecutive5xxErrors: 1", "consecutive5xxErrors: 3")
+        .replace(
+            "baseEjectionTime: 10m\n",
+            "baseEjectionTime: 5s\n      maxEjectionPercent: 100\n",
+        );
+    assert_eq!(rule.matches("consecutive5xxErrors: 3").count(), 1);
+    assert_eq!(rule.matches("maxEjectionPercent: 100").count(), 1);
+    rule
 }
 
 // ---------------------------------------------------------------------------------------
@@ -782,7 +730,11 @@ impl Soak {
         .unwrap();
         let dir = TempDir::new("lbsoak").unwrap();
         let path = dir.0.join("helloworld.yaml");
-        let config = format!("{NODE}---\n{}---\n{}", service_entry(), rule());
+        let config = format!(
+            "{NODE}---\n{}---\n{}",
+            service_entry(&seed::endpoints()),
+            rule()
+        );
         write_atomically(&path, &config).unwrap();
         let agent = AgentProcess::start_with(&bed, &path, &["--admin", ADMIN]).unwrap();
         wait_until(&bed.client, Duration::from_secs(20), || {

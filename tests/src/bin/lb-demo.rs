@@ -39,6 +39,7 @@ use lb_tests::{
     agent_process::{write_atomically, AgentProcess, TempDir},
     clients::http_post_with,
     http_get,
+    seed::{self, service_entry, DESTINATION_RULE, HELLO_PORT, HOST, LOCALITIES, NODE},
     topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, VIP},
     Netns, DEFAULT_TIMEOUT,
 };
@@ -78,42 +79,6 @@ struct Args {
 // ---- the seed scenario (as tests/tests/locality_failover.rs builds it) ----
 
 const ADMIN: &str = "127.0.0.1:15000";
-const HELLO_PORT: u16 = 5000;
-const HOST: &str = "helloworld.sample.svc.cluster.local";
-
-/// The seed's localities, one HelloWorld backend each (backend i at 10.200.i.2).
-const LOCALITIES: [(&str, &str); 4] = [
-    ("region1", "zone1"),
-    ("region1", "zone2"),
-    ("region2", "zone3"),
-    ("region3", "zone4"),
-];
-
-/// The seed's DestinationRule (shared/seeds/), verbatim.
-const SEED_DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata:
-  name: helloworld
-spec:
-  host: helloworld.sample.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      http:
-        maxRequestsPerConnection: 1
-    loadBalancer:
-      simple: ROUND_ROBIN
-      localityLbSetting:
-        enabled: true
-        failover:
-          - from: region1
-            to: region2
-    outlierDetection:
-      consecutive5xxErrors: 1
-      interval: 1s
-      baseEjectionTime: 10m
-"#;
-
-const NODE: &str = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: region1/zone1\n";
 
 /// The name a locality goes by in the view: `region1.zone1`, as HelloWorld's version.
 fn locality_name(i: usize) -> String {
@@ -139,37 +104,10 @@ fn endpoint(i: usize) -> String {
 /// The ServiceEntry for helloworld with one endpoint per locality, the node document and
 /// the seed's DestinationRule.
 fn seed_config() -> String {
-    let endpoints: String = LOCALITIES
-        .iter()
-        .enumerate()
-        .map(|(i, (region, zone))| {
-            format!(
-                "  - address: {}\n    locality: {region}/{zone}\n",
-                backend_addr(i as u8 + 1)
-            )
-        })
-        .collect();
-    let service_entry = format!(
-        r#"apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: helloworld
-  namespace: sample
-spec:
-  hosts:
-  - {HOST}
-  addresses:
-  - {VIP}
-  ports:
-  - number: {HELLO_PORT}
-    name: http
-    protocol: HTTP
-    targetPort: {BACKEND_HTTP_PORT}
-  resolution: STATIC
-  endpoints:
-{endpoints}"#
-    );
-    format!("{NODE}---\n{service_entry}---\n{SEED_DESTINATION_RULE}")
+    format!(
+        "{NODE}---\n{}---\n{DESTINATION_RULE}",
+        service_entry(&seed::endpoints())
+    )
 }
 
 // ---- signals: Ctrl-C, SIGTERM and SIGHUP end the main loop, so everything drops ----
@@ -1540,7 +1478,7 @@ mod tests {
     #[test]
     fn seed_config_has_the_rule_verbatim() {
         let config = seed_config();
-        assert!(config.contains(SEED_DESTINATION_RULE));
+        assert!(config.contains(DESTINATION_RULE));
         assert!(config.contains("locality: region3/zone4"));
         let parsed = lb::config::parse(&config).unwrap();
         assert_eq!(parsed.services.len(), 1);

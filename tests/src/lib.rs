@@ -29,6 +29,7 @@ pub mod netns;
 pub mod packets;
 pub mod seed;
 pub mod servers;
+pub mod test_run;
 pub mod topology;
 pub mod veth;
 

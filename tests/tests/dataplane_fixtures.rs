@@ -10,13 +10,10 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use aya::{
-    maps::{MapData, RingBuf},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
+use aya::maps::{MapData, RingBuf};
 use lb::dataplane::{
     sync::{DesiredBackend, DesiredService, Programmer},
-    Dataplane, DataplaneOptions, Frontend, Protocol, TC_INGRESS_PROGRAM, XDP_PROGRAM,
+    Dataplane, DataplaneOptions, Frontend, Protocol,
 };
 use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
@@ -32,7 +29,9 @@ use lb_tests::{
         self, arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE,
         FIN, PSH, RST, SYN,
     },
-    require_root, Netns,
+    require_root,
+    test_run::{self, Hook, Verdict},
+    Netns,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -73,20 +72,6 @@ const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
     let o = addr.octets();
     [0x02, 0, 0, 0x0b, o[2], o[3]]
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
-    Xdp,
-    TcIngress,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Verdict {
-    Pass,
-    Drop,
-    /// TC only: sent out of another interface (TC_ACT_REDIRECT) after a route lookup.
-    Redirect,
 }
 
 /// The verdict for a packet the data plane turned around (a refusal re-sent as the
@@ -239,41 +224,7 @@ impl Harness {
     }
 
     fn try_run(&mut self, input: &[u8]) -> anyhow::Result<(Verdict, Vec<u8>)> {
-        let mut out = vec![0u8; input.len() + 512];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let (code, len) = match self.hook {
-            Hook::Xdp => {
-                let p: &mut Xdp = self
-                    .dp
-                    .program_mut(XDP_PROGRAM)
-                    .unwrap()
-                    .try_into()
-                    .unwrap();
-                let r = p.test_run(opts)?;
-                (r.return_value, r.data_size_out)
-            }
-            Hook::TcIngress => {
-                let p: &mut SchedClassifier = self
-                    .dp
-                    .program_mut(TC_INGRESS_PROGRAM)
-                    .unwrap()
-                    .try_into()
-                    .unwrap();
-                let r = p.test_run(opts)?;
-                (r.return_value, r.data_size_out)
-            }
-        };
-        out.truncate(len as usize);
-        let verdict = match (self.hook, code) {
-            (Hook::Xdp, 2) | (Hook::TcIngress, 0) => Verdict::Pass,
-            (Hook::Xdp, 1) | (Hook::TcIngress, 2) => Verdict::Drop,
-            // TC_ACT_REDIRECT: BPF_PROG_TEST_RUN reports it without sending the packet.
-            (Hook::TcIngress, 7) => Verdict::Redirect,
-            (h, c) => anyhow::bail!("{h:?} returned unexpected code {c}"),
-        };
-        Ok((verdict, out))
+        test_run::run(&mut self.dp, self.hook, input)
     }
 
     fn counters(&self) -> BTreeMap<&'static str, u64> {

@@ -25,10 +25,9 @@ use std::{
     time::Instant,
 };
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use lb::dataplane::{
     sync::{DesiredBackend, DesiredService, Programmer},
-    Dataplane, DataplaneOptions, Frontend, Protocol, TC_INGRESS_PROGRAM, XDP_PROGRAM,
+    Dataplane, DataplaneOptions, Frontend, Protocol,
 };
 use lb_common::{
     family, flow_hash, AddrBe, BackendState, ConnDirection, ConnState, Counter, FlowKey,
@@ -38,7 +37,9 @@ use lb_tests::{
         arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE, FIN,
         ICMP, PSH, RST, SYN, TCP, UDP,
     },
-    require_root, Netns,
+    require_root,
+    test_run::{self, Hook, Verdict},
+    Netns,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -80,19 +81,6 @@ const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const DEFAULT_PACKETS_PER_HOOK: u64 = 1_000_000;
 const DEFAULT_SEED: u64 = 0x1b_f0_22_5e_ed;
 const BATCH: u64 = 1000;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Hook {
-    Xdp,
-    TcIngress,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Verdict {
-    Pass,
-    Drop,
-    Redirect,
-}
 
 /// xorshift64*: small, deterministic, no dependency.
 struct Rng(u64);
@@ -228,31 +216,7 @@ struct Fuzzer {
 
 impl Fuzzer {
     fn run(&mut self, input: &[u8]) -> anyhow::Result<(Verdict, Vec<u8>)> {
-        let mut out = vec![0u8; input.len() + 512];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let (code, len) = match self.hook {
-            Hook::Xdp => {
-                let p: &mut Xdp = self.dp.program_mut(XDP_PROGRAM)?.try_into()?;
-                let r = p.test_run(opts)?;
-                (r.return_value, r.data_size_out)
-            }
-            Hook::TcIngress => {
-                let p: &mut SchedClassifier =
-                    self.dp.program_mut(TC_INGRESS_PROGRAM)?.try_into()?;
-                let r = p.test_run(opts)?;
-                (r.return_value, r.data_size_out)
-            }
-        };
-        out.truncate(len as usize);
-        let verdict = match (self.hook, code) {
-            (Hook::Xdp, 2) | (Hook::TcIngress, 0) => Verdict::Pass,
-            (Hook::Xdp, 1) | (Hook::TcIngress, 2) => Verdict::Drop,
-            (Hook::TcIngress, 7) => Verdict::Redirect,
-            (h, c) => anyhow::bail!("{h:?} returned unexpected code {c}"),
-        };
-        Ok((verdict, out))
+        test_run::run(&mut self.dp, self.hook, input)
     }
 
     fn client(&mut self) -> (Ipv4Addr, u16) {

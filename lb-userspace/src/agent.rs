@@ -144,17 +144,6 @@ pub struct ReloadStatus {
 /// How many failover reaction times the agent keeps.
 const REACTIONS_KEPT: usize = 4096;
 
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and a valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> ServiceState {
     let config = service
         .policy
@@ -482,7 +471,8 @@ impl Agent {
         let publishes = self.publishes;
         self.record(endpoint, Some(&service), event)?;
         if self.publishes != publishes {
-            let took = Duration::from_nanos(monotonic_ns().saturating_sub(signal.ktime_ns));
+            let took =
+                Duration::from_nanos(crate::clock::monotonic_ns().saturating_sub(signal.ktime_ns));
             if self.reactions.len() == REACTIONS_KEPT {
                 self.reactions.pop_front();
             }

@@ -6,11 +6,13 @@
 //! - `locality`: which share of new connections each endpoint gets (Istio locality
 //!   priorities, Envoy priority load and panic);
 //! - `agent`: the long-running process;
+//! - `clock`: the kernel's clocks, to compare with the data plane's timestamps;
 //! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...).
 
 pub mod admin;
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod locality;

@@ -112,17 +112,6 @@ fn sig(kind: SignalKind, service_id: u32, backend_id: u32) -> Sig {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 struct Harness {
     dp: Dataplane,
     programmer: Programmer,
@@ -334,11 +323,11 @@ fn check_signalled(h: &mut Harness, case: Case, signals: &[Sig]) {
         );
         return;
     }
-    let started = monotonic_ns();
+    let started = lb::clock::monotonic_ns();
     let (verdict, out) = h
         .try_run(&case.input)
         .unwrap_or_else(|e| panic!("{ctx}: BPF_PROG_TEST_RUN failed: {e:?}"));
-    let ended = monotonic_ns();
+    let ended = lb::clock::monotonic_ns();
     let after = h.counters();
     assert_eq!(verdict, case.verdict, "{ctx}: verdict");
     let expected = case.output.as_ref().unwrap_or(&case.input);

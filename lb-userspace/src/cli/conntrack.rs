@@ -28,17 +28,6 @@ use super::{
     Common, Output, Pins, EXIT_ERROR,
 };
 
-/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of `bpf_ktime_get_coarse_ns`.
-fn coarse_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid clock id and out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn state_name(state: u8) -> &'static str {
     match state {
         s if s == ConnState::TcpSyn as u8 => "SYN",
@@ -170,7 +159,7 @@ pub fn conntrack(
     };
 
     let entries: HashMap<FlowKey, ConnEntry> = pins.connections()?.into_iter().collect();
-    let now = coarse_now_ns();
+    let now = crate::clock::monotonic_coarse_ns();
     let mut paired_replies = std::collections::HashSet::new();
     let mut rows = Vec::new();
     let mut hidden = 0usize;

@@ -1,0 +1,299 @@
+//! Nanoseconds per packet of lb's XDP and TC programs on each path, measured with
+//! BPF_PROG_TEST_RUN.
+//!
+//! Each measurement is one single-iteration run on a freshly copied packet (with
+//! `repeat`, the kernel would feed a rewriting program its own output). The kernel's own
+//! timer reports each run; the same is done for a trivial program in the same process,
+//! and its median is subtracted, leaving what lb itself costs. Rows are measured in
+//! interleaved rounds and the median over rounds is reported with the rounds' range.
+
+use std::{net::Ipv4Addr, time::Instant};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use lb::dataplane::{
+    sync::{DesiredBackend, DesiredService, Programmer},
+    Dataplane, DataplaneOptions, Frontend, Protocol, BASELINE_OBJECT, TC_INGRESS_PROGRAM,
+    XDP_PROGRAM,
+};
+use lb_common::{BackendState, Counter};
+use lb_tests::packets::{PacketSpec, ACK, SYN};
+
+use crate::stats::{median, median_f};
+
+/// What to measure.
+pub struct Options {
+    /// Single-iteration runs per path and program, over all rounds.
+    pub iterations: usize,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Size of the connection table (default: room for every flow of the run).
+    pub max_connections: Option<u32>,
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const WEB: Frontend = Frontend {
+    vip: VIP,
+    port: 80,
+    protocol: Protocol::Tcp,
+};
+/// A second frontend flagged HTTP: lb reads the status line of its backends' responses.
+const WEB_HTTP: Frontend = Frontend {
+    vip: VIP,
+    port: 8080,
+    protocol: Protocol::Tcp,
+};
+
+/// A backend's response head and body in one segment: a 200, counted per CPU when the
+/// service is flagged HTTP (a 5xx would also be sent to the agent through the ring buffer).
+const HTTP_200: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+/// A later segment of a response body: its first 8 bytes are not `HTTP/1.`.
+const BODY: &[u8; 64] = b"<p>a later segment of a response body, not its status line</p>\r\n";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Runs one packet once and returns the kernel-measured duration in ns.
+fn run_once(
+    ebpf_prog: &mut aya::programs::Program,
+    hook: Hook,
+    packet: &[u8],
+    out: &mut [u8],
+) -> Result<u64> {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(packet);
+    opts.data_out = Some(out);
+    let d = match hook {
+        Hook::Xdp => {
+            let p: &mut Xdp = ebpf_prog.try_into()?;
+            p.test_run(opts)?.duration
+        }
+        Hook::Tc => {
+            let p: &mut SchedClassifier = ebpf_prog.try_into()?;
+            p.test_run(opts)?.duration
+        }
+    };
+    Ok(d.as_nanos() as u64)
+}
+
+/// Distinct client addresses so every "new flow" packet misses the connection table.
+fn client(i: usize) -> (Ipv4Addr, u16) {
+    let i = i as u32;
+    (
+        Ipv4Addr::from(0x0a80_0000 | (i >> 8 & 0xffff)),
+        1024 + (i & 0xff) as u16,
+    )
+}
+
+/// Measures every path on both hooks; returns the markdown it printed.
+pub fn run(args: &Options) -> Result<String> {
+    let mut md = String::new();
+    let n = args.iterations.max(1000);
+    let mut dp = Dataplane::load(&DataplaneOptions {
+        // Room for every new flow of both programs without eviction.
+        max_connections: args
+            .max_connections
+            .unwrap_or((4 * n as u32).next_power_of_two()),
+        ..Default::default()
+    })?;
+    let backends: Vec<DesiredBackend> = (0..3)
+        .map(|i| DesiredBackend {
+            addr: Ipv4Addr::new(10, 200, i + 1, 2),
+            port: 8080,
+            weight: 1,
+            state: BackendState::Active,
+            priority: Some(0),
+        })
+        .collect();
+    let mut programmer = Programmer::default();
+    programmer.apply(
+        &mut dp,
+        &[
+            DesiredService {
+                name: "web".into(),
+                frontend: WEB,
+                backends: backends.clone(),
+                http: false,
+            },
+            DesiredService {
+                name: "web-http".into(),
+                frontend: WEB_HTTP,
+                backends: backends.clone(),
+                http: true,
+            },
+        ],
+    )?;
+    // The 200s counted for each service's backends (summed over CPUs), to check that the
+    // HTTP rows measured what they say.
+    let http_ok = |dp: &Dataplane, frontend: &Frontend| -> Result<u64> {
+        let mut n = 0;
+        for b in &backends {
+            let id = programmer
+                .backend_id(frontend, b.addr, b.port)
+                .context("backend not programmed")?;
+            n += dp.backend_stats(id)?.http_ok;
+        }
+        Ok(n)
+    };
+    let mut baseline = Ebpf::load(BASELINE_OBJECT).context("loading the baseline programs")?;
+    for name in ["baseline_xdp", "baseline_tc"] {
+        match baseline
+            .program_mut(name)
+            .context("baseline program missing")?
+        {
+            aya::programs::Program::Xdp(p) => p.load()?,
+            aya::programs::Program::SchedClassifier(p) => p.load()?,
+            _ => unreachable!(),
+        }
+    }
+
+    let rounds = args.rounds.max(1);
+    let per_round = n / rounds;
+    emit!(
+        md,
+        "lb data plane: ns/packet above a trivial program; {rounds} rounds of {per_round} \
+         single runs per row, median of the round medians (min-max of rounds)"
+    );
+    emit!(
+        md,
+        "kernel {}",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+    );
+    emit!(md, "");
+    emit!(
+        md,
+        "| program | path | ns above trivial | rounds min-max | trivial program ns |"
+    );
+    emit!(md, "| --- | --- | ---: | ---: | ---: |");
+    let started = Instant::now();
+    let mut out = vec![0u8; 2048];
+    for (hook, prog_name, base_name, label) in [
+        (Hook::Xdp, XDP_PROGRAM, "baseline_xdp", "XDP"),
+        (Hook::Tc, TC_INGRESS_PROGRAM, "baseline_tc", "TC"),
+    ] {
+        // Offsets keep the two programs' flows apart.
+        let off = if hook == Hook::Xdp { 0 } else { 2 * n };
+        let new_flows: Vec<Vec<u8>> = (0..n)
+            .map(|i| PacketSpec::tcp(client(off + i), (VIP, 80), SYN).build())
+            .collect();
+        // One established connection, and its replies.
+        let est_client = client(off + n);
+        let est = PacketSpec::tcp(est_client, (VIP, 80), ACK)
+            .with_payload(&[0u8; 64])
+            .build();
+        let non_vip = PacketSpec::tcp(est_client, (Ipv4Addr::new(10, 200, 9, 9), 80), SYN).build();
+        let prog = dp.program_mut(prog_name)?;
+        // Opens a connection from `from` to `frontend` with a SYN: the backend lb chose.
+        let mut connect = |from: (Ipv4Addr, u16), frontend: &Frontend| -> Result<Ipv4Addr> {
+            let syn = PacketSpec::tcp(from, (frontend.vip, frontend.port), SYN).build();
+            run_once(prog, hook, &syn, &mut out)?;
+            Ok(Ipv4Addr::new(out[30], out[31], out[32], out[33]))
+        };
+        let chosen = connect(est_client, &WEB)?;
+        let reply = PacketSpec::tcp((chosen, 8080), est_client, ACK)
+            .with_payload(&[0u8; 64])
+            .build();
+        // The established flow after DNAT, as another hook of the node sees it again
+        // (e.g. TC egress towards the backend).
+        let translated = PacketSpec::tcp(est_client, (chosen, 8080), ACK)
+            .with_payload(&[0u8; 64])
+            .build();
+        // The same response (head and body in one segment) on a connection of a service
+        // without the HTTP flag and on one of a service with it; a body segment on the
+        // latter.
+        let plain_client = client(off + n + 1);
+        let plain_backend = connect(plain_client, &WEB)?;
+        let response_plain = PacketSpec::tcp((plain_backend, 8080), plain_client, ACK)
+            .with_payload(HTTP_200)
+            .build();
+        let http_client = client(off + n + 2);
+        let http_backend = connect(http_client, &WEB_HTTP)?;
+        let response_http = PacketSpec::tcp((http_backend, 8080), http_client, ACK)
+            .with_payload(HTTP_200)
+            .build();
+        let body_http = PacketSpec::tcp((http_backend, 8080), http_client, ACK)
+            .with_payload(BODY)
+            .build();
+        let (ok_plain, ok_http) = (http_ok(&dp, &WEB)?, http_ok(&dp, &WEB_HTTP)?);
+        let unparsed = dp.counter(Counter::EventHttpUnparsed)?;
+
+        const PATHS: [&str; 8] = [
+            "new TCP flow",
+            "established flow",
+            "reply (reverse NAT)",
+            "reply, HTTP 200 response, status parsing off",
+            "reply, HTTP 200 response, status parsing on",
+            "reply, body segment on an HTTP service",
+            "non-VIP traffic",
+            "translated traffic seen again",
+        ];
+        // Per path: the round medians above the same round's trivial-program median.
+        let mut above: [Vec<f64>; PATHS.len()] = Default::default();
+        let mut base_medians = Vec::new();
+        for round in 0..rounds {
+            let base_prog = baseline.program_mut(base_name).context("baseline")?;
+            let mut t = Vec::with_capacity(per_round);
+            for _ in 0..per_round {
+                t.push(run_once(base_prog, hook, &est, &mut out)?);
+            }
+            let base = median(t);
+            base_medians.push(base);
+            let prog = dp.program_mut(prog_name)?;
+            for (path, row) in above.iter_mut().enumerate() {
+                let mut t = Vec::with_capacity(per_round);
+                for i in 0..per_round {
+                    let packet = match path {
+                        0 => &new_flows[round * per_round + i],
+                        1 => &est,
+                        2 => &reply,
+                        3 => &response_plain,
+                        4 => &response_http,
+                        5 => &body_http,
+                        6 => &non_vip,
+                        _ => &translated,
+                    };
+                    t.push(run_once(prog, hook, packet, &mut out)?);
+                }
+                row.push(median(t) - base);
+            }
+        }
+        // Every run of the "parsing on" row counted one 200, none of the others did, and
+        // no segment was taken for a status line it could not read.
+        let runs = (rounds * per_round) as u64;
+        let counted = (
+            http_ok(&dp, &WEB)? - ok_plain,
+            http_ok(&dp, &WEB_HTTP)? - ok_http,
+            dp.counter(Counter::EventHttpUnparsed)? - unparsed,
+        );
+        anyhow::ensure!(
+            counted == (0, runs, 0),
+            "{label}: 200s counted (service without the HTTP flag, with it, unparsed) = \
+             {counted:?}, expected (0, {runs}, 0)"
+        );
+        let base = median_f(base_medians.clone());
+        for (path, row) in PATHS.iter().zip(above) {
+            let (lo, hi) = (
+                row.iter().cloned().fold(f64::MAX, f64::min),
+                row.iter().cloned().fold(f64::MIN, f64::max),
+            );
+            emit!(
+                md,
+                "| {label} | {path} | {:.0} | {lo:.0}-{hi:.0} | {base:.0} |",
+                median_f(row)
+            );
+        }
+    }
+    emit!(md, "");
+    emit!(
+        md,
+        "data plane measured in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(md)
+}

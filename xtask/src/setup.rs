@@ -353,3 +353,87 @@ fn line(name: &str, state: &str, purpose: &str) {
         println!("setup: {name:<24} {state:<16} ({purpose})");
     }
 }
+
+/// The peers `cargo xtask bench` measures lb against, as Debian packages, with the file
+/// that shows each one is there.
+const BENCH_PEERS: &[(&str, &str, &str)] = &[
+    (
+        "wrk",
+        "/usr/bin/wrk",
+        "HTTP load generator (keep-alive runs)",
+    ),
+    (
+        "iptables",
+        "/usr/sbin/iptables",
+        "kube-proxy's iptables mode (statistic DNAT)",
+    ),
+    (
+        "nftables",
+        "/usr/sbin/nft",
+        "kube-proxy's nftables mode (numgen DNAT)",
+    ),
+    (
+        "conntrack",
+        "/usr/sbin/conntrack",
+        "flushing conntrack between netfilter runs",
+    ),
+    (
+        "haproxy",
+        "/usr/sbin/haproxy",
+        "userspace L4 proxy (mode tcp)",
+    ),
+    (
+        "nginx",
+        "/usr/sbin/nginx",
+        "userspace L4 proxy (stream) and the backends' web server",
+    ),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "nginx's stream module",
+    ),
+];
+
+/// Installs the peers `cargo xtask bench` measures (`BENCH_PEERS`) when missing. Their
+/// services must not start on the machine: Debian's `policy-rc.d` convention (exit 101 =
+/// "do not start") is put in place for the install when the machine has none.
+pub fn ensure_bench_peers() -> Result<()> {
+    let missing: Vec<&str> = BENCH_PEERS
+        .iter()
+        .filter(|(_, file, _)| !Path::new(file).exists())
+        .map(|(name, _, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: all {} benchmark peers present (wrk, iptables, nftables, conntrack, \
+             haproxy, nginx + stream)",
+            BENCH_PEERS.len()
+        );
+        return Ok(());
+    }
+    for (name, _, purpose) in BENCH_PEERS.iter().filter(|p| missing.contains(&p.0)) {
+        line(name, "missing", purpose);
+    }
+    if let Some(reason) = apt_blocker() {
+        bail!(
+            "the benchmark needs {}; it cannot install them: {reason}. {}",
+            missing.join(" "),
+            apt_instructions(&missing, &reason)
+        );
+    }
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    let placed = !Path::new(POLICY).exists();
+    if placed {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(
+            POLICY,
+            "#!/bin/sh\n# lb bench: do not start services\nexit 101\n",
+        )?;
+        std::fs::set_permissions(POLICY, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = install_packages(&missing);
+    if placed {
+        let _ = std::fs::remove_file(POLICY);
+    }
+    installed
+}

@@ -153,6 +153,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         );
     }
     setup_check()?;
+    // The end-to-end section measures lb beside these; they come from Debian's packages.
+    if !args.iter().any(|a| a == "--no-end-to-end") {
+        setup::ensure_bench_peers()?;
+    }
     // The failover section runs the agent binary: build it too, so it is never stale.
     build_binaries(true)?;
     step("bench: lb-bench");

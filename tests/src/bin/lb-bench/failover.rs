@@ -342,3 +342,279 @@ pub fn run(trials: usize) -> Result<String> {
     );
     Ok(md)
 }
+
+/// The seed's HelloWorld answer of the backend in `region`/`zone`.
+fn hello(region: &str, zone: &str) -> String {
+    format!("Hello version: {region}.{zone}, instance: helloworld-{region}-{zone}")
+}
+
+/// The locality (`region1.zone1`) a HelloWorld answer names, or the answer itself.
+fn answered_by(answer: &str) -> String {
+    answer
+        .strip_prefix("Hello version: ")
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or(answer)
+        .to_string()
+}
+
+/// One call of the timeline's client, with its error.
+struct Call {
+    at_ms: f64,
+    /// When the call ended, in ms from the start.
+    end_ms: f64,
+    answer: std::result::Result<String, String>,
+}
+
+/// How long the timeline's client waits for one call (connect and answer): a call that
+/// long is a failure, and the timeline moves on.
+const TIMELINE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Istio's locality failover task, recorded call by call: the seed's HelloWorld in four
+/// localities (backend `i` at `10.200.i.2`), the node and its client at region1/zone1,
+/// the seed's ServiceEntry and DestinationRule verbatim (as the `seed_task_exactly_tc`
+/// test runs them), lb attached in TC mode, the `lb agent` binary. A client in the
+/// client namespace calls the VIP on a new connection per call, back to back, for the
+/// whole run. After `steady`, region1.zone1 is drained (its listener closed, so its kernel
+/// refuses connections: `HttpNameServer::stop`), then region1.zone2 `interval` later, then
+/// region2.zone3 another `interval` later; the run ends `interval` after the last drain.
+/// Every call (start, who answered or that it failed) and each drain moment (when the
+/// drain began) are recorded.
+pub fn timeline(
+    steady: std::time::Duration,
+    interval: std::time::Duration,
+) -> Result<(String, crate::results::Timeline)> {
+    use std::{
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+        time::Duration,
+    };
+
+    use lb::dataplane::AttachMode;
+    use lb_tests::{
+        agent_process::{lb_binary, write_atomically, AgentProcess, TempDir},
+        http_get,
+        seed::{self, service_entry, DESTINATION_RULE, HELLO_PORT, LOCALITIES, NODE},
+        topology::{backend_addr, TestBed, BACKEND_HTTP_PORT, VIP},
+        DEFAULT_TIMEOUT,
+    };
+
+    use crate::results::{Timeline, TimelineCall};
+
+    let mut md = String::new();
+    let started = Instant::now();
+    let lb = lb_binary().context("the failover timeline runs the agent (or pass --no-failover)")?;
+    let localities: Vec<String> = LOCALITIES.iter().map(|(r, z)| format!("{r}.{z}")).collect();
+    let names: Vec<String> = LOCALITIES.iter().map(|(r, z)| hello(r, z)).collect();
+    let mut bed = TestBed::with_backends(AttachMode::Tc, &names)?;
+    let dir = TempDir::new("lbtimeline")?;
+    let config = dir.0.join("helloworld.yaml");
+    write_atomically(
+        &config,
+        &format!(
+            "{NODE}---\n{}---\n{DESTINATION_RULE}",
+            service_entry(&seed::endpoints())
+        ),
+    )?;
+    let mut agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN])?;
+    let vip = std::net::SocketAddr::from((VIP, HELLO_PORT));
+
+    // The VIP answers from region1.zone1 (priority 0) and the admin endpoint is up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = bed.client.run(|| http_get(vip, "/", DEFAULT_TIMEOUT));
+        let admin = bed.node.run(admin_view);
+        match (ready, admin) {
+            (Ok(name), Ok(_)) if name == names[0] => break,
+            (ready, admin) if Instant::now() > deadline => anyhow::bail!(
+                "the agent did not program the VIP or serve its admin endpoint: call \
+                 {ready:?}, admin {:?}",
+                admin.map(|_| ())
+            ),
+            _ => {}
+        }
+        anyhow::ensure!(agent.running(), "the agent exited");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The client: back to back, one new connection per call, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let client = bed.client.spawn({
+        let stop = Arc::clone(&stop);
+        move || {
+            let mut calls = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let at = t0.elapsed();
+                let answer =
+                    http_get(vip, "/", TIMELINE_CALL_TIMEOUT).map_err(|e| format!("{e:#}"));
+                calls.push(Call {
+                    at_ms: at.as_secs_f64() * 1000.0,
+                    end_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    answer,
+                });
+            }
+            calls
+        }
+    })?;
+    // The drains, each at its moment: (began, ended) in ms from the start.
+    let mut drains: Vec<(f64, f64)> = Vec::new();
+    let sleep_until = |at: Duration| {
+        if let Some(left) = at.checked_sub(t0.elapsed()) {
+            std::thread::sleep(left);
+        }
+    };
+    for i in 0..3 {
+        sleep_until(steady + interval * i as u32);
+        let began = t0.elapsed().as_secs_f64() * 1000.0;
+        bed.backends[i].http.stop();
+        drains.push((began, t0.elapsed().as_secs_f64() * 1000.0));
+    }
+    sleep_until(steady + interval * 3);
+    stop.store(true, Ordering::Relaxed);
+    let calls = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("the timeline's client panicked"))?;
+    let run_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    // Which drained endpoints outlier detection ejected (the seed's rule allows 10%: one
+    // of the four), the others being re-steered in the kernel call by call.
+    let view = bed.node.run(admin_view)?;
+    let ejected: Vec<bool> = (1u8..=3)
+        .map(|i| shown_ejected(&view, &format!("{}:{BACKEND_HTTP_PORT}", backend_addr(i))))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(agent.running(), "the agent exited during the timeline");
+    drop(agent);
+    drop(bed);
+
+    let timeline = Timeline {
+        calls: calls
+            .iter()
+            .map(|c| TimelineCall {
+                at_ms: c.at_ms,
+                served_by: c.answer.as_ref().ok().map(|a| answered_by(a)),
+            })
+            .collect(),
+        drains: drains
+            .iter()
+            .zip(&localities)
+            .map(|(&(began, _), l)| (began, l.clone()))
+            .collect(),
+        localities: localities.clone(),
+    };
+    let served = |c: &Call| c.answer.as_ref().ok().map(|a| answered_by(a));
+
+    emit!(md, "");
+    emit!(
+        md,
+        "failover timeline (Istio's locality failover task: HelloWorld in {}; node and client \
+         at region1/zone1; the seed's DestinationRule verbatim; TC; agent {}; one client \
+         calling the VIP back to back, a new connection per call; a drain closes the \
+         backend's listener, so its kernel refuses connections)",
+        localities.join(", "),
+        lb.display()
+    );
+    emit!(md, "");
+    emit!(
+        md,
+        "| interval | calls | failed | cut by the drain | served by the next locality | first call served by the next locality, after the drain | call p50 / p99 | drained endpoint ejected at the end |"
+    );
+    emit!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    // A failed call that overlapped a drain (started before `stop` returned, ended after
+    // it began) was cut by the server closing the connections it had accepted: the client
+    // saw it fail, but no balancer could have saved it. It is counted apart, at its drain.
+    let cut_by = |c: &Call| {
+        if c.answer.is_ok() {
+            return None;
+        }
+        drains
+            .iter()
+            .position(|&(began, ended)| c.at_ms < ended && c.end_ms >= began)
+    };
+    let durations = |v: &[&Call]| -> String {
+        let mut us: Vec<u64> = v
+            .iter()
+            .map(|c| ((c.end_ms - c.at_ms) * 1000.0) as u64)
+            .collect();
+        if us.is_empty() {
+            return "-".into();
+        }
+        us.sort_unstable();
+        let ms = |p| rank(&us, p) as f64 / 1000.0;
+        format!("{:.2} / {:.2} ms", ms(50), ms(99))
+    };
+    let mut bounds = vec![(0.0, drains[0].0)];
+    for (k, &(began, _)) in drains.iter().enumerate() {
+        bounds.push((began, drains.get(k + 1).map_or(run_ms, |d| d.0)));
+    }
+    let (mut failed_total, mut cut_total) = (0, 0);
+    for (k, &(from, until)) in bounds.iter().enumerate() {
+        let in_interval: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.at_ms >= from && c.at_ms < until)
+            .collect();
+        let failed = in_interval
+            .iter()
+            .filter(|c| c.answer.is_err() && cut_by(c).is_none())
+            .count();
+        failed_total += failed;
+        if k == 0 {
+            emit!(
+                md,
+                "| steady, 0 to {until:.0} ms: {} serving | {} | {failed} | - | - | - | {} | - |",
+                localities[0],
+                in_interval.len(),
+                durations(&in_interval)
+            );
+            continue;
+        }
+        let drain = k - 1;
+        let (began, ended) = drains[drain];
+        let next = &localities[k];
+        let cut = calls.iter().filter(|c| cut_by(c) == Some(drain)).count();
+        cut_total += cut;
+        let by_next = in_interval
+            .iter()
+            .filter(|c| served(c).as_deref() == Some(next.as_str()))
+            .count();
+        let first = in_interval
+            .iter()
+            .find(|c| served(c).as_deref() == Some(next.as_str()))
+            .map_or("never".to_string(), |c| {
+                format!("{:.2} ms", c.at_ms - began)
+            });
+        emit!(
+            md,
+            "| {} drained at {began:.0} ms (closing took {:.2} ms), to {until:.0} ms: {next} next | {} | {failed} | {cut} | {by_next} | {first} | {} | {} |",
+            localities[drain],
+            ended - began,
+            in_interval.len(),
+            durations(&in_interval),
+            if ejected[drain] { "yes" } else { "no: re-steered in the kernel, call by call" }
+        );
+    }
+    let all: Vec<&Call> = calls.iter().collect();
+    emit!(
+        md,
+        "| total, 0 to {run_ms:.0} ms | {} | {failed_total} | {cut_total} | | | {} | |",
+        calls.len(),
+        durations(&all)
+    );
+    emit!(md, "");
+    emit!(
+        md,
+        "timeline measured in {:.1} s (test bed and agent start included)",
+        started.elapsed().as_secs_f64()
+    );
+    for c in calls.iter().filter(|c| c.answer.is_err()).take(5) {
+        println!(
+            "  failed call at {:.2} ms: {}",
+            c.at_ms,
+            c.answer.as_ref().err().map_or("", |e| e.as_str())
+        );
+    }
+    Ok((md, timeline))
+}

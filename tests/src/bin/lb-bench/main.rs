@@ -3,15 +3,22 @@
 //! Sections, in order (each can be skipped):
 //! 1. per packet (`per_packet`): ns of lb's XDP and TC programs on each path, with
 //!    BPF_PROG_TEST_RUN, a trivial program's cost subtracted;
-//! 2. control plane (`control_plane`): the agent publishing a large configuration, and an
-//!    ejection to its table being live;
-//! 3. failover (`failover`): a refused connection re-steered to the next backend, end to
-//!    end with the `lb agent` binary in network namespaces.
+//! 2. end to end (`end_to_end`): requests through the node balanced by lb and by its peers
+//!    (kube-proxy's iptables and nftables rules, HAProxy, nginx), beside `direct`,
+//!    keep-alive and one new connection per request, in interleaved rounds;
+//! 3. control plane (`control_plane`): the agent publishing 1k and 10k services from
+//!    scratch, an ejection to its table being live, memory;
+//! 4. failover (`failover`): a refused connection re-steered to the next backend (the
+//!    client's call and the agent's reaction over many trials), and the seed's task
+//!    recorded call by call as a timeline.
 //!
-//! Every section prints markdown tables; `--write-docs` puts them into
-//! `docs/benchmarks.md` between the section's markers.
+//! Every section prints markdown tables; the plots are SVG files (`plots`) in `--out`.
+//! `--write-docs` puts the tables into `docs/benchmarks.md` between the section's markers
+//! and the plots into `docs/` (`report`).
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
 use clap::Parser;
 
 /// Prints a line and keeps it for `--write-docs`.
@@ -25,71 +32,197 @@ macro_rules! emit {
 }
 
 mod control_plane;
+mod end_to_end;
 mod failover;
+mod loadgen;
 mod per_packet;
+mod plots;
+mod report;
+mod results;
 mod stats;
 
 #[derive(Parser)]
-#[command(about = "lb's data plane, control plane and failover, measured")]
+#[command(
+    about = "lb's data plane, end to end beside its peers, control plane and failover, measured"
+)]
 struct Args {
-    /// Single-iteration runs per path and program, over all rounds.
+    /// Every section at a small size (under two minutes once the peers are installed):
+    /// what CI runs so the bench never rots. Its figures are not for the record.
+    #[arg(long)]
+    quick: bool,
+    /// Write the tables into docs/benchmarks.md (between its markers) and the plots into
+    /// docs/. Refused with --quick or a skipped section.
+    #[arg(long)]
+    write_docs: bool,
+    /// Where the plots go without --write-docs.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Per packet: single-iteration runs per path and program, over all rounds.
     #[arg(long, default_value_t = 100_000)]
     iterations: usize,
-    /// Rounds: each measures the trivial program and every path once, in turn, so slow
-    /// drift of the machine affects all rows alike.
+    /// Per packet: rounds; each measures the trivial program and every path once, in turn,
+    /// so slow drift of the machine affects all rows alike.
     #[arg(long, default_value_t = 9)]
     rounds: usize,
+    /// Per packet: size of the connection table (default: room for every flow of the run,
+    /// so no eviction). A smaller table is faster (it stays in cache) until it evicts.
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// Skip the per-packet measurements.
     #[arg(long)]
     no_per_packet: bool,
-    /// Skip the control-plane measurements (publish from scratch, ejection to live table).
+    /// Skip the end-to-end comparison with the peers.
+    #[arg(long)]
+    no_end_to_end: bool,
+    /// End to end: interleaved rounds (every target once per round in each mode).
+    #[arg(long, default_value_t = 5)]
+    e2e_rounds: usize,
+    /// End to end: seconds of each measured run.
+    #[arg(long, default_value_t = 5.0)]
+    e2e_secs: f64,
+    /// End to end: connections (keep-alive) or generator threads (new connections).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// End to end: leave out lb in XDP mode.
+    #[arg(long)]
+    no_xdp: bool,
+    /// Skip the control-plane measurements.
     #[arg(long)]
     no_control_plane: bool,
-    /// Services for the control-plane measurements.
-    #[arg(long, default_value_t = 1000)]
-    services: usize,
-    /// Endpoints per service for the control-plane measurements.
+    /// Control plane: numbers of services (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    services: Vec<usize>,
+    /// Control plane: endpoints per service.
     #[arg(long, default_value_t = 100)]
     endpoints: usize,
-    /// Size of the connection table (default: room for every flow of the run, so no
-    /// eviction). A smaller table is faster (it stays in cache) until it evicts.
-    #[arg(long)]
-    max_connections: Option<u32>,
     /// Skip the failover measurements (network namespaces and the `lb agent` binary,
     /// built by `cargo xtask build`).
     #[arg(long)]
     no_failover: bool,
-    /// Failover trials: re-steered calls, and as many baseline calls.
+    /// Failover: trials (re-steered calls, and as many baseline calls).
     #[arg(long, default_value_t = 200)]
     failover_trials: usize,
+    /// Failover timeline: milliseconds between two drains.
+    #[arg(long, default_value_t = 400)]
+    timeline_interval_ms: u64,
+}
+
+impl Args {
+    /// The sizes of `--quick`.
+    fn quick(mut self) -> Self {
+        self.iterations = 20_000;
+        self.rounds = 5;
+        self.e2e_rounds = 2;
+        self.e2e_secs = 1.0;
+        self.services = vec![1000];
+        self.failover_trials = 50;
+        self
+    }
+}
+
+/// The workspace's docs/ folder.
+fn docs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
-    // The agent started for the failover measurements inherits this: one info line per
-    // failover would bury the results. Set before any thread exists.
+    let mut args = Args::parse();
+    if args.quick {
+        anyhow::ensure!(
+            !args.write_docs,
+            "--write-docs records a full run's figures; run it without --quick"
+        );
+        args = args.quick();
+    }
+    if args.write_docs {
+        anyhow::ensure!(
+            !(args.no_per_packet
+                || args.no_end_to_end
+                || args.no_control_plane
+                || args.no_failover),
+            "--write-docs rewrites every section of docs/benchmarks.md: run every section"
+        );
+    }
+    // The agents started for the end-to-end and failover measurements inherit this: one
+    // info line per failover would bury the results. Set before any thread exists.
     if std::env::var_os("RUST_LOG").is_none() {
         std::env::set_var("RUST_LOG", "warn");
     }
+    let started = std::time::Instant::now();
     let reproduce: Vec<String> = std::env::args().skip(1).collect();
-    println!(
-        "reproduce: cargo xtask bench{}{}",
-        if reproduce.is_empty() { "" } else { " -- " },
+    let command = format!(
+        "cargo xtask bench{}{}",
+        if reproduce.is_empty() { "" } else { " " },
         reproduce.join(" ")
     );
+    println!("reproduce: {command}");
     println!();
+    let out = if args.write_docs {
+        docs_dir()
+    } else {
+        args.out.clone()
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut sections: Vec<(&str, String)> = Vec::new();
+
     if !args.no_per_packet {
-        per_packet::run(&per_packet::Options {
+        let md = per_packet::run(&per_packet::Options {
             iterations: args.iterations,
             rounds: args.rounds,
             max_connections: args.max_connections,
         })?;
+        sections.push(("per-packet", md));
+    }
+    if !args.no_end_to_end {
+        println!();
+        let (md, figures) = end_to_end::run(&end_to_end::Options {
+            rounds: args.e2e_rounds,
+            secs: args.e2e_secs,
+            concurrency: args.concurrency,
+            xdp: !args.no_xdp,
+        })?;
+        plots::throughput(&figures, &out.join("bench-throughput.svg"))?;
+        plots::latency(&figures, &out.join("bench-latency.svg"))?;
+        println!(
+            "plots: {0}/bench-throughput.svg, {0}/bench-latency.svg",
+            out.display()
+        );
+        sections.push(("end-to-end", md));
     }
     if !args.no_control_plane {
-        control_plane::run(args.services, args.endpoints)?;
+        println!();
+        let md = control_plane::run(&args.services, args.endpoints)?;
+        sections.push(("control-plane", md));
     }
     if !args.no_failover {
-        failover::run(args.failover_trials)?;
+        println!();
+        let md = failover::run(args.failover_trials)?;
+        sections.push(("failover", md));
+        println!();
+        let (md, timeline) = failover::timeline(
+            std::time::Duration::from_millis(300),
+            std::time::Duration::from_millis(args.timeline_interval_ms),
+        )?;
+        plots::failover_timeline(&timeline, &out.join("bench-failover-timeline.svg"))?;
+        println!("plot: {}/bench-failover-timeline.svg", out.display());
+        sections.push(("failover-timeline", md));
+    }
+    println!();
+    println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());
+    if args.write_docs {
+        let machine = format!(
+            "{}\n\nCommand: `{command}` (took {:.0} s).",
+            report::machine_facts(),
+            started.elapsed().as_secs_f64()
+        );
+        sections.insert(0, ("machine", machine));
+        let path = docs_dir().join("benchmarks.md");
+        report::write_docs(&path, &sections)?;
+        println!(
+            "wrote {} and the plots in {}",
+            path.display(),
+            out.display()
+        );
     }
     Ok(())
 }

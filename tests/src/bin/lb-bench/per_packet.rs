@@ -214,9 +214,16 @@ pub fn run(args: &Options) -> Result<String> {
             .build();
         let http_client = client(off + n + 2);
         let http_backend = connect(http_client, &WEB_HTTP)?;
-        let response_http = PacketSpec::tcp((http_backend, 8080), http_client, ACK)
-            .with_payload(HTTP_200)
-            .build();
+        // Each response of a round a new one (its own sequence number): lb counts a
+        // segment that starts the same response again (a retransmission) only once.
+        let response_http: Vec<Vec<u8>> = (0..per_round as u32)
+            .map(|i| {
+                PacketSpec::tcp((http_backend, 8080), http_client, ACK)
+                    .with_seq(1 + i * HTTP_200.len() as u32)
+                    .with_payload(HTTP_200)
+                    .build()
+            })
+            .collect();
         let body_http = PacketSpec::tcp((http_backend, 8080), http_client, ACK)
             .with_payload(BODY)
             .build();
@@ -253,7 +260,7 @@ pub fn run(args: &Options) -> Result<String> {
                         1 => &est,
                         2 => &reply,
                         3 => &response_plain,
-                        4 => &response_http,
+                        4 => &response_http[i],
                         5 => &body_http,
                         6 => &non_vip,
                         _ => &translated,

@@ -98,6 +98,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Direct,
+    /// The client's requests spread evenly over the four backends, directly: what the
+    /// balancers do, without a balancer, on the same backends.
+    DirectSpread,
     LbTc,
     LbXdp,
     Iptables,
@@ -110,6 +113,7 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::DirectSpread => "direct ×4",
             Target::LbTc => "lb TC",
             Target::LbXdp => "lb XDP",
             Target::Iptables => "iptables",
@@ -122,7 +126,7 @@ impl Target {
     /// Where the client sends its requests.
     fn addr(self) -> SocketAddr {
         match self {
-            Target::Direct => (backend_addr(1), BACKEND_HTTP_PORT).into(),
+            Target::Direct | Target::DirectSpread => (backend_addr(1), BACKEND_HTTP_PORT).into(),
             Target::LbTc | Target::LbXdp => (LB_VIP, VIP_PORT).into(),
             Target::Iptables => (IPTABLES_VIP, VIP_PORT).into(),
             Target::Nftables => (NFTABLES_VIP, VIP_PORT).into(),
@@ -131,11 +135,37 @@ impl Target {
         }
     }
 
+    /// `direct ×4` only with new connections: spreading keep-alive load over four
+    /// addresses would take several wrk threads, and a second generator configuration
+    /// would make its figures incomparable. With a new connection per request, the
+    /// bench's own generator spreads its threads over the addresses as it is.
+    fn measured_in(self, mode: LoadMode) -> bool {
+        self != Target::DirectSpread || mode == LoadMode::NewConnection
+    }
+
+    /// Every address the client sends its requests to (spread evenly over them).
+    fn addrs(self) -> Vec<SocketAddr> {
+        match self {
+            Target::DirectSpread => (1..=BACKENDS)
+                .map(|i| (backend_addr(i), BACKEND_HTTP_PORT).into())
+                .collect(),
+            _ => vec![self.addr()],
+        }
+    }
+
     /// What the target is, for the layout line.
     fn describe(self) -> String {
         let a = self.addr();
         match self {
             Target::Direct => format!("{a}: backend 1 itself, routed by the node"),
+            Target::DirectSpread => format!(
+                "the four backends themselves ({}:{BACKEND_HTTP_PORT}), routed by the node: \
+                 the load generator's connections or threads spread evenly over them",
+                (1..=BACKENDS)
+                    .map(|i| backend_addr(i).to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Target::LbTc => format!("{a}: `lb agent`, client-facing interface in TC mode"),
             Target::LbXdp => {
                 format!("{a}: `lb agent`, client-facing interface in XDP mode (native, veth)")
@@ -740,7 +770,9 @@ impl Bench {
             d.ensure_running()?;
         }
         let active = match target {
-            Target::Direct | Target::Haproxy | Target::Nginx => Active::Nothing,
+            Target::Direct | Target::DirectSpread | Target::Haproxy | Target::Nginx => {
+                Active::Nothing
+            }
             Target::LbTc | Target::LbXdp => {
                 let config = self.dir.0.join("lb.yaml");
                 write_atomically(&config, &lb_config())?;
@@ -764,10 +796,12 @@ impl Bench {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut active = active;
         loop {
-            let answer = self
-                .bed
-                .client
-                .run(|| loadgen::check(target.addr(), Duration::from_millis(200)));
+            let answer = self.bed.client.run(|| {
+                target
+                    .addrs()
+                    .into_iter()
+                    .try_for_each(|a| loadgen::check(a, Duration::from_millis(200)))
+            });
             match answer {
                 Ok(()) => return Ok(active),
                 Err(e) if Instant::now() > deadline => {
@@ -793,14 +827,14 @@ impl Bench {
             LoadMode::KeepAlive => loadgen::wrk(
                 &self.tools.wrk,
                 &self.bed.client,
-                target.addr(),
+                &target.addrs(),
                 opts.concurrency,
                 duration,
                 self.client_cpu(),
             ),
             LoadMode::NewConnection => loadgen::new_connections(
                 &self.bed.client,
-                target.addr(),
+                &target.addrs(),
                 opts.concurrency,
                 duration,
                 self.client_cpu(),
@@ -909,6 +943,41 @@ fn machine_line(tools: &Tools, pin: bool) -> String {
     )
 }
 
+/// lb's counters that a clean run leaves at zero (drops, and events other than tracking
+/// new connections), from `lb stats -o json` on the agent's pins, as `name=value`.
+fn unusual_counters(node: &str, pin_dir: &Path) -> Result<String> {
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg("--")
+        .arg(lb_binary()?)
+        .args(["stats", "-o", "json", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .context("running lb stats")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "lb stats: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading lb stats -o json")?;
+    let counters = stats["counters"]
+        .as_array()
+        .context("lb stats -o json has no counters")?;
+    let mut unusual = Vec::new();
+    for c in counters {
+        let (Some(name), Some(value)) = (c["name"].as_str(), c["value"].as_u64()) else {
+            continue;
+        };
+        let usual =
+            !(name.starts_with("drop_") || name.starts_with("event_")) || name == "event_tracked";
+        if !usual && value > 0 {
+            unusual.push(format!("{name}={value}"));
+        }
+    }
+    Ok(unusual.join(" "))
+}
+
 /// Measures every target in both modes; returns the markdown and the figures.
 pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
     let started = Instant::now();
@@ -920,7 +989,7 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
     let load_before = load_average();
     let mut bench = Bench::setup(tools, pin)?;
 
-    let mut targets = vec![Target::Direct, Target::LbTc];
+    let mut targets = vec![Target::Direct, Target::DirectSpread, Target::LbTc];
     if opts.xdp {
         targets.push(Target::LbXdp);
     }
@@ -971,6 +1040,9 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
                 .with_context(|| format!("round {}: setting up {}", round + 1, target.name()))?;
             switching += t.elapsed();
             for &mode in &mode_order {
+                if !target.measured_in(mode) {
+                    continue;
+                }
                 let f = bench.measure(target, mode, opts).with_context(|| {
                     format!(
                         "round {}: measuring {} ({})",
@@ -990,6 +1062,15 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
                     f.errors
                 );
                 figures.entry((target, mode)).or_default().push(f);
+            }
+            if let Active::Agent(agent) = &active {
+                // What lb's data plane saw, beyond the usual verdicts: a failed request
+                // through lb is explained there if anywhere.
+                match unusual_counters(bench.bed.node.name(), &agent.pin_dir) {
+                    Ok(c) if c.is_empty() => {}
+                    Ok(c) => println!("    {} data-plane counters: {c}", target.name()),
+                    Err(e) => println!("    {}: reading lb stats: {e:#}", target.name()),
+                }
             }
             let t = Instant::now();
             drop(active);
@@ -1016,7 +1097,7 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
          kept: `tcp_max_tw_buckets` 0) on 10.200.i.2:{BACKEND_HTTP_PORT}; veth pairs with \
          transmit checksum offload off (as the test bed makes them). {}. Keep-alive: \
          `wrk -t1 -c{c} -d{s}s`; new connection per request: the bench's generator, {c} \
-         threads, each connect, `GET /` with `Connection: close`, read to EOF (handshake \
+         threads (spread evenly over the addresses of `direct ×4`), each connect, `GET /` with `Connection: close`, read to EOF (handshake \
          included in the latency). Rounds: {rounds}, of {secs} s per target and mode, the \
          target order rotated each round. Agent: {}.",
         if pin {
@@ -1039,16 +1120,22 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
 
     for mode in modes {
         let direct = &figures[&(Target::Direct, mode)];
+        let spread = figures.get(&(Target::DirectSpread, mode));
         emit!(md, "");
         emit!(md, "end to end, {} (rounds: {rounds})", mode.label());
         emit!(md, "");
         emit!(
             md,
-            "| target | requests/s (median) | min–max over rounds | vs direct | p50 µs | p99 µs | errors |"
+            "| target | requests/s (median) | min–max over rounds | vs direct | vs direct ×4 | p50 µs | p99 µs | errors |"
         );
-        emit!(md, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        emit!(
+            md,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
         for &target in &targets {
-            let runs = &figures[&(target, mode)];
+            let Some(runs) = figures.get(&(target, mode)) else {
+                continue;
+            };
             let rps: Vec<f64> = runs.iter().map(|f| f.requests_per_s).collect();
             let (lo, hi) = min_max(&rps);
             let vs = if target == Target::Direct {
@@ -1056,13 +1143,18 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
             } else {
                 ratio_cell(&ratios(runs, direct), false)
             };
+            let vs_spread = match spread {
+                _ if target == Target::DirectSpread => "1".to_string(),
+                Some(spread) => ratio_cell(&ratios(runs, spread), false),
+                None => "—".to_string(),
+            };
             let p50 = median(&runs.iter().map(|f| f.p50_us).collect::<Vec<_>>());
             let p99 = median(&runs.iter().map(|f| f.p99_us).collect::<Vec<_>>());
             let errors: u64 = runs.iter().map(|f| f.errors).sum();
             let requests: u64 = runs.iter().map(|f| f.requests).sum();
             emit!(
                 md,
-                "| {} | {:.0} | {lo:.0}–{hi:.0} | {vs} | {p50:.0} | {p99:.0} | {} |",
+                "| {} | {:.0} | {lo:.0}–{hi:.0} | {vs} | {vs_spread} | {p50:.0} | {p99:.0} | {} |",
                 target.name(),
                 median(&rps),
                 if errors == 0 {
@@ -1125,7 +1217,10 @@ pub fn run(opts: &Options) -> Result<(String, Vec<TargetFigures>)> {
         "requests/s: completed requests (200) per second of one run, median over the rounds \
          (mean of the middle two for an even count), and the slowest and fastest round. \
          vs direct: the target's requests/s over `direct`'s in the same round and mode, \
-         median (min–max) over rounds; 1 would be a balancer that costs nothing. p50/p99: \
+         median (min–max) over rounds (`direct` is one backend: the path's limit); vs \
+         direct ×4: the same over `direct ×4` (the four backends called directly, spread \
+         evenly: the same backends' work as behind a balancer; new connections only), \
+         where 1 would be a balancer that costs nothing. p50/p99: \
          the run's latency percentiles (wrk's for keep-alive; connect to the last byte for \
          new connections), median over rounds. errors: failed requests (connect error, \
          reset, timeout, non-200) over all rounds. The ratio table is lb's requests/s over \

@@ -153,7 +153,7 @@ const FIRST_ERRORS_KEPT: usize = 3;
 /// the rate is the completed requests over the time until the last thread finished.
 pub fn new_connections(
     ns: &Netns,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     concurrency: usize,
     duration: Duration,
     cpu: Option<usize>,
@@ -161,8 +161,11 @@ pub fn new_connections(
     let concurrency = concurrency.max(1);
     let start = Arc::new(Barrier::new(concurrency + 1));
     let mut threads = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    anyhow::ensure!(!addrs.is_empty(), "no address to send requests to");
+    for i in 0..concurrency {
         let start = Arc::clone(&start);
+        // Thread i sends to the i-th address, round robin: an even spread.
+        let addr = addrs[i % addrs.len()];
         threads.push(ns.spawn(move || {
             if let Some(cpu) = cpu {
                 pin_current_thread(cpu);
@@ -185,7 +188,7 @@ pub fn new_connections(
                     Err(e) => {
                         figures.errors += 1;
                         if figures.first_errors.len() < FIRST_ERRORS_KEPT {
-                            figures.first_errors.push(e.to_string());
+                            figures.first_errors.push(format!("{addr}: {e}"));
                         }
                     }
                 }
@@ -204,7 +207,7 @@ pub fn new_connections(
         latencies.extend(figures.latencies_ns);
         errors += figures.errors;
         for e in figures.first_errors {
-            println!("    failed request to {addr}: {e}");
+            println!("    failed request to {e}");
         }
     }
     let elapsed = began.elapsed().as_secs_f64();
@@ -218,33 +221,59 @@ pub fn new_connections(
     })
 }
 
-/// `wrk -t1 -c{concurrency} -d{secs}s --latency` in `ns`, pinned to `cpu`: keep-alive
+/// `wrk -t1 -c{concurrency} -d{secs}s --latency -s SCRIPT` in `ns`, pinned to `cpu`: keep-alive
 /// requests. wrk takes whole seconds: `duration` is rounded (at least 1 s).
 pub fn wrk(
     wrk: &Path,
     ns: &Netns,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     concurrency: usize,
     duration: Duration,
     cpu: Option<usize>,
 ) -> Result<RunFigures> {
     let secs = duration.as_secs_f64().round().max(1.0) as u64;
-    let url = format!("http://{addr}/");
+    let first = *addrs.first().context("no address to send requests to")?;
+    let url = format!("http://{first}/");
+    // One wrk thread per address (one for every target measured with keep-alive), each
+    // with its share of the connections; a script gives thread i the i-th address.
+    let script = std::env::temp_dir().join(format!(
+        "lb-bench-wrk-{}-{}.lua",
+        std::process::id(),
+        ns.name()
+    ));
+    let list: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("wrk.lookup(\"{}\", \"{}\")[1]", a.ip(), a.port()))
+        .collect();
+    std::fs::write(
+        &script,
+        format!(
+            "local addrs = nil\nlocal n = 0\nfunction setup(thread)\n  \
+             if addrs == nil then addrs = {{ {} }} end\n  \
+             thread.addr = addrs[(n % #addrs) + 1]\n  n = n + 1\nend\n",
+            list.join(", ")
+        ),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    let threads = addrs.len().min(concurrency.max(1));
     let args = [
         "netns".to_string(),
         "exec".to_string(),
         ns.name().to_string(),
         wrk.display().to_string(),
-        "-t1".to_string(),
+        format!("-t{threads}"),
         format!("-c{}", concurrency.max(1)),
         format!("-d{secs}s"),
         "--timeout".to_string(),
         format!("{}s", REQUEST_TIMEOUT.as_secs()),
         "--latency".to_string(),
+        "-s".to_string(),
+        script.display().to_string(),
         url.clone(),
     ];
-    let output = on_cpu(cpu, || Command::new("ip").args(&args).output())
-        .with_context(|| format!("starting wrk in netns {}", ns.name()))?;
+    let output = on_cpu(cpu, || Command::new("ip").args(&args).output());
+    let _ = std::fs::remove_file(&script);
+    let output = output.with_context(|| format!("starting wrk in netns {}", ns.name()))?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(

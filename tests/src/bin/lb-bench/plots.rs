@@ -68,7 +68,7 @@ enum Kind {
 
 impl Kind {
     fn of(target: &str) -> Kind {
-        if target == "direct" {
+        if target == "direct" || target.starts_with("direct ") {
             Kind::Direct
         } else if target == "lb" || target.starts_with("lb ") {
             Kind::Lb

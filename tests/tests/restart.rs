@@ -53,7 +53,12 @@ impl Setup {
     }
 
     fn with_pin_dir(pin_dir: Option<PathBuf>) -> Self {
-        let bed = TestBed::new(AttachMode::Tc).unwrap();
+        Self::in_mode(AttachMode::Tc, pin_dir)
+    }
+
+    /// lb attached in `mode` on the client-facing interface (TC on the others).
+    fn in_mode(mode: AttachMode, pin_dir: Option<PathBuf>) -> Self {
+        let bed = TestBed::new(mode).unwrap();
         let dir = TempDir::new("lbrestart").unwrap();
         let config = dir.0.join("lb.yaml");
         write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
@@ -211,16 +216,28 @@ fn link_pins(pin_dir: &Path) -> Vec<String> {
     links
 }
 
-/// The agent goes away (`kill`: SIGKILL, else SIGTERM) and comes back, under load.
-fn restart_under_load(kill: bool) {
-    let mut s = Setup::new();
+/// The agent goes away (`kill`: SIGKILL, else SIGTERM) and comes back, under load, with
+/// lb attached in `mode` on the client-facing interface.
+fn restart_under_load(kill: bool, mode: AttachMode) {
+    let mut s = Setup::in_mode(mode, None);
     let pin_dir = s.agent.pin_dir.clone();
     let before = read_table(&pin_dir);
     assert_eq!(before.services.len(), 2, "{before:?}");
     assert_eq!(before.backends.len(), 6, "{before:?}");
-    // Three interfaces with TC (ingress and egress each), one per backend plus lbvip.
     let links = link_pins(&pin_dir);
-    assert_eq!(links.len(), 2 * s.bed.interfaces.len(), "{links:?}");
+    match mode {
+        // Every interface with TC, ingress and egress each: the client's, one per
+        // backend, and lbvip.
+        AttachMode::Tc => assert_eq!(links.len(), 2 * s.bed.interfaces.len(), "{links:?}"),
+        // The client's interface with an XDP link.
+        AttachMode::Xdp => assert!(
+            links
+                .iter()
+                .any(|l| l.contains(&s.bed.interfaces[0].name) && l.contains("xdp")),
+            "no XDP link pinned for {}: {links:?}",
+            s.bed.interfaces[0].name
+        ),
+    }
 
     let kept = 4;
     let mut down = (0, 0);
@@ -269,7 +286,17 @@ fn sigkill_and_restart_under_load_loses_nothing() {
     if !require_root() {
         return;
     }
-    restart_under_load(true);
+    restart_under_load(true, AttachMode::Tc);
+}
+
+/// The same with the client-facing interface in XDP mode: its XDP link is pinned, kept
+/// while the agent is down and updated by the restarted agent.
+#[test]
+fn sigkill_and_restart_in_xdp_mode_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    restart_under_load(true, AttachMode::Xdp);
 }
 
 #[test]
@@ -277,7 +304,7 @@ fn sigterm_and_restart_under_load_loses_nothing() {
     if !require_root() {
         return;
     }
-    restart_under_load(false);
+    restart_under_load(false, AttachMode::Tc);
 }
 
 /// Ids of the programs attached with tcx (ingress and egress) to lb's interfaces in the

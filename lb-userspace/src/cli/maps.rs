@@ -6,17 +6,19 @@
 //! `/proc/self/fdinfo`, the map's memory use on kernels since 6.2); when the kernel does not
 //! give it, an estimate from the sizes (`~`).
 
+use std::os::fd::AsFd as _;
+
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use lb_common::{maps as names, Backend, BackendState, TrafficStats};
 use serde::Serialize;
 
 use super::{
-    pins::fdinfo,
     print, print_json,
     table::{bytes, Table},
     Common, Output, Pins,
 };
+use crate::dataplane::memory;
 
 #[derive(Serialize)]
 struct MapRow {
@@ -55,25 +57,6 @@ fn plural(n: usize) -> &'static str {
         ""
     } else {
         "s"
-    }
-}
-
-fn possible_cpus() -> u64 {
-    aya::util::nr_cpus().map_or(1, |n| n as u64)
-}
-
-/// Memory estimate when the kernel gives none: values rounded up to 8 bytes (per CPU for
-/// per-CPU maps), hash entries with the kernel's per-element header (about 48 bytes).
-fn estimate(t: u32, max: u32, key: u32, value: u32) -> u64 {
-    let (max, key, value) = (u64::from(max), u64::from(key), u64::from(value));
-    let round = |n: u64| n.div_ceil(8) * 8;
-    match t {
-        2 => max * round(value),
-        6 => max * round(value) * possible_cpus(),
-        1 | 9 => max * (48 + round(key) + round(value)),
-        5 | 10 => max * (48 + round(key) + 8) + max * round(value) * possible_cpus(),
-        27 => max,
-        _ => max * (key + value),
     }
 }
 
@@ -171,9 +154,9 @@ pub fn maps(common: &Common) -> Result<()> {
         let info = data
             .info()
             .with_context(|| format!("reading the info of {name}"))?;
-        let fd = fdinfo(&data);
+        let fd = memory::fdinfo(data.fd().as_fd());
         let map_type: u32 = fd.get("map_type").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let memlock = fd.get("memlock").and_then(|v| v.parse::<u64>().ok());
+        let (memory_bytes, memory_estimated) = memory::map_bytes(&fd);
         let (entries, what) = fill(&pins, &name, data).unwrap_or((None, "unreadable".into()));
         rows.push(MapRow {
             r#type: type_name(map_type),
@@ -184,15 +167,8 @@ pub fn maps(common: &Common) -> Result<()> {
             flags: info.map_flags(),
             entries,
             fill: what,
-            memory_bytes: memlock.unwrap_or_else(|| {
-                estimate(
-                    map_type,
-                    info.max_entries(),
-                    info.key_size(),
-                    info.value_size(),
-                )
-            }),
-            memory_estimated: memlock.is_none(),
+            memory_bytes,
+            memory_estimated,
             name,
         });
     }

@@ -344,17 +344,3 @@ impl Drop for Selection {
         }
     }
 }
-
-/// What `/proc/self/fdinfo` says about a map fd: the kernel's own figures (`memlock`,
-/// `map_type`, ...).
-pub fn fdinfo(data: &MapData) -> StdHashMap<String, String> {
-    let fd = data.fd().as_fd().as_raw_fd();
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect()
-}

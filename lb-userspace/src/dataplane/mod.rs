@@ -2,6 +2,7 @@
 //! sizes and timeouts, attaches its programs, writes services and backends, and reads
 //! counters and connections back.
 
+pub mod memory;
 mod mmap;
 pub mod pin;
 pub mod selection;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use lb::dataplane::{DataplaneOptions, Frontend, Protocol};
+use lb::dataplane::{memory, DataplaneOptions, Frontend, Protocol};
 
 /// Ejections measured per size.
 const EJECTIONS: usize = 100;
@@ -68,25 +68,18 @@ struct MapMemory {
     estimated: bool,
 }
 
-/// The key-value lines of `/proc/self/fdinfo/{fd}`.
-fn fdinfo(fd: &str) -> BTreeMap<String, String> {
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
-
 /// The BPF maps of this process's data planes, by map id: every map it holds a descriptor
 /// of, and every map the programs it holds use (the agent keeps the selection map only
 /// as a mapping, its descriptor closed). Sizes and memory come from a descriptor's fdinfo
 /// as `lb maps` reads them, the name from the kernel's map info.
 fn held_maps() -> Result<BTreeMap<u32, MapMemory>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let id = |fd: &str, key: &str| fdinfo(fd).get(key).and_then(|v| v.parse::<u32>().ok());
+    use std::os::fd::AsFd as _;
+    let id = |fd: &str, key: &str| {
+        let fd = fd.parse().ok()?;
+        memory::fdinfo_raw(fd)
+            .get(key)
+            .and_then(|v| v.parse::<u32>().ok())
+    };
     let (mut map_ids, mut prog_ids) = (BTreeSet::new(), BTreeSet::new());
     for entry in std::fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")? {
         let Ok(entry) = entry else { continue };
@@ -115,20 +108,7 @@ fn held_maps() -> Result<BTreeMap<u32, MapMemory>> {
         let fd = info
             .fd()
             .with_context(|| format!("a descriptor of map {id}"))?;
-        let fields = fdinfo(&fd.as_fd().as_raw_fd().to_string());
-        let get = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
-        let (bytes, estimated) = match get("memlock") {
-            Some(m) => (m, false),
-            None => (
-                estimate(
-                    get("map_type").unwrap_or(0),
-                    get("max_entries").unwrap_or(0),
-                    get("key_size").unwrap_or(0),
-                    get("value_size").unwrap_or(0),
-                ),
-                true,
-            ),
-        };
+        let (bytes, estimated) = memory::map_bytes(&memory::fdinfo(fd.as_fd()));
         let name = info
             .name_as_str()
             .map_or_else(|| format!("map {id}"), str::to_string);
@@ -142,21 +122,6 @@ fn held_maps() -> Result<BTreeMap<u32, MapMemory>> {
         );
     }
     Ok(out)
-}
-
-/// `lb maps`'s estimate when the kernel gives no figure: values rounded up to 8 bytes (per
-/// CPU for per-CPU maps), hash entries with the kernel's per-element header (~48 bytes).
-fn estimate(map_type: u64, max: u64, key: u64, value: u64) -> u64 {
-    let round = |n: u64| n.div_ceil(8) * 8;
-    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
-    match map_type {
-        2 => max * round(value),
-        6 => max * round(value) * cpus,
-        1 | 9 => max * (48 + round(key) + round(value)),
-        5 | 10 => max * (48 + round(key) + 8) + max * round(value) * cpus,
-        27 => max,
-        _ => max * (key + value),
-    }
 }
 
 /// What one size measured.

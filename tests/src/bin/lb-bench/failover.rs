@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 /// The admin endpoint of the agent in the failover measurements (in the node namespace).
 const ADMIN: &str = "127.0.0.1:15000";
 /// The service's port in the failover measurements (backends listen on 8080).
-const FAILOVER_PORT: u16 = 5000;
+const FAILOVER_PORT: u16 = lb_tests::seed::HELLO_PORT;
 
 /// The test bed's two backends: (name they answer with, locality).
 const FAILOVER_BACKENDS: [(&str, &str); 2] = [
@@ -16,49 +16,24 @@ const FAILOVER_BACKENDS: [(&str, &str); 2] = [
     ("region1.zone2", "region1/zone2"),
 ];
 
-/// The agent's configuration: the node at region1/zone1, a ServiceEntry with one endpoint
-/// per locality, and a DestinationRule whose outlier detection ejects at the first
-/// failure and may eject every endpoint.
+/// The agent's configuration: the seed's node (region1/zone1) and ServiceEntry with one
+/// endpoint per test-bed backend, and a DestinationRule whose outlier detection ejects at
+/// the first failure and may eject every endpoint.
 fn failover_config() -> String {
-    use lb_tests::topology::{backend_addr, BACKEND_HTTP_PORT, VIP};
-    let endpoints: String = (1u8..)
+    use lb_tests::seed::{service_entry, HOST, NODE};
+    let endpoints: Vec<(u8, String)> = (1u8..)
         .zip(FAILOVER_BACKENDS)
-        .map(|(i, (_, locality))| {
-            format!(
-                "  - address: {}\n    locality: {locality}\n",
-                backend_addr(i)
-            )
-        })
+        .map(|(i, (_, locality))| (i, locality.to_string()))
         .collect();
     format!(
-        r#"apiVersion: lb/v1alpha1
-kind: Node
-spec:
-  locality: region1/zone1
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: failover-bench
-spec:
-  hosts:
-  - failover-bench.bench.svc.cluster.local
-  addresses:
-  - {VIP}
-  ports:
-  - number: {FAILOVER_PORT}
-    name: http
-    protocol: HTTP
-    targetPort: {BACKEND_HTTP_PORT}
-  resolution: STATIC
-  endpoints:
-{endpoints}---
+        r#"{NODE}---
+{}---
 apiVersion: networking.istio.io/v1beta1
 kind: DestinationRule
 metadata:
   name: failover-bench
 spec:
-  host: failover-bench.bench.svc.cluster.local
+  host: {HOST}
   trafficPolicy:
     loadBalancer:
       localityLbSetting:
@@ -68,7 +43,8 @@ spec:
       interval: 1s
       baseEjectionTime: 10m
       maxEjectionPercent: 100
-"#
+"#,
+        service_entry(&endpoints)
     )
 }
 

@@ -468,6 +468,7 @@ fn resized_connection_table_keeps_connections() {
         wait_ready(&s.bed.node);
     });
     let failures = load.failures.lock().unwrap();
+    eprintln!("{load:?}; failures: {failures:#?}");
     let kept: Vec<&String> = failures
         .iter()
         .filter(|f| !f.starts_with("new connection"))

@@ -166,7 +166,11 @@ impl Target {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            Target::LbTc => format!("{a}: `lb agent`, client-facing interface in TC mode"),
+            Target::LbTc => format!(
+                "{a}: `lb agent`, client-facing interface in TC mode; connection table of \
+                 {LB_MAX_CONNECTIONS} entries (lb's default: {}), so no run evicts",
+                lb_common::maps::DEFAULT_MAX_CONNECTIONS
+            ),
             Target::LbXdp => {
                 format!("{a}: `lb agent`, client-facing interface in XDP mode (native, veth)")
             }
@@ -455,14 +459,17 @@ backend backends
     )
 }
 
-/// lb's configuration: one service, the VIP to the four backends. The connection table
-/// holds both directions of each connection, room for all of a run's connections.
+/// lb's connection table: both directions of each connection, room for all of a run's
+/// connections (5 s at 30k connections/s).
+const LB_MAX_CONNECTIONS: u32 = 1 << 20;
+
+/// lb's configuration: one service, the VIP to the four backends.
 fn lb_config() -> String {
     let backends = backend_list("", |_, a| {
         format!("      - {{ address: {}, port: {} }}\n", a.ip(), a.port())
     });
     format!(
-        "dataplane:\n  max_connections: 1048576\nservices:\n  - name: web\n    vip: {LB_VIP}\n    port: {VIP_PORT}\n    backends:\n{backends}"
+        "dataplane:\n  max_connections: {LB_MAX_CONNECTIONS}\nservices:\n  - name: web\n    vip: {LB_VIP}\n    port: {VIP_PORT}\n    backends:\n{backends}"
     )
 }
 

@@ -289,6 +289,9 @@ pub const CONN_HTTP: u8 = 16;
 pub const CONN_AWAIT_RETRANSMIT: u8 = 32;
 /// Reply direction: `syn_isn` holds the sequence number of the last response counted.
 pub const CONN_RESPONSE_SEQ: u8 = 64;
+/// Reply direction: the backend answered the SYN with a SYN-ACK, so its later ACKs belong
+/// to this connection (not to an older one on the same ports).
+pub const CONN_SYNACK_SEEN: u8 = 128;
 
 /// What the data plane saw go wrong with a backend.
 #[repr(u32)]

@@ -18,7 +18,9 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
     flow::{addr_filter_slot, flow_hash, selection_slot},
-    maps::{AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, MAX_RESELECT, SERVICE_HTTP},
+    maps::{
+        AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, MAX_RESELECT, SERVICE_HTTP,
+    },
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey, SignalKind,
 };
@@ -28,7 +30,9 @@ use crate::{
     http, icmp,
     maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
     packet::{End, Endpoint, Packet},
-    parse::{parse, Classified, Parsed, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{
+        parse, Classified, Parsed, ETH_LEN, IPV4_LEN, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
     stats,
 };
 
@@ -177,9 +181,19 @@ fn tracked<P: Packet>(
     };
     if is_tcp && !original {
         backend_signals(entry, p.tcp_flags);
+        if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            entry.flags |= CONN_SYNACK_SEEN;
+        }
         if entry.state == ConnState::TcpSyn as u8 && p.tcp_flags & TCP_RST != 0 {
             if let Some(result) = refused(pkt, p, entry, now) {
                 // `entry` left the table: the connection now waits on another backend.
+                return Some(result);
+            }
+        } else if entry.state == ConnState::TcpSyn as u8
+            && entry.flags & CONN_SYNACK_SEEN == 0
+            && p.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
+        {
+            if let Some(result) = resteer_syn_answer(pkt, p, entry, now, SynAnswer::Stale) {
                 return Some(result);
             }
         } else if entry.flags & CONN_HTTP != 0
@@ -269,28 +283,61 @@ fn refused<P: Packet>(
     entry: &ConnEntry,
     now: u64,
 ) -> Option<(Outcome, Counter)> {
-    let result = resteer_refused(pkt, p, entry, now);
+    let result = resteer_syn_answer(pkt, p, entry, now, SynAnswer::Refusal);
     if result.is_none() {
         stats::count(Counter::EventRefusalPassed);
     }
     result
 }
 
+/// Bytes of TCP payload, from the IPv4 total length and the TCP data offset (IPv4
+/// without options: packets with options are not tracked).
 #[inline(always)]
-fn resteer_refused<P: Packet>(
+fn tcp_payload_len<P: Packet>(pkt: &P) -> Option<usize> {
+    let total_len = (be32_at(pkt.data(), pkt.data_end(), ETH_LEN)? & 0xffff) as usize;
+    let doff = be32_at(pkt.data(), pkt.data_end(), L4_OFF + 12)? >> 28;
+    Some(total_len.saturating_sub(IPV4_LEN + doff as usize * 4))
+}
+
+/// How a backend answered the SYN lb sent it, when the answer is not a SYN-ACK.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SynAnswer {
+    /// RST|ACK acknowledging the SYN (ack = ISN + 1): nothing listens.
+    Refusal,
+    /// A bare ACK that does not acknowledge the SYN: the backend's kernel still holds an
+    /// older connection on the same addresses and ports (typically in TIME_WAIT, when the
+    /// client reuses a port and the SYN fails the timestamp check) and answers with that
+    /// connection's ACK. The client would reset it and send its SYN again about 10 ms
+    /// later; lb sends the SYN to the next backend at once instead. Not a failure of the
+    /// backend: no signal.
+    Stale,
+}
+
+/// The SYN of a connection still in its handshake was answered by `answer`: re-sends the
+/// client's SYN to the next backend of the failover list, rewriting this packet into it
+/// (or, failing that, holds the answer back so the client's retransmission goes there).
+/// `None`: no re-send (budget used up, no other eligible backend, not an answer to lb's
+/// SYN); the packet goes on to the client.
+#[inline(always)]
+fn resteer_syn_answer<P: Packet>(
     pkt: &mut P,
     p: &Parsed,
     entry: &ConnEntry,
     now: u64,
+    answer: SynAnswer,
 ) -> Option<(Outcome, Counter)> {
     let orig_key = handshake::original_key(&p.flow, entry);
     // SAFETY: pointer to a live map value returned by the kernel.
     let orig = unsafe { &mut *CONNECTIONS.get_ptr_mut(&orig_key)? };
     let ack = be32_at(pkt.data(), pkt.data_end(), L4_OFF + 8)?;
-    if orig.state != ConnState::TcpSyn as u8
-        || p.tcp_flags & TCP_ACK == 0
-        || ack != orig.syn_isn.wrapping_add(1)
-    {
+    let acknowledges_syn = ack == orig.syn_isn.wrapping_add(1);
+    let answers = match answer {
+        SynAnswer::Refusal => p.tcp_flags & TCP_ACK != 0 && acknowledges_syn,
+        // An older connection's ACK carries no data; a segment with data before the
+        // backend's SYN-ACK is not something lb should guess about.
+        SynAnswer::Stale => !acknowledges_syn && tcp_payload_len(pkt)? == 0,
+    };
+    if orig.state != ConnState::TcpSyn as u8 || !answers {
         return None;
     }
     let (client, client_port_be) = (p.flow.dst.0[0], p.flow.dst_port_be);

@@ -799,6 +799,93 @@ fn run_fixtures(hook: Hook) {
         ConnState::TcpEstablished as u8
     );
 
+    // A backend that still holds an older connection on the same addresses and ports
+    // (TIME_WAIT, the client having reused its port) answers the SYN with that
+    // connection's ACK, not acknowledging the SYN. The client would reset it and send its
+    // SYN again about 10 ms later; lb sends the SYN to the next backend at once, and
+    // signals nothing: the backend did not fail.
+    let t_syn = linux_syn(40035);
+    let t_flow = flow_of(&t_syn);
+    let (t1_addr, t1_port, _) = h.predicted_backend(&WEB, &t_flow);
+    let t1_at = (t1_addr, t1_port);
+    h.run(&t_syn.build());
+    let t_orig = h.entry(&t_flow).unwrap();
+    let (t2_at, t2, _) = h
+        .next_backend(&WEB, &t_orig)
+        .expect("another active backend");
+    let mut ts = vec![1u8, 1, 8, 10];
+    ts.extend_from_slice(&0x0bad_0001u32.to_be_bytes());
+    ts.extend_from_slice(&TSVAL.wrapping_sub(17_000).to_be_bytes());
+    let stale = PacketSpec::tcp(t1_at, client(40035), ACK)
+        .with_seq(0x0bad_cafe)
+        .with_ack(ISN.wrapping_sub(4_000))
+        .with_window(502)
+        .with_tcp_options(&ts);
+    check_signalled(
+        &mut h,
+        Case {
+            name: "a bare ACK answering the SYN (an older connection on the backend) becomes \
+                   the client's SYN to the next backend, with no signal"
+                .into(),
+            input: stale.build(),
+            verdict: resent_verdict(hook),
+            output: Some(resent(&t_syn, t2_at)),
+            counters: vec![(Counter::ForwardResteered, 1)],
+        },
+        &[],
+    );
+    assert_eq!(h.entry(&t_flow).unwrap().backend_id, t2);
+    assert!(
+        h.entry(&flow_of(&stale)).is_none(),
+        "{hook:?}: the stale backend's entry is gone"
+    );
+    // An ACK that does acknowledge the SYN (no SYN flag: not a handshake answer lb
+    // knows) is left alone: it goes on to the client.
+    let a_syn = linux_syn(40036);
+    let a_flow = flow_of(&a_syn);
+    let (a1_addr, a1_port, _) = h.predicted_backend(&WEB, &a_flow);
+    h.run(&a_syn.build());
+    let odd = PacketSpec::tcp((a1_addr, a1_port), client(40036), ACK)
+        .with_seq(0x0bad_cafe)
+        .with_ack(ISN.wrapping_add(1));
+    check(
+        &mut h,
+        Case {
+            name: "a bare ACK that acknowledges the SYN is reverse-NATed, not re-sent".into(),
+            input: odd.build(),
+            verdict: Verdict::Pass,
+            output: Some(odd.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+    );
+    // Once the backend has answered with a SYN-ACK, its segments are this connection's,
+    // whatever they acknowledge (with TCP Fast Open, data sent with the SYN): a bare ACK
+    // (a window update) that acknowledges more than the SYN goes on to the client.
+    let f_syn = linux_syn(40037);
+    let f_flow = flow_of(&f_syn);
+    let (f_addr, f_port, _) = h.predicted_backend(&WEB, &f_flow);
+    h.run(&f_syn.build());
+    let f_synack = PacketSpec::tcp((f_addr, f_port), client(40037), SYN | ACK)
+        .with_seq(0x0fa5_0000)
+        .with_ack(ISN.wrapping_add(6));
+    h.run(&f_synack.build());
+    let f_data = PacketSpec::tcp((f_addr, f_port), client(40037), ACK)
+        .with_seq(0x0fa5_0001)
+        .with_ack(ISN.wrapping_add(6))
+        .with_window(1024);
+    check(
+        &mut h,
+        Case {
+            name: "after its SYN-ACK, a backend's bare ACK acknowledging more than the SYN \
+                   is reverse-NATed, not re-sent"
+                .into(),
+            input: f_data.build(),
+            verdict: Verdict::Pass,
+            output: Some(f_data.clone().with_src(vip80).build()),
+            counters: vec![(Counter::ReplyTracked, 1)],
+        },
+    );
+
     // The budget: `dataplane.connect_retries` re-sends per connection attempt. A SYN that
     // asks for ECN and offers only an MSS: the re-sent SYN keeps ECN and has NOPs where
     // the client offered nothing. Its ISN is the largest, so the refusal acknowledges 0.

@@ -623,9 +623,11 @@ fn explain(services: &[DesiredService], input: &[u8], output: &[u8]) -> Result<C
                 && s.backends.iter().any(|b| (b.addr, b.port) == (dst, dport))
         });
         // A backend's RST (whatever other flags it has: RST is handled first, as the
-        // client's stack would) or an ICMP error about the SYN.
+        // client's stack would), its bare ACK not acknowledging the SYN (an older
+        // connection on the same ports), or an ICMP error about the SYN.
+        let backend_answer = |flags: u8| flags & RST != 0 || flags & (SYN | RST | ACK) == ACK;
         let from_backend_side = input.len() >= 48
-            && ((input[23] == TCP && is_backend(addr(input, 26)) && input[47] & RST != 0)
+            && ((input[23] == TCP && is_backend(addr(input, 26)) && backend_answer(input[47]))
                 || input[23] == ICMP);
         if to_backend && from_backend_side {
             if !checksums_valid(output) {

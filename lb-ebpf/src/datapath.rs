@@ -189,20 +189,24 @@ fn tracked<P: Packet>(
                 // `entry` left the table: the connection now waits on another backend.
                 return Some(result);
             }
-        } else if entry.state == ConnState::TcpSyn as u8
-            && entry.flags & CONN_SYNACK_SEEN == 0
-            && p.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
-        {
-            if let Some(result) = resteer_syn_answer(pkt, p, entry, now, SynAnswer::Stale) {
-                return Some(result);
+        } else {
+            if entry.state == ConnState::TcpSyn as u8
+                && entry.flags & CONN_SYNACK_SEEN == 0
+                && p.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK
+            {
+                if let Some(result) = resteer_syn_answer(pkt, p, entry, now, SynAnswer::Stale) {
+                    // `entry` left the table: the connection now waits on another backend.
+                    return Some(result);
+                }
             }
-        } else if entry.flags & CONN_HTTP != 0
-            // Established, or closing with this segment: a response sent with FIN.
-            && (state == ConnState::TcpEstablished as u8
-                || entry.state == ConnState::TcpEstablished as u8)
-            && p.tcp_flags & (TCP_SYN | TCP_RST) == 0
-        {
-            http::response_status(pkt, entry);
+            if entry.flags & CONN_HTTP != 0
+                // Established, or closing with this segment: a response sent with FIN.
+                && (state == ConnState::TcpEstablished as u8
+                    || entry.state == ConnState::TcpEstablished as u8)
+                && p.tcp_flags & (TCP_SYN | TCP_RST) == 0
+            {
+                http::response_status(pkt, entry);
+            }
         }
     } else if is_tcp
         && entry.state == ConnState::TcpSyn as u8

@@ -22,7 +22,8 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}{suffix}")
 }
 
-fn base36(mut n: u32) -> String {
+/// `n` in base 36 (digits and lowercase letters), as names carry pids and counters.
+pub fn base36(mut n: u32) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut out = Vec::new();
     loop {

@@ -32,21 +32,6 @@ fn netns_list() -> Vec<String> {
         .collect()
 }
 
-/// As `lb_tests::unique_name` writes a pid.
-fn base36(mut n: u32) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).unwrap()
-}
-
 /// One row of the summary: the phase's action and its calls per locality, then failed.
 #[derive(Debug)]
 struct PhaseRow {
@@ -154,7 +139,8 @@ fn script_walks_the_seed_failover_and_cleans_up() {
     assert!(status.success(), "lb-demo exited with {status}");
 
     // The namespaces it made: named with its pid, listed when it starts.
-    let marker = format!("-{}-", base36(pid));
+    // As `lb_tests::unique_name` writes a pid.
+    let marker = format!("-{}-", lb_tests::names::base36(pid));
     let made: Vec<String> = out
         .lines()
         .find_map(|l| l.strip_prefix("lb-demo: namespaces: "))

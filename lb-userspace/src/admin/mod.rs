@@ -273,12 +273,11 @@ async fn endpoint_action(
     Path((endpoint, action)): Path<(String, String)>,
     Query(target): Query<Target>,
 ) -> (StatusCode, String) {
-    let agent = match admin.agent() {
-        Ok(agent) => agent,
-        Err(answer) => return answer,
-    };
-    let endpoint = match parse_endpoint(&endpoint) {
-        Ok(e) => e,
+    let (agent, endpoint) = match admin
+        .agent()
+        .and_then(|agent| Ok((agent, parse_endpoint(&endpoint)?)))
+    {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
     let action = match action.as_str() {
@@ -303,12 +302,11 @@ async fn endpoint_event(
     Path((endpoint, event)): Path<(String, String)>,
     Query(target): Query<Target>,
 ) -> (StatusCode, String) {
-    let agent = match admin.agent() {
-        Ok(agent) => agent,
-        Err(answer) => return answer,
-    };
-    let endpoint = match parse_endpoint(&endpoint) {
-        Ok(e) => e,
+    let (agent, endpoint) = match admin
+        .agent()
+        .and_then(|agent| Ok((agent, parse_endpoint(&endpoint)?)))
+    {
+        Ok(found) => found,
         Err(answer) => return answer,
     };
     let event = match event.as_str() {

@@ -24,6 +24,7 @@
 pub mod agent_process;
 pub mod clients;
 pub mod cmd;
+pub mod fixture_services;
 pub mod names;
 pub mod netns;
 pub mod packets;

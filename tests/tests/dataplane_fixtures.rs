@@ -11,10 +11,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use lb::dataplane::{
-    sync::{DesiredBackend, DesiredService, Programmer},
-    Dataplane, DataplaneOptions, Frontend, Protocol,
-};
+use lb::dataplane::{sync::Programmer, Dataplane, DataplaneOptions, Frontend};
 use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
     family, flow_hash,
@@ -25,6 +22,7 @@ use lb_common::{
     SignalKind,
 };
 use lb_tests::{
+    fixture_services::{desired, API, API_BACKEND, BACKENDS, OTHER_VIP, ROUTE_MAC, VIP, WEB},
     packets::{
         self, arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE,
         FIN, PSH, RST, SYN,
@@ -34,41 +32,11 @@ use lb_tests::{
     Netns,
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 200, 1, 2),
-    Ipv4Addr::new(10, 200, 2, 2),
-    Ipv4Addr::new(10, 200, 3, 2),
-];
-const WEB: Frontend = Frontend {
-    vip: VIP,
-    port: 80,
-    protocol: Protocol::Tcp,
-};
-const DNS: Frontend = Frontend {
-    vip: VIP,
-    port: 53,
-    protocol: Protocol::Udp,
-};
-const EMPTY: Frontend = Frontend {
-    vip: OTHER_VIP,
-    port: 80,
-    protocol: Protocol::Tcp,
-};
-/// Published with the HTTP flag: the data plane reads response statuses.
-const API: Frontend = Frontend {
-    vip: VIP,
-    port: 8000,
-    protocol: Protocol::Tcp,
-};
-/// The one backend of `API`.
-const API_BACKEND: (Ipv4Addr, u16) = (BACKENDS[0], 8000);
 
 /// MAC addresses the TC program's route lookup finds in the namespace the TC fixtures run
-/// in (see `routed_netns`): the interface towards the backends, and each backend's.
-const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+/// in (see `routed_netns`): the interface towards the backends (`ROUTE_MAC`), and each
+/// backend's.
 fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
     let o = addr.octets();
     [0x02, 0, 0, 0x0b, o[2], o[3]]
@@ -118,57 +86,6 @@ struct Harness {
     hook: Hook,
     /// The signal ring buffer (one consumer per data plane: taken when the harness is made).
     signals: RingBuf<MapData>,
-}
-
-fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
-    let web = DesiredService {
-        name: "web".into(),
-        frontend: WEB,
-        backends: BACKENDS
-            .iter()
-            .zip(states)
-            .map(|(&addr, state)| DesiredBackend {
-                addr,
-                port: 8080,
-                weight: 1,
-                state,
-                priority: Some(0),
-            })
-            .collect(),
-        http: false,
-    };
-    let dns = DesiredService {
-        name: "dns".into(),
-        frontend: DNS,
-        backends: vec![DesiredBackend {
-            addr: BACKENDS[0],
-            port: 5353,
-            weight: 1,
-            state: BackendState::Active,
-            priority: Some(0),
-        }],
-        http: false,
-    };
-    let empty = DesiredService {
-        name: "empty".into(),
-        frontend: EMPTY,
-        backends: vec![],
-        http: false,
-    };
-    // Last, so the ids of the others do not change (ids are allocated in this order).
-    let api = DesiredService {
-        name: "api".into(),
-        frontend: API,
-        backends: vec![DesiredBackend {
-            addr: API_BACKEND.0,
-            port: API_BACKEND.1,
-            weight: 1,
-            state: BackendState::Active,
-            priority: Some(0),
-        }],
-        http: true,
-    };
-    vec![web, dns, empty, api]
 }
 
 impl Harness {

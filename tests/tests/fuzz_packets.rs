@@ -26,13 +26,14 @@ use std::{
 };
 
 use lb::dataplane::{
-    sync::{DesiredBackend, DesiredService, Programmer},
+    sync::{DesiredService, Programmer},
     Dataplane, DataplaneOptions, Frontend, Protocol,
 };
 use lb_common::{
     family, flow_hash, AddrBe, BackendState, ConnDirection, ConnState, Counter, FlowKey,
 };
 use lb_tests::{
+    fixture_services::{desired, API, BACKENDS, DNS, EMPTY, OTHER_VIP, ROUTE_MAC, VIP, WEB},
     packets::{
         arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE, FIN,
         ICMP, PSH, RST, SYN, TCP, UDP,
@@ -42,42 +43,14 @@ use lb_tests::{
     Netns,
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const CLIENTS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(10, 200, 0, 2),
     Ipv4Addr::new(10, 200, 0, 3),
     Ipv4Addr::new(192, 168, 7, 9),
 ];
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 200, 9, 1);
-const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 200, 1, 2),
-    Ipv4Addr::new(10, 200, 2, 2),
-    Ipv4Addr::new(10, 200, 3, 2),
-];
-const WEB: Frontend = Frontend {
-    vip: VIP,
-    port: 80,
-    protocol: Protocol::Tcp,
-};
-const DNS: Frontend = Frontend {
-    vip: VIP,
-    port: 53,
-    protocol: Protocol::Udp,
-};
-const EMPTY: Frontend = Frontend {
-    vip: OTHER_VIP,
-    port: 80,
-    protocol: Protocol::Tcp,
-};
-const API: Frontend = Frontend {
-    vip: VIP,
-    port: 8000,
-    protocol: Protocol::Tcp,
-};
 /// Client ports the generator uses: few enough that flows recur (replies, closes, reuse).
 const CLIENT_PORTS: u16 = 2048;
-const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const DEFAULT_PACKETS_PER_HOOK: u64 = 1_000_000;
 const DEFAULT_SEED: u64 = 0x1b_f0_22_5e_ed;
 const BATCH: u64 = 1000;
@@ -133,42 +106,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// The services, as in the fixtures: `web` (3 backends), `dns` (UDP), `empty` (no
 /// backend, another VIP), `api` (HTTP).
-fn desired() -> Vec<DesiredService> {
-    let backend = |addr, port| DesiredBackend {
-        addr,
-        port,
-        weight: 1,
-        state: BackendState::Active,
-        priority: Some(0),
-    };
-    vec![
-        DesiredService {
-            name: "web".into(),
-            frontend: WEB,
-            backends: BACKENDS.iter().map(|&a| backend(a, 8080)).collect(),
-            http: false,
-        },
-        DesiredService {
-            name: "dns".into(),
-            frontend: DNS,
-            backends: vec![backend(BACKENDS[0], 5353)],
-            http: false,
-        },
-        DesiredService {
-            name: "empty".into(),
-            frontend: EMPTY,
-            backends: vec![],
-            http: false,
-        },
-        DesiredService {
-            name: "api".into(),
-            frontend: API,
-            backends: vec![backend(BACKENDS[0], 8000)],
-            http: true,
-        },
-    ]
-}
-
 /// What the control plane wrote: compared before and after the traffic.
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
@@ -791,7 +728,7 @@ fn fuzz(hook: Hook) -> Totals {
         ..Default::default()
     };
     let mut dp = Dataplane::load(&options).expect("load the data plane");
-    let services = desired();
+    let services = desired([BackendState::Active; 3]);
     let mut programmer = Programmer::default();
     programmer
         .apply(&mut dp, &services)

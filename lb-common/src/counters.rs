@@ -90,6 +90,9 @@ counters! {
     /// A backend segment starting `HTTP/1.` had no readable status (too short, split
     /// across segments, or not three digits): not counted either way.
     EventHttpUnparsed = 29, "event_http_unparsed";
+    /// A connection was found only in the older table of a migration (a restart that
+    /// replaced the connection table) and copied into the current one.
+    EventMigrated = 30, "event_migrated";
 }
 
 /// Number of slots of the `COUNTERS` map.

@@ -50,7 +50,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnEntry {}
-    unsafe impl aya::Pod for crate::maps::ConnEntryV0 {}
+    unsafe impl aya::Pod for crate::maps::ConnEntryV1 {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for Signal {}

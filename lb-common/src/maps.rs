@@ -16,7 +16,24 @@ pub const SELECTION: &str = "lb_sel_v1";
 /// Backends by id (`u32` index; id 0 is reserved as "none" so an empty slot never routes).
 pub const BACKENDS: &str = "lb_be_v1";
 /// Connection table (LRU): `FlowKey` → `ConnEntry`, both directions of each connection.
-pub const CONNECTIONS: &str = "lb_ct_v1";
+pub const CONNECTIONS: &str = "lb_ct_v2";
+/// The connection table of the previous layout (`ConnEntryV1`, 56 bytes). An agent that
+/// finds it pinned migrates its entries into `CONNECTIONS` and removes it (see
+/// `MIGRATION`).
+pub const CONNECTIONS_V1: &str = "lb_ct_v1";
+/// Name inside the programs of a replaced connection table of today's layout (another
+/// size): the programs' link to it while its entries are migrated. Never pinned.
+pub const CONNECTIONS_PREV: &str = "lb_ct_prev";
+/// `u32` flags (`MIGRATING_*`) in a one-element array, set by the agent while the
+/// entries of an older connection table are carried over. While set, a packet that misses
+/// `CONNECTIONS` is looked up in the older table (and its connection copied over), and a
+/// new connection is written to both, so the programs being replaced, still attached to
+/// other hooks for a moment, see it too. Never pinned: it belongs to one load.
+pub const MIGRATION: &str = "lb_migration";
+/// `MIGRATION` flag: `CONNECTIONS_PREV` holds a replaced table of today's layout.
+pub const MIGRATING_PREV: u32 = 1;
+/// `MIGRATION` flag: `CONNECTIONS_V1` holds the pinned table of the previous layout.
+pub const MIGRATING_V1: u32 = 2;
 /// Address prefilter: two bitmaps of `u64` words, one of VIP addresses and one of backend
 /// addresses (`flow::addr_filter_slot`). Packets of the original direction go to a VIP and
 /// replies come from a backend; a packet with neither cannot be lb's and passes without a
@@ -233,43 +250,84 @@ pub struct ConnEntry {
     pub retries: u8,
     /// Next position to try in the service's failover list.
     pub fallback_cursor: u8,
+    /// `bpf_ktime_get_coarse_ns` when lb first saw the connection (0: unknown, carried
+    /// over from a table that did not record it). `lb conntrack` shows the age.
+    pub created_ns: u64,
 }
-assert_size!(ConnEntry, 56);
+assert_size!(ConnEntry, 64);
 
-/// Name of the connection table of the previous layout (`ConnEntryV0`). An agent that
-/// finds it pinned copies its entries into `lb_ct_v1`, converted, and removes it.
-pub const CONNECTIONS_V0: &str = "lb_ct_v0";
-
-/// The connection table's value before the handshake fields (`syn_*`, retries, failover
-/// position) were added: 40 bytes. Kept to migrate a pinned table of that layout.
+/// The connection table's value before `created_ns` was added (56 bytes, `lb_ct_v1`).
+/// Kept to migrate a pinned table of that layout, in userspace and in the programs. Its
+/// fields are exactly the first ones of `ConnEntry`, at the same offsets: the programs
+/// convert by copying bytes (checked below and in the tests).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ConnEntryV0 {
+pub struct ConnEntryV1 {
     pub nat_addr: AddrBe,
     pub nat_port_be: u16,
     pub direction: u8,
     pub state: u8,
     pub backend_id: u32,
     pub service_id: u32,
-    pub _pad: u32,
+    pub first_backend_id: u32,
     pub last_seen_ns: u64,
+    pub syn_isn: u32,
+    pub syn_tsval: u32,
+    pub syn_window: u16,
+    pub syn_mss: u16,
+    pub syn_wscale: u8,
+    pub flags: u8,
+    pub retries: u8,
+    pub fallback_cursor: u8,
 }
-assert_size!(ConnEntryV0, 40);
+assert_size!(ConnEntryV1, 56);
+const _: () = assert!(core::mem::offset_of!(ConnEntry, created_ns) == 56);
+const _: () = assert!(core::mem::offset_of!(ConnEntryV1, fallback_cursor) == 55);
+const _: () = assert!(core::mem::offset_of!(ConnEntry, fallback_cursor) == 55);
 
-impl From<ConnEntryV0> for ConnEntry {
-    /// The same connection in today's layout: no handshake in progress to re-send, so the
-    /// `syn_*` fields stay empty and the first backend is the current one.
-    fn from(v0: ConnEntryV0) -> Self {
+impl ConnEntry {
+    /// The same connection in today's layout; its creation time is unknown (0).
+    pub fn from_v1(v1: &ConnEntryV1) -> Self {
         Self {
-            nat_addr: v0.nat_addr,
-            nat_port_be: v0.nat_port_be,
-            direction: v0.direction,
-            state: v0.state,
-            backend_id: v0.backend_id,
-            service_id: v0.service_id,
-            first_backend_id: v0.backend_id,
-            last_seen_ns: v0.last_seen_ns,
-            ..Self::default()
+            nat_addr: v1.nat_addr,
+            nat_port_be: v1.nat_port_be,
+            direction: v1.direction,
+            state: v1.state,
+            backend_id: v1.backend_id,
+            service_id: v1.service_id,
+            first_backend_id: v1.first_backend_id,
+            last_seen_ns: v1.last_seen_ns,
+            syn_isn: v1.syn_isn,
+            syn_tsval: v1.syn_tsval,
+            syn_window: v1.syn_window,
+            syn_mss: v1.syn_mss,
+            syn_wscale: v1.syn_wscale,
+            flags: v1.flags,
+            retries: v1.retries,
+            fallback_cursor: v1.fallback_cursor,
+            created_ns: 0,
+        }
+    }
+
+    /// This connection in the previous layout (its creation time dropped).
+    pub fn to_v1(&self) -> ConnEntryV1 {
+        ConnEntryV1 {
+            nat_addr: self.nat_addr,
+            nat_port_be: self.nat_port_be,
+            direction: self.direction,
+            state: self.state,
+            backend_id: self.backend_id,
+            service_id: self.service_id,
+            first_backend_id: self.first_backend_id,
+            last_seen_ns: self.last_seen_ns,
+            syn_isn: self.syn_isn,
+            syn_tsval: self.syn_tsval,
+            syn_window: self.syn_window,
+            syn_mss: self.syn_mss,
+            syn_wscale: self.syn_wscale,
+            flags: self.flags,
+            retries: self.retries,
+            fallback_cursor: self.fallback_cursor,
         }
     }
 }
@@ -337,3 +395,48 @@ pub struct Signal {
     pub ktime_ns: u64,
 }
 assert_size!(Signal, 24);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: plain `repr(C)` values of integers, read as bytes.
+        unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    /// The programs convert between the layouts by copying bytes: a `ConnEntryV1` must be
+    /// the first bytes of the same `ConnEntry`, field for field.
+    #[test]
+    fn previous_layout_is_the_prefix_of_todays() {
+        let entry = ConnEntry {
+            nat_addr: AddrBe::v4([10, 1, 2, 3]),
+            nat_port_be: 0x1234,
+            direction: 2,
+            state: 3,
+            backend_id: 0x0102_0304,
+            service_id: 0x0506_0708,
+            first_backend_id: 0x090a_0b0c,
+            last_seen_ns: 0x1122_3344_5566_7788,
+            syn_isn: 0x99aa_bbcc,
+            syn_tsval: 0xddee_ff01,
+            syn_window: 0x2345,
+            syn_mss: 0x6789,
+            syn_wscale: 7,
+            flags: 0xa5,
+            retries: 2,
+            fallback_cursor: 9,
+            created_ns: 0x0123_4567_89ab_cdef,
+        };
+        let v1 = entry.to_v1();
+        assert_eq!(bytes(&v1), &bytes(&entry)[..size_of::<ConnEntryV1>()]);
+        let back = ConnEntry::from_v1(&v1);
+        assert_eq!(
+            back,
+            ConnEntry {
+                created_ns: 0,
+                ..entry
+            }
+        );
+    }
+}

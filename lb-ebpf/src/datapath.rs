@@ -29,6 +29,7 @@ use crate::{
     handshake::{self, be32_at},
     http, icmp,
     maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
+    migration,
     packet::{End, Endpoint, Packet},
     parse::{
         parse, Classified, Parsed, ETH_LEN, IPV4_LEN, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -87,7 +88,11 @@ fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
         return (Outcome::Pass, Counter::PassNotService);
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(entry) = CONNECTIONS.get_ptr_mut(&p.flow) {
+    let mut entry = CONNECTIONS.get_ptr_mut(&p.flow);
+    if entry.is_none() && migration::adopt(&p.flow) {
+        entry = CONNECTIONS.get_ptr_mut(&p.flow);
+    }
+    if let Some(entry) = entry {
         // SAFETY: pointer to a live map value returned by the kernel.
         let entry = unsafe { &mut *entry };
         if let Some(result) = tracked(pkt, p, entry, now) {
@@ -386,7 +391,7 @@ fn syn_again<P: Packet>(pkt: &P, p: &Parsed, entry: &mut ConnEntry, now: u64) {
 
 /// The key under which the other direction of `entry`'s connection is tracked.
 #[inline(always)]
-fn partner_key(flow: &FlowKey, entry: &ConnEntry) -> FlowKey {
+pub fn partner_key(flow: &FlowKey, entry: &ConnEntry) -> FlowKey {
     if entry.direction == ConnDirection::Original as u8 {
         // client → VIP; the reply travels backend → client.
         FlowKey {
@@ -470,6 +475,7 @@ fn new_connection<P: Packet>(
         service_id: svc.id,
         first_backend_id: backend_id,
         last_seen_ns: now,
+        created_ns: now,
         flags: if svc.flags & SERVICE_HTTP != 0 {
             CONN_HTTP
         } else {
@@ -494,6 +500,8 @@ fn new_connection<P: Packet>(
         && CONNECTIONS.insert(&p.flow, &original, 0).is_ok()
     {
         stats::count(Counter::EventTracked);
+        migration::mirror(&reply_key, &reply);
+        migration::mirror(&p.flow, &original);
     } else {
         // Still balanced: later packets re-select by hash to the same backend.
         stats::count(Counter::EventTrackFailed);

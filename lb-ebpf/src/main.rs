@@ -16,6 +16,7 @@ mod handshake;
 mod http;
 mod icmp;
 mod maps;
+mod migration;
 mod packet;
 mod parse;
 mod stats;

@@ -9,8 +9,8 @@ use aya_ebpf::{
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES,
-        DEFAULT_TABLE_SLOTS, SIGNALS_BYTES,
+        ConnEntryV1, ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS, SIGNALS_BYTES,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -47,9 +47,23 @@ pub static BACKEND_SERVICES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BA
 
 /// Connection table, both directions of each balanced connection (LRU: when full, the
 /// least recently used entries make room).
-#[map(name = "lb_ct_v1")]
+#[map(name = "lb_ct_v2")]
 pub static CONNECTIONS: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// While the agent migrates connections (`lb_common::maps::MIGRATION`): a replaced
+/// connection table of today's layout. Otherwise a one-entry placeholder, never read.
+#[map(name = "lb_ct_prev")]
+pub static CONNECTIONS_PREV: HashMap<FlowKey, ConnEntry> = HashMap::with_max_entries(1, 0);
+
+/// While the agent migrates connections: the pinned table of the previous layout.
+/// Otherwise a one-entry placeholder, never read.
+#[map(name = "lb_ct_v1")]
+pub static CONNECTIONS_V1: HashMap<FlowKey, ConnEntryV1> = HashMap::with_max_entries(1, 0);
+
+/// `MIGRATING_*` flags, written by the agent: which older table to consult.
+#[map(name = "lb_migration")]
+pub static MIGRATION: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Bitmaps of VIP and of backend addresses: let unrelated packets skip every hash lookup.
 #[map(name = "lb_addr_v1")]

@@ -69,12 +69,24 @@ impl AgentProcess {
         extra: &[&str],
         pin_dir: PathBuf,
     ) -> Result<Self> {
+        Self::start_binary(&lb_binary()?, bed, config, extra, pin_dir)
+    }
+
+    /// Like `start_with_pin_dir`, running the `lb` binary at `lb` (e.g. an earlier
+    /// release's, to test an upgrade).
+    pub fn start_binary(
+        lb: &Path,
+        bed: &TestBed,
+        config: &Path,
+        extra: &[&str],
+        pin_dir: PathBuf,
+    ) -> Result<Self> {
         let state = TempDir::new("lbstate")?;
         let admin_token_file = state.0.join("admin.token");
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", bed.node.name()))
             .arg("--")
-            .arg(lb_binary()?)
+            .arg(lb)
             .args(["agent", "--config"])
             .arg(config)
             .arg("--pin-dir")
@@ -119,6 +131,21 @@ impl AgentProcess {
     /// pin directory and admin token file, so it adopts what the previous one left. The
     /// previous process must be gone ([`AgentProcess::kill`] or [`AgentProcess::stop`]).
     pub fn restart(&mut self) -> Result<()> {
+        self.restart_as(None)
+    }
+
+    /// Like `restart`, running the `lb` binary at `lb` when given: an upgrade (or a
+    /// downgrade) with the same configuration, interfaces and pin directory.
+    pub fn restart_as(&mut self, lb: Option<&Path>) -> Result<()> {
+        if let Some(lb) = lb {
+            // nsenter --net=... -- LB agent ...
+            let at = self
+                .command
+                .iter()
+                .position(|a| a == "--")
+                .context("the agent's command line has no `--`")?;
+            self.command[at + 1] = lb.into();
+        }
         if !self.stopped {
             bail!("the agent is still running: kill or stop it first");
         }
@@ -221,4 +248,25 @@ where
             Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
+}
+
+/// The `lb` binary of the previous release, built by `cargo xtask test` from the git
+/// history (`target/previous-release/lb`; `LB_PREVIOUS_RELEASE` names another), for
+/// upgrade tests.
+pub fn previous_release_binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("LB_PREVIOUS_RELEASE") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // Test binaries live in target/<profile>/deps.
+    for dir in exe.ancestors().skip(1).take(3) {
+        let lb = dir.join("previous-release").join("lb");
+        if lb.is_file() {
+            return Ok(lb);
+        }
+    }
+    bail!(
+        "the previous release's lb binary was not found (target/previous-release/lb): \
+         `cargo xtask test` builds it from the git history"
+    )
 }

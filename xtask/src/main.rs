@@ -4,6 +4,7 @@
 //! before the eBPF toolchain exists, because installing that toolchain is its first job.
 
 mod cmd;
+mod previous_release;
 mod root;
 mod setup;
 mod tasks;

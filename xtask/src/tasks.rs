@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 
-use crate::{cmd, root, setup};
+use crate::{cmd, previous_release, root, setup};
 
 /// The binaries the other flows run: the agent (`lb`) and the demo/bench drivers.
 const BINARY_PACKAGES: &[&str] = &["--package", "lb-userspace", "--package", "lb-tests"];
@@ -123,10 +123,17 @@ pub fn test(lint: bool, soak: Option<u64>, cargo_test_args: &[String]) -> Result
     // Tests may start the `lb` agent and the demo binaries as separate processes, and
     // `cargo test` only builds binaries of the package under test; build them all first.
     build_binaries(true)?;
+    step(&format!(
+        "build: lb of the previous release ({}), which the upgrade test replaces under load; \
+         built once, from the git history",
+        &previous_release::COMMIT[..12]
+    ));
+    let previous = previous_release::ensure()?;
     // Release: the tests push real traffic through the datapath and time it.
     step("test: cargo test --release");
     let mut cargo_test = cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"]);
     cargo_test.args(cargo_test_args);
+    cargo_test.env("LB_PREVIOUS_RELEASE", previous);
     if let Some(secs) = soak {
         println!("soak test: {secs} s (LB_SOAK_SECS)");
         cargo_test.env("LB_SOAK_SECS", secs.to_string());

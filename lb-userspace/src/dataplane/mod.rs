@@ -31,7 +31,7 @@ use lb_common::{
     counters::COUNTER_SLOTS,
     family,
     flow::addr_filter_slot,
-    maps::{self as names, AddrRole, ConnEntryV0, FALLBACK_LEN},
+    maps::{self as names, AddrRole, ConnEntryV1, FALLBACK_LEN},
     AddrBe, Backend, BackendState, ConnEntry, Counter, DataplaneConfig, FlowKey, Service,
     ServiceKey, TrafficStats,
 };
@@ -179,6 +179,8 @@ pub struct Dataplane {
     adopted: Vec<&'static str>,
     /// Connection tables whose entries are copied into ours (replaced, or old layout).
     migrations: Vec<Migration>,
+    /// The programs' `MIGRATING_*` flags (`lb_common::maps::MIGRATION`).
+    migration_flags: Array<MapData, u32>,
     /// The link pins this data plane attached or updated.
     links: Vec<PathBuf>,
 }
@@ -196,36 +198,36 @@ const ID_GROUP: &[&str] = &[
 /// `BPF_NOEXIST`: insert only when the key is absent.
 const BPF_NOEXIST: u64 = 1;
 
-/// A connection table whose entries are carried over into the current one.
+/// A connection table whose entries are carried over into the current one. The programs
+/// are loaded linked to it (`lb_ct_prev` or `lb_ct_v1`), so they read it on a miss and
+/// write new connections to it while the migration runs (see lb-ebpf's `migration`).
 struct Migration {
     source: OldConnections,
-    /// The pin removed once migrated (an old-layout table's).
+    /// The pin removed once migrated (a previous-layout table's).
     pin: Option<PathBuf>,
 }
 
 enum OldConnections {
-    /// Today's layout, other sizes (or type).
+    /// Today's layout, another size (or type).
     Current(HashMap<MapData, FlowKey, ConnEntry>),
-    /// `lb_ct_v0`: `ConnEntryV0` values.
-    V0(HashMap<MapData, FlowKey, ConnEntryV0>),
+    /// `lb_ct_v1`: `ConnEntryV1` values.
+    V1(HashMap<MapData, FlowKey, ConnEntryV1>),
 }
 
-/// Opens a pinned connection table of today's layout or of the previous one, by its value
-/// size.
-fn open_old_connections(path: &Path) -> Result<OldConnections> {
-    let data = MapData::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-    let value_size = data.info()?.value_size() as usize;
-    let map = aya::maps::Map::from_map_data(data)?;
-    Ok(if value_size == std::mem::size_of::<ConnEntry>() {
-        OldConnections::Current(map.try_into()?)
-    } else if value_size == std::mem::size_of::<ConnEntryV0>() {
-        OldConnections::V0(map.try_into()?)
+/// Whether the connection table pinned at `path` has `FlowKey` keys and values of
+/// `value_size` bytes: only then may the programs be linked to it (they read it with that
+/// layout). The reason otherwise.
+fn older_table_fits(path: &Path, value_size: usize) -> Result<(), String> {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| format!("unreadable ({e})"))?;
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    let wanted = (std::mem::size_of::<FlowKey>(), value_size);
+    if found == wanted {
+        Ok(())
     } else {
-        bail!(
-            "{}: values of {value_size} bytes are no known layout",
-            path.display()
-        )
-    })
+        Err(format!(
+            "(key, value) sizes {found:?}, a connection table of this layout has {wanted:?}"
+        ))
+    }
 }
 
 /// All entries of a hash map, each key once, with a bounded walk (a key removed while it
@@ -346,6 +348,69 @@ fn map_specs(o: &DataplaneOptions, selection_elements: u32) -> Vec<pin::MapSpec>
 /// `BPF_F_MMAPABLE`.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
+/// A loader of lb's object with the maps sized by `options` and its settings.
+fn loader(options: &DataplaneOptions, selection_len: u32) -> EbpfLoader<'_> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(names::SERVICES, options.max_services * 2)
+        // Two slots per array element (see lb-ebpf's SELECTION).
+        .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
+        .map_max_entries(names::BACKENDS, options.max_backends)
+        .map_max_entries(names::BACKEND_SERVICES, options.max_backends)
+        .map_max_entries(names::CONNECTIONS, options.max_connections)
+        .map_max_entries(names::SERVICE_STATS, options.max_services)
+        .map_max_entries(names::BACKEND_STATS, options.max_backends)
+        .override_global(names::CONFIG_GLOBAL, &options.timeouts, true);
+    loader
+}
+
+/// Creates (or opens) the maps and loads every program into the kernel, verifying it.
+fn load_programs(loader: &mut EbpfLoader<'_>) -> Result<Ebpf> {
+    let mut ebpf = loader
+        .load(EBPF_OBJECT)
+        .context("loading lb's eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
+    for name in [XDP_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
+        let prog = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} is missing from the eBPF object"))?;
+        let loaded = match prog {
+            aya::programs::Program::Xdp(p) => p.load(),
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            _ => bail!("program {name} has an unexpected type"),
+        };
+        loaded.with_context(|| format!("the kernel rejected program {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// Switches the link pinned at `path` to `prog` (`BPF_LINK_UPDATE`: one atomic switch).
+fn update_pinned_link(prog: &mut aya::programs::Program, path: &Path) -> Result<()> {
+    let link: FdLink = PinnedLink::from_pin(path)?.into();
+    match prog {
+        aya::programs::Program::SchedClassifier(p) => {
+            let id = p.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            // The pin keeps it attached; our descriptor can go.
+            drop(p.take_link(id)?);
+        }
+        aya::programs::Program::Xdp(p) => {
+            let id = p.attach_to_link(XdpLink::try_from(link)?)?;
+            drop(p.take_link(id)?);
+        }
+        _ => bail!("a program of an unexpected type"),
+    }
+    Ok(())
+}
+
+/// The program behind a link pin's hook (`xdp`, `tc_ingress`, `tc_egress`).
+fn hook_program(hook: &str) -> Option<&'static str> {
+    match hook {
+        "xdp" => Some(XDP_PROGRAM),
+        "tc_ingress" => Some(TC_INGRESS_PROGRAM),
+        "tc_egress" => Some(TC_EGRESS_PROGRAM),
+        _ => None,
+    }
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -416,65 +481,61 @@ impl Dataplane {
                 }
             }
         }
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::SERVICES, options.max_services * 2)
-            // Two slots per array element (see lb-ebpf's SELECTION).
-            .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
-            .map_max_entries(names::BACKENDS, options.max_backends)
-            .map_max_entries(names::BACKEND_SERVICES, options.max_backends)
-            .map_max_entries(names::CONNECTIONS, options.max_connections)
-            .map_max_entries(names::SERVICE_STATS, options.max_services)
-            .map_max_entries(names::BACKEND_STATS, options.max_backends)
-            .override_global(names::CONFIG_GLOBAL, &options.timeouts, true);
+        // Older connection tables the programs read while their entries are migrated.
+        let mut migrating = 0;
+        let mut linked: Vec<(&'static str, PathBuf)> = Vec::new();
+        if let Some(dir) = pin_dir {
+            let replaced = dir.join(names::CONNECTIONS);
+            if replace.contains(&names::CONNECTIONS) {
+                match older_table_fits(&replaced, std::mem::size_of::<ConnEntry>()) {
+                    Ok(()) => {
+                        linked.push((names::CONNECTIONS_PREV, replaced));
+                        migrating |= names::MIGRATING_PREV;
+                    }
+                    Err(why) => log::warn!("the old connection table is not copied: {why}"),
+                }
+            }
+            let v1 = dir.join(names::CONNECTIONS_V1);
+            if v1.exists() {
+                match older_table_fits(&v1, std::mem::size_of::<ConnEntryV1>()) {
+                    Ok(()) => {
+                        linked.push((names::CONNECTIONS_V1, v1));
+                        migrating |= names::MIGRATING_V1;
+                    }
+                    Err(why) => log::warn!("{} is not migrated: {why}", v1.display()),
+                }
+            }
+        }
+        let mut loader = loader(options, selection_len);
         if let Some(dir) = pin_dir {
             // Adopted when pinned, else created and pinned by name.
             for name in &reuse {
                 loader.map_pin_path(name, dir.join(name));
             }
         }
-        let mut ebpf = loader
-            .load(EBPF_OBJECT)
-            .context("loading lb's eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-        for name in [XDP_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
-            let prog = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} is missing from the eBPF object"))?;
-            let loaded = match prog {
-                aya::programs::Program::Xdp(p) => p.load(),
-                aya::programs::Program::SchedClassifier(p) => p.load(),
-                _ => bail!("program {name} has an unexpected type"),
-            };
-            loaded.with_context(|| format!("the kernel rejected program {name}"))?;
+        for (name, path) in &linked {
+            loader.map_pin_path(name, path.clone());
         }
+        let mut ebpf = load_programs(&mut loader)?;
         let mut migrations = Vec::new();
+        if migrating & names::MIGRATING_PREV != 0 {
+            migrations.push(Migration {
+                source: OldConnections::Current(take(&mut ebpf, names::CONNECTIONS_PREV)?),
+                pin: None,
+            });
+        }
+        if migrating & names::MIGRATING_V1 != 0 {
+            migrations.push(Migration {
+                source: OldConnections::V1(take(&mut ebpf, names::CONNECTIONS_V1)?),
+                pin: pin_dir.map(|d| d.join(names::CONNECTIONS_V1)),
+            });
+        }
         if let Some(dir) = pin_dir {
             for name in &replace {
-                if *name == names::CONNECTIONS {
-                    // The old table, to copy its entries now and again once the new
-                    // programs are attached (what the old ones tracked meanwhile).
-                    match open_old_connections(&dir.join(name)) {
-                        Ok(old) => migrations.push(Migration {
-                            source: old,
-                            pin: None,
-                        }),
-                        Err(e) => log::warn!("the old connection table is not copied: {e:#}"),
-                    }
-                }
                 let map = ebpf
                     .map(name)
                     .with_context(|| format!("map {name} is missing from the eBPF object"))?;
                 pin::pin_map_replacing(map, dir, name)?;
-            }
-            let v0 = dir.join(names::CONNECTIONS_V0);
-            if v0.exists() {
-                match open_old_connections(&v0) {
-                    Ok(old) => migrations.push(Migration {
-                        source: old,
-                        pin: Some(v0),
-                    }),
-                    Err(e) => log::warn!("{} is not migrated: {e:#}", v0.display()),
-                }
             }
             pin::pin_config(&ebpf, dir, &options.timeouts)?;
             log::info!(
@@ -509,6 +570,7 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             signals: Some(take(&mut ebpf, names::SIGNALS)?),
+            migration_flags: take(&mut ebpf, names::MIGRATION)?,
             ebpf,
             options: options.clone(),
             active_half: StdHashMap::new(),
@@ -521,10 +583,17 @@ impl Dataplane {
         if dp.adopted.contains(&names::SERVICES) {
             dp.adopt_services()?;
         }
-        // First pass: the new programs find the old connections once attached.
+        // First pass: the new programs find the old connections once attached. Until the
+        // last pass they also look up the older table on a miss and write new connections
+        // to it, for the old programs still attached to hooks not yet switched.
         let migrated = dp.migrate_connections(false)?;
         if migrated > 0 {
             log::info!("{migrated} connection-table entries copied from the old table");
+        }
+        if migrating != 0 {
+            dp.migration_flags
+                .set(0, migrating, 0)
+                .context("starting the connection-table migration")?;
         }
         Ok(dp)
     }
@@ -549,29 +618,37 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Copies the connections of replaced or old-layout tables into the connection table.
-    /// The first pass (`finish == false`) overwrites; the last one, once the new programs
-    /// are attached, adds only what the old programs tracked meanwhile, then lets the old
-    /// tables go (removing the pin of an old-layout one). Returns the entries copied.
+    /// Copies the connections of replaced or previous-layout tables into the connection
+    /// table, each entry unless the key is there already (then the programs wrote it, and
+    /// theirs is newer). The first pass runs before the programs are switched; the last
+    /// one (`finish`), once they are, adds what the old programs tracked meanwhile, then
+    /// lets the old tables go (removing a previous-layout table's pin). Returns the
+    /// entries copied.
     fn migrate_connections(&mut self, finish: bool) -> Result<usize> {
-        let flags = if finish { BPF_NOEXIST } else { 0 };
-        let mut copied = 0;
+        let (mut copied, mut failed) = (0, 0);
+        let mut last_error = None;
         for m in &self.migrations {
             let entries: Vec<(FlowKey, ConnEntry)> = match &m.source {
                 OldConnections::Current(map) => iterate_bounded(map)?,
-                OldConnections::V0(map) => iterate_bounded(map)?
+                OldConnections::V1(map) => iterate_bounded(map)?
                     .into_iter()
-                    .map(|(k, v)| (k, ConnEntry::from(v)))
+                    .map(|(k, v)| (k, ConnEntry::from_v1(&v)))
                     .collect(),
             };
             for (key, value) in entries {
-                match self.connections.insert(key, value, flags) {
+                match self.connections.insert(key, value, BPF_NOEXIST) {
                     Ok(()) => copied += 1,
-                    // Already there (tracked by the new programs): theirs is newer.
-                    Err(_) if finish => {}
-                    Err(e) => return Err(e).context("copying a connection-table entry"),
+                    Err(aya::maps::MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                    Err(e) => {
+                        failed += 1;
+                        last_error = Some(e);
+                    }
                 }
             }
+        }
+        if let Some(e) = last_error {
+            log::warn!("{failed} connection-table entries not copied, the last because: {e}");
         }
         if finish {
             for m in self.migrations.drain(..) {
@@ -585,31 +662,76 @@ impl Dataplane {
         Ok(copied)
     }
 
-    /// Ends an adoption once every interface is attached: copies what old programs
-    /// tracked since the first copy, and detaches links pinned for interfaces or hooks
-    /// this agent no longer uses (after the new ones are attached, so no packet goes
-    /// unbalanced). Returns the stale links removed.
+    /// Ends an adoption once every interface is attached: detaches links pinned for
+    /// interfaces or hooks this agent no longer uses (after the new ones are attached, so
+    /// no packet goes unbalanced), then ends a connection-table migration: copies what
+    /// the old programs tracked since the first copy, and loads the programs once more,
+    /// without the link to the older table, so its memory is freed. Returns the stale
+    /// links removed.
     pub fn finish_attach(&mut self) -> Result<Vec<String>> {
-        let late = self.migrate_connections(true)?;
-        if late > 0 {
-            log::info!("{late} more connection-table entries copied after the switch");
-        }
-        let Some(dir) = self.pin_dir.clone() else {
-            return Ok(Vec::new());
-        };
         let mut removed = Vec::new();
-        for entry in std::fs::read_dir(&dir)?.flatten() {
-            let path = entry.path();
-            let Some(file) = entry.file_name().into_string().ok() else {
-                continue;
-            };
-            if pin::parse_link_name(&file).is_some() && !self.links.contains(&path) {
-                pin::detach_link_pin(&path)?;
-                log::info!("detached {file}: not an interface or hook of this agent");
-                removed.push(file);
+        if let Some(dir) = self.pin_dir.clone() {
+            for entry in std::fs::read_dir(&dir)?.flatten() {
+                let path = entry.path();
+                let Some(file) = entry.file_name().into_string().ok() else {
+                    continue;
+                };
+                if pin::parse_link_name(&file).is_some() && !self.links.contains(&path) {
+                    pin::detach_link_pin(&path)?;
+                    log::info!("detached {file}: not an interface or hook of this agent");
+                    removed.push(file);
+                }
             }
         }
+        if self.migrations.is_empty() {
+            return Ok(removed);
+        }
+        // No old program is attached any more; one already running when its link was
+        // switched ends within microseconds.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let late = self.migrate_connections(true)?;
+        log::info!("{late} more connection-table entries copied after the switch");
+        self.migration_flags
+            .set(0, 0, 0)
+            .context("ending the connection-table migration")?;
+        if let Err(e) = self.relink_without_older_tables() {
+            log::warn!(
+                "the programs stay linked to the replaced connection table (its memory is \
+                 freed at the next restart): {e:#}"
+            );
+        }
         Ok(removed)
+    }
+
+    /// Loads the programs again with every map from the pin directory, and switches each
+    /// of this agent's links to them: the older connection table the first programs were
+    /// linked to for the migration is then referenced by nothing and freed.
+    fn relink_without_older_tables(&mut self) -> Result<()> {
+        let dir = self.pin_dir.clone().context("no pin directory")?;
+        let selection_len = self.options.max_services * 2 * self.options.table_slots;
+        let mut loader = loader(&self.options, selection_len);
+        for spec in map_specs(&self.options, selection_len.div_ceil(2)) {
+            loader.map_pin_path(spec.name, dir.join(spec.name));
+        }
+        let mut ebpf = load_programs(&mut loader)?;
+        for path in &self.links {
+            let file = path
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or_default();
+            let name = pin::parse_link_name(file)
+                .and_then(|(_, hook)| hook_program(hook))
+                .with_context(|| format!("{} is not a link pin", path.display()))?;
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} is missing"))?;
+            update_pinned_link(prog, path)
+                .with_context(|| format!("switching {} again", path.display()))?;
+        }
+        pin::pin_config(&ebpf, &dir, &self.options.timeouts)?;
+        self.ebpf = ebpf;
+        log::info!("connection-table migration done; the older table is released");
+        Ok(())
     }
 
     /// Every entry of the services map (frontends and VIP address markers).
@@ -672,23 +794,7 @@ impl Dataplane {
             .with_context(|| format!("program {name} is missing"))?;
         // An earlier agent's link: switch it to this program.
         if let Some(path) = path.as_ref().filter(|p| p.exists()) {
-            let updated: Result<()> = (|| {
-                let link: FdLink = PinnedLink::from_pin(path)?.into();
-                match (prog, tc) {
-                    (aya::programs::Program::SchedClassifier(p), Some(_)) => {
-                        let id = p.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-                        // The pin keeps it attached; our descriptor can go.
-                        drop(p.take_link(id)?);
-                    }
-                    (aya::programs::Program::Xdp(p), None) => {
-                        let id = p.attach_to_link(XdpLink::try_from(link)?)?;
-                        drop(p.take_link(id)?);
-                    }
-                    _ => bail!("program {name} has an unexpected type"),
-                }
-                Ok(())
-            })();
-            match updated {
+            match update_pinned_link(prog, path) {
                 Ok(()) => {
                     log::info!("{name} on {iface}: pinned link updated to the new program");
                     self.links.push(path.clone());

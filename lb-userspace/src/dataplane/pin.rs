@@ -328,7 +328,7 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup> {
             continue;
         }
         let ours = names::PINNED.contains(&file.as_str())
-            || file == names::CONNECTIONS_V0
+            || file == names::CONNECTIONS_V1
             || file.starts_with(TMP_PREFIX);
         if ours {
             std::fs::remove_file(dir.join(file))

@@ -220,6 +220,7 @@ fn conntrack_shows_a_kept_connection() {
         return;
     }
     let s = Setup::new();
+    let opened = std::time::Instant::now();
     let (mut conn, local) = s
         .bed
         .client
@@ -257,7 +258,10 @@ fn conntrack_shows_a_kept_connection() {
     let none = s.lb(&["conntrack", "--backend", &other]).ok();
     assert!(!none.stdout.contains(&local.to_string()), "{none:?}");
 
+    // Old enough that its age cannot be mistaken for its idle time.
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(opened.elapsed()));
     let rows = s.lb(&["conntrack", "-o", "json"]).ok().json();
+    let upper = opened.elapsed().as_secs_f64();
     let row = rows
         .as_array()
         .unwrap()
@@ -267,6 +271,12 @@ fn conntrack_shows_a_kept_connection() {
     assert_eq!(row["backend"], backend.as_str());
     assert_eq!(row["entries"], "both");
     assert!(row["idle_seconds"].as_f64().unwrap() < 60.0, "{row}");
+    // Stamped with the kernel's coarse clock (one tick, at most 10 ms, either way).
+    let age = row["age_seconds"].as_f64().unwrap();
+    assert!(
+        (1.19..=upper + 0.01).contains(&age),
+        "age {age} s, opened {upper} s ago: {row}"
+    );
     // The connection is still usable.
     assert_eq!(conn.get("/").unwrap(), served_by);
 }
@@ -328,7 +338,7 @@ fn stats_move_and_maps_are_listed() {
     let rows = s.lb(&["maps", "-o", "json"]).ok().json();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), lb_common::maps::PINNED.len(), "{rows:?}");
-    let ct = rows.iter().find(|r| r["name"] == "lb_ct_v1").unwrap();
+    let ct = rows.iter().find(|r| r["name"] == "lb_ct_v2").unwrap();
     assert_eq!(ct["type"], "lru_hash");
     assert_eq!(
         ct["max_entries"], 65536,

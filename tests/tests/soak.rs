@@ -647,7 +647,7 @@ struct Kernel {
     http_5xx: u64,
     /// rx + tx packets of the node's interfaces lb is attached to.
     iface_packets: u64,
-    /// The connection table (`lb_ct_v1`): entries and capacity.
+    /// The connection table (`lb_ct_v2`): entries and capacity.
     ct_entries: u64,
     ct_capacity: u64,
 }
@@ -687,7 +687,7 @@ fn read_kernel(bed: &TestBed, pin_dir: &str) -> Result<Kernel> {
     let maps = lb_json(bed.node.name(), pin_dir, &["maps"])?;
     if let Some(ct) = maps
         .as_array()
-        .and_then(|m| m.iter().find(|m| m["name"] == "lb_ct_v1"))
+        .and_then(|m| m.iter().find(|m| m["name"] == "lb_ct_v2"))
     {
         k.ct_entries = ct["entries"].as_u64().unwrap_or(0);
         k.ct_capacity = ct["max_entries"].as_u64().unwrap_or(0);

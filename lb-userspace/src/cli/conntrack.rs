@@ -4,7 +4,9 @@
 //! client → VIP (original direction, rewritten to the backend) and backend → client
 //! (replies, rewritten from the VIP). They are paired back into client → VIP → backend.
 //!
-//! Idle time is `CLOCK_MONOTONIC_COARSE` now minus the newest `last_seen_ns` of the two
+//! Age is `CLOCK_MONOTONIC_COARSE` now minus the connection's `created_ns` (unknown for
+//! connections carried over from a table of the previous layout). Idle time is
+//! `CLOCK_MONOTONIC_COARSE` now minus the newest `last_seen_ns` of the two
 //! entries. The kernel stamps entries with `bpf_ktime_get_coarse_ns`, the same clock at
 //! tick resolution (1–10 ms), and refreshes an entry at most once a second, so idle times
 //! are accurate to about a second. Entries past their state's idle timeout are treated as
@@ -59,6 +61,9 @@ struct Connection {
     frontend: String,
     backend: String,
     state: &'static str,
+    /// Seconds since lb saw the connection's first packet (±10 ms); unknown (null) for
+    /// connections carried over from a connection table of the previous layout.
+    age_seconds: Option<f64>,
     /// Seconds since the newest entry of the connection was refreshed (±1 s).
     idle_seconds: f64,
     /// Seconds until the data plane treats it as gone, when the timeouts are pinned.
@@ -189,6 +194,12 @@ pub fn conntrack(
             .max()
             .unwrap_or(0);
         let idle = Duration::from_nanos(now.saturating_sub(last_seen));
+        let created = original
+            .iter()
+            .chain(reply.iter())
+            .map(|(_, e)| e.created_ns)
+            .find(|&c| c != 0);
+        let age = created.map(|c| Duration::from_nanos(now.saturating_sub(c)));
         let left = config
             .as_ref()
             .and_then(|c| timeout_ns(c, main.state))
@@ -207,6 +218,7 @@ pub fn conntrack(
             frontend,
             backend,
             state: state_name(main.state),
+            age_seconds: age.map(|a| a.as_secs_f64()),
             idle_seconds: idle.as_secs_f64(),
             expires_in_seconds: left.map(|l| l.max(0) as f64 / 1e9),
             expired,
@@ -269,6 +281,7 @@ pub fn conntrack(
         "FRONTEND",
         "BACKEND",
         "STATE",
+        "AGE",
         "IDLE",
         "EXPIRES IN",
         "SERVICE",
@@ -290,6 +303,8 @@ pub fn conntrack(
             c.frontend.clone(),
             c.backend.clone(),
             state,
+            c.age_seconds
+                .map_or("-".into(), |s| duration(Duration::from_secs_f64(s))),
             duration(Duration::from_secs_f64(c.idle_seconds)),
             c.expires_in_seconds
                 .map_or("-".into(), |s| duration(Duration::from_secs_f64(s))),

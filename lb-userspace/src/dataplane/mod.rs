@@ -433,7 +433,8 @@ impl Dataplane {
     /// created. A map an earlier agent pinned with exactly this layout and these sizes is
     /// adopted, contents and all ([`Dataplane::adopted`]); one that differs is replaced by
     /// a new map pinned over it, the connection table's entries copied into it (and those
-    /// of a `lb_ct_v0` table of the previous layout, converted). The services, selection,
+    /// of a `lb_ct_v1` table of the previous layout, converted; see
+    /// [`Dataplane::finish_attach`] for how no connection is lost meanwhile). The services, selection,
     /// backends, backend → service and per-id statistics maps are adopted together or not
     /// at all, since their ids must agree. Links made by [`Dataplane::attach`] are pinned
     /// too. The pins stay when `self` is dropped.

@@ -238,6 +238,7 @@ pub fn resteer(orig_key: &FlowKey, orig: &mut ConnEntry, now: u64) -> Option<Res
         first_backend_id: orig.first_backend_id,
         last_seen_ns: now,
         flags: orig.flags,
+        created_ns: orig.created_ns,
         ..ConnEntry::default()
     };
     let mut key = FlowKey {

@@ -12,6 +12,13 @@
 //!
 //! Outside a migration this costs one array read per connection-table miss.
 
+// Values are passed by reference: by value, each insert would copy its 64 bytes onto a
+// stack these functions have little of.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "avoid a stack copy of each value"
+)]
+
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::map, maps::PerCpuArray};
 use lb_common::{
     maps::{ConnEntryV1, MIGRATING_PREV, MIGRATING_V1},

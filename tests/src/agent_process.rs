@@ -134,6 +134,19 @@ impl AgentProcess {
         self.restart_as(None)
     }
 
+    /// Like `restart`, without `--interface IFACE:...` for `iface`: the agent no longer
+    /// attaches there.
+    pub fn restart_without_interface(&mut self, iface: &str) -> Result<()> {
+        let prefix = format!("{iface}:");
+        let at = self
+            .command
+            .windows(2)
+            .position(|w| w[0] == "--interface" && w[1].to_string_lossy().starts_with(&prefix))
+            .with_context(|| format!("the agent is not started with --interface {iface}:..."))?;
+        self.command.drain(at..at + 2);
+        self.restart()
+    }
+
     /// Like `restart`, running the `lb` binary at `lb` when given: an upgrade (or a
     /// downgrade) with the same configuration, interfaces and pin directory.
     pub fn restart_as(&mut self, lb: Option<&Path>) -> Result<()> {

@@ -375,6 +375,64 @@ fn cleanup_detaches_and_unpins_everything() {
     );
 }
 
+/// A restart without one of the interfaces (here the third backend's, with that backend
+/// gone from the configuration) detaches lb from it: its link pins are removed and no
+/// program is left on it, once the other links are switched; the VIP is still served.
+#[test]
+fn restart_without_an_interface_detaches_it() {
+    if !require_root() {
+        return;
+    }
+    let mut s = Setup::new();
+    let pin_dir = s.agent.pin_dir.clone();
+    let dropped = s.bed.interfaces[3].name.clone();
+    assert!(
+        dropped.starts_with("nb3"),
+        "{dropped}: the third backend's interface"
+    );
+    let pinned_for = |iface: &str| -> Vec<String> {
+        link_pins(&pin_dir)
+            .into_iter()
+            .filter(|l| l.contains(iface))
+            .collect()
+    };
+    assert_eq!(pinned_for(&dropped).len(), 2, "{:?}", link_pins(&pin_dir));
+    let on_dropped = || {
+        s.bed.node.run(|| {
+            [TcAttachType::Ingress, TcAttachType::Egress]
+                .into_iter()
+                .map(|at| SchedClassifier::query_tcx(&dropped, at).unwrap().1.len())
+                .sum::<usize>()
+        })
+    };
+    assert_eq!(on_dropped(), 2, "lb on {dropped}, ingress and egress");
+
+    assert!(s.agent.stop());
+    let config = s._dir.0.join("lb.yaml");
+    write_atomically(&config, &topology::config_yaml(&[1, 2], "")).unwrap();
+    s.agent.restart_without_interface(&dropped).unwrap();
+    wait_ready(&s.bed.node);
+    assert_eq!(
+        pinned_for(&dropped),
+        Vec::<String>::new(),
+        "its link pins are gone"
+    );
+    assert_eq!(on_dropped(), 0, "no program left on {dropped}");
+    assert_eq!(
+        link_pins(&pin_dir).len(),
+        2 * (s.bed.interfaces.len() - 1),
+        "the other links stay: {:?}",
+        link_pins(&pin_dir)
+    );
+    for _ in 0..20 {
+        let name = http_get_in(&s.bed.client).unwrap();
+        assert!(
+            ["backend-1", "backend-2"].contains(&name.as_str()),
+            "{name}"
+        );
+    }
+}
+
 fn http_get_in(ns: &Netns) -> Result<String> {
     ns.run(|| http_get(vip_http(), "/", Duration::from_millis(700)))
 }

@@ -227,13 +227,20 @@ fn tracked<P: Packet>(
         if let Some(partner) = CONNECTIONS.get_ptr_mut(partner_key(&p.flow, entry)) {
             // SAFETY: pointer to a live map value returned by the kernel.
             let partner = unsafe { &mut *partner };
-            // TCP states only move forward (handshake, established, closing): once the
-            // client completes the handshake, the backend's side is established too, so a
-            // later RST or ICMP error from the backend is not taken for a refused connect.
-            if state != ConnState::Udp as u8 && partner.state < state {
-                partner.state = state;
+            // Under the partner's key may be another connection's entry: a reply entry of
+            // an older connection on the same client ports, left under the backend it was
+            // re-steered to, finds the original entry of the connection that now uses
+            // the ports. Both entries of one connection always name the same backend.
+            if partner.backend_id == entry.backend_id {
+                // TCP states only move forward (handshake, established, closing): once the
+                // client completes the handshake, the backend's side is established too,
+                // so a later RST or ICMP error from the backend is not taken for a refused
+                // connect.
+                if state != ConnState::Udp as u8 && partner.state < state {
+                    partner.state = state;
+                }
+                partner.last_seen_ns = now;
             }
-            partner.last_seen_ns = now;
         }
     }
 

@@ -2022,6 +2022,91 @@ fn reset_after_the_handshake_is_no_refusal() {
     );
 }
 
+/// A late packet of an older connection on the same client ports, from the backend it
+/// had been re-steered to (its reply entry is still there, closing), is translated as
+/// before but does not touch the entries of the connection that now uses the ports: it
+/// used to move the new connection's entry to closing (10 s instead of hours), leaving its
+/// reply entry open. Found by the packet fuzzer (reply entries of older connections left
+/// open).
+#[test]
+fn an_older_connections_late_packet_leaves_the_new_connection_alone() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new(Hook::Xdp);
+    let list = h.dp.failover_list(&WEB).unwrap();
+    let vip80 = (VIP, 80);
+    let spec = |port| {
+        PacketSpec::tcp(client(port), vip80, SYN)
+            .with_seq(7)
+            .with_ack(0)
+    };
+    let port = port_landing_on(&h, &WEB, spec, list[0], 48000);
+    let flow = flow_of(&spec(port));
+    let first = h.backend_addr(list[0]);
+    // The older connection: refused by the backend the table gives, re-sent to another,
+    // then closed by the client.
+    h.run(&spec(port).build());
+    let (verdict, _) = h.run(
+        &PacketSpec::tcp(first, client(port), RST | ACK)
+            .with_seq(0)
+            .with_ack(8)
+            .build(),
+    );
+    assert_ne!(verdict, Verdict::Drop);
+    let old = h.entry(&flow).unwrap();
+    assert_ne!(old.backend_id, list[0], "re-steered");
+    let older_backend = h.backend_addr(old.backend_id);
+    h.run(
+        &PacketSpec::tcp(client(port), vip80, FIN | ACK)
+            .with_seq(8)
+            .build(),
+    );
+    assert_eq!(h.entry(&flow).unwrap().state, ConnState::TcpClosing as u8);
+    // The new connection on the same ports: the table's backend again, established.
+    let syn = PacketSpec::tcp(client(port), vip80, SYN)
+        .with_seq(1000)
+        .with_ack(0);
+    h.run(&syn.build());
+    h.run(
+        &PacketSpec::tcp(first, client(port), SYN | ACK)
+            .with_seq(5000)
+            .with_ack(1001)
+            .build(),
+    );
+    h.run(
+        &PacketSpec::tcp(client(port), vip80, ACK)
+            .with_seq(1001)
+            .with_ack(5001)
+            .build(),
+    );
+    let new = h.entry(&flow).unwrap();
+    assert_eq!(
+        (new.backend_id, new.state),
+        (list[0], ConnState::TcpEstablished as u8)
+    );
+    // Entries are refreshed (and their partner with them) at most once a second.
+    std::thread::sleep(Duration::from_millis(1100));
+    let late = PacketSpec::tcp(older_backend, client(port), FIN | ACK).with_seq(9000);
+    let (verdict, out) = h.run(&late.build());
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(
+        out,
+        late.clone().with_src(vip80).build(),
+        "the older connection's packet is translated as before"
+    );
+    let after = h.entry(&flow).unwrap();
+    assert_eq!(
+        (after.backend_id, after.state),
+        (list[0], ConnState::TcpEstablished as u8),
+        "the new connection's entry is left alone"
+    );
+    let reply = h
+        .entry(&flow_of(&PacketSpec::tcp(first, client(port), ACK)))
+        .unwrap();
+    assert_eq!(reply.state, ConnState::TcpEstablished as u8);
+}
+
 /// A retransmitted SYN moved to another backend (connect timeout) is one packet: the
 /// service and the new backend count it once.
 #[test]

@@ -172,12 +172,20 @@ fn tracked<P: Packet>(
     }
     let is_tcp = p.flow.proto == proto::TCP;
     let original = entry.direction == ConnDirection::Original as u8;
-    if is_tcp
-        && original
-        && entry.state == ConnState::TcpClosing as u8
-        && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    {
-        return None;
+    if is_tcp && original && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if entry.state == ConnState::TcpClosing as u8 {
+            return None;
+        }
+        // A SYN with another initial sequence number while the entry's handshake is
+        // pending: a new attempt on the same ports. The client gave up on the one this
+        // entry tracks (a socket closed while connecting sends nothing), so it starts
+        // over as a new connection, and the old attempt's backend side goes.
+        if entry.state == ConnState::TcpSyn as u8
+            && be32_at(pkt.data(), pkt.data_end(), L4_OFF + 4) != Some(entry.syn_isn)
+        {
+            let _ = CONNECTIONS.remove(&partner_key(&p.flow, entry));
+            return None;
+        }
     }
     let state = if is_tcp {
         next_tcp_state(entry.state, p.tcp_flags)

@@ -265,17 +265,18 @@ where
 
 /// The `lb` binary of the previous release, built by `cargo xtask test` from the git
 /// history (`target/previous-release/lb`; `LB_PREVIOUS_RELEASE` names another), for
-/// upgrade tests.
-pub fn previous_release_binary() -> Result<PathBuf> {
+/// upgrade tests. `None` when `LB_PREVIOUS_RELEASE` is set but empty: `cargo xtask test`
+/// could not build it (a clone without that commit), and said why.
+pub fn previous_release_binary() -> Result<Option<PathBuf>> {
     if let Some(path) = std::env::var_os("LB_PREVIOUS_RELEASE") {
-        return Ok(PathBuf::from(path));
+        return Ok((!path.is_empty()).then(|| PathBuf::from(path)));
     }
     let exe = std::env::current_exe()?;
     // Test binaries live in target/<profile>/deps.
     for dir in exe.ancestors().skip(1).take(3) {
         let lb = dir.join("previous-release").join("lb");
         if lb.is_file() {
-            return Ok(lb);
+            return Ok(Some(lb));
         }
     }
     bail!(

@@ -2107,6 +2107,70 @@ fn an_older_connections_late_packet_leaves_the_new_connection_alone() {
     assert_eq!(reply.state, ConnState::TcpEstablished as u8);
 }
 
+/// A SYN with another initial sequence number while a handshake is pending on the same
+/// ports is a new attempt (the client closed the socket of the first while it was
+/// connecting, which sends nothing): a new connection, to the backend the table gives,
+/// and the first attempt's backend side is gone. (It used to be forwarded on the old
+/// entry, to the backend the first attempt had been re-steered to, and its own
+/// retransmissions never counted as timeouts: found by the soak, one connection attempt
+/// without `forward_new`.)
+#[test]
+fn a_new_attempt_on_the_same_ports_is_a_new_connection() {
+    if !require_root() {
+        return;
+    }
+    let mut h = Harness::new(Hook::Xdp);
+    let list = h.dp.failover_list(&WEB).unwrap();
+    let vip80 = (VIP, 80);
+    let syn = |port, isn| {
+        PacketSpec::tcp(client(port), vip80, SYN)
+            .with_seq(isn)
+            .with_ack(0)
+    };
+    let port = port_landing_on(&h, &WEB, |p| syn(p, 7), list[0], 49000);
+    let flow = flow_of(&syn(port, 7));
+    let first = h.backend_addr(list[0]);
+    h.run(&syn(port, 7).build());
+    h.run(
+        &PacketSpec::tcp(first, client(port), RST | ACK)
+            .with_seq(0)
+            .with_ack(8)
+            .build(),
+    );
+    let moved = h.entry(&flow).unwrap();
+    assert_ne!(moved.backend_id, list[0], "re-steered");
+    let moved_reply = flow_of(&PacketSpec::tcp(
+        h.backend_addr(moved.backend_id),
+        client(port),
+        ACK,
+    ));
+    assert!(h.entry(&moved_reply).is_some());
+
+    let before = h.counters();
+    let (verdict, out) = h.run(&syn(port, 9000).build());
+    assert_eq!(verdict, Verdict::Pass);
+    assert_eq!(
+        out,
+        syn(port, 9000).with_dst(first).build(),
+        "to the table's backend"
+    );
+    let after = h.counters();
+    assert_eq!(after["forward_new"] - before["forward_new"], 1);
+    let entry = h.entry(&flow).unwrap();
+    assert_eq!(
+        (entry.backend_id, entry.syn_isn, entry.retries),
+        (list[0], 9000, 0)
+    );
+    assert!(
+        h.entry(&moved_reply).is_none(),
+        "the first attempt's backend side is gone"
+    );
+    // Its retransmission is the same attempt: tracked, not another new connection.
+    let before = h.counters();
+    h.run(&syn(port, 9000).build());
+    assert_eq!(h.counters()["forward_new"], before["forward_new"]);
+}
+
 /// A retransmitted SYN moved to another backend (connect timeout) is one packet: the
 /// service and the new backend count it once.
 #[test]

@@ -20,19 +20,26 @@ pub fn binary_path() -> PathBuf {
         .join("lb")
 }
 
+/// Why the previous release cannot be built here (its commit is not in this clone and
+/// cannot be fetched): the upgrade test is then skipped, and says so.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
 /// Builds `lb` at `COMMIT` unless the binary of that commit is there already. The sources
 /// come from `git archive` (no worktree to clean up), the build has its own target
 /// directory next to them.
-pub fn ensure() -> Result<PathBuf> {
+pub fn ensure() -> Result<Result<PathBuf, Unavailable>> {
     let root = cmd::workspace_root();
     let dir = root.join("target").join("previous-release");
     let binary = binary_path();
     let stamp = dir.join("lb.commit");
     if binary.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == COMMIT) {
         println!("previous release {COMMIT}: {} is built", binary.display());
-        return Ok(binary);
+        return Ok(Ok(binary));
     }
-    have_commit(&root)?;
+    if let Err(e) = have_commit(&root) {
+        return Ok(Err(Unavailable(format!("{e:#}"))));
+    }
     let src = dir.join(&COMMIT[..12]);
     if src.exists() {
         std::fs::remove_dir_all(&src)
@@ -73,7 +80,7 @@ pub fn ensure() -> Result<PathBuf> {
     std::fs::copy(target.join("release").join("lb"), &binary)
         .with_context(|| format!("copying the previous release's lb to {}", binary.display()))?;
     std::fs::write(&stamp, COMMIT)?;
-    Ok(binary)
+    Ok(Ok(binary))
 }
 
 /// Makes sure `COMMIT` is in the repository, fetching it when the clone is shallow.

@@ -128,7 +128,14 @@ pub fn test(lint: bool, soak: Option<u64>, cargo_test_args: &[String]) -> Result
          built once, from the git history",
         &previous_release::COMMIT[..12]
     ));
-    let previous = previous_release::ensure()?;
+    // Empty: the upgrade test says it is skipped, and why (printed here too).
+    let previous = match previous_release::ensure()? {
+        Ok(binary) => binary.into_os_string(),
+        Err(previous_release::Unavailable(why)) => {
+            println!("WARNING: the upgrade test will be skipped: {why}");
+            Default::default()
+        }
+    };
     // Release: the tests push real traffic through the datapath and time it.
     step("test: cargo test --release");
     let mut cargo_test = cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"]);

@@ -89,8 +89,11 @@ fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
     }
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let mut entry = CONNECTIONS.get_ptr_mut(&p.flow);
-    if entry.is_none() && migration::adopt(&p.flow) {
-        entry = CONNECTIONS.get_ptr_mut(&p.flow);
+    if entry.is_none() {
+        let migrating = migration::flags();
+        if migrating != 0 && migration::adopt(migrating, &p.flow) {
+            entry = CONNECTIONS.get_ptr_mut(&p.flow);
+        }
     }
     if let Some(entry) = entry {
         // SAFETY: pointer to a live map value returned by the kernel.
@@ -515,8 +518,11 @@ fn new_connection<P: Packet>(
         && CONNECTIONS.insert(&p.flow, &original, 0).is_ok()
     {
         stats::count(Counter::EventTracked);
-        migration::mirror(&reply_key, &reply);
-        migration::mirror(&p.flow, &original);
+        let migrating = migration::flags();
+        if migrating != 0 {
+            migration::mirror(migrating, &reply_key, &reply);
+            migration::mirror(migrating, &p.flow, &original);
+        }
     } else {
         // Still balanced: later packets re-select by hash to the same backend.
         stats::count(Counter::EventTrackFailed);

@@ -48,8 +48,10 @@ pub struct Scratch {
 #[map(name = "lb_migr_tmp")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The `MIGRATING_*` flags: 0 outside a migration, and then callers skip the calls
+/// below (a call costs more than this read).
 #[inline(always)]
-fn flags() -> u32 {
+pub fn flags() -> u32 {
     MIGRATION.get(0).copied().unwrap_or(0)
 }
 
@@ -88,14 +90,11 @@ fn copy_over(flags: u32, key: &FlowKey, converted: &mut ConnEntry, partner: &mut
     false
 }
 
-/// `key` missed the connection table. While a migration runs and the older table tracks
-/// it, its connection (both directions) is copied over: `true`, look again.
+/// `key` missed the connection table during a migration (`flags`, not 0). When the
+/// older table tracks it, its connection (both directions) is copied over: `true`, look
+/// again.
 #[inline(never)]
-pub fn adopt(key: &FlowKey) -> bool {
-    let flags = flags();
-    if flags == 0 {
-        return false;
-    }
+pub fn adopt(flags: u32, key: &FlowKey) -> bool {
     // SAFETY: pointer to this CPU's live map value returned by the kernel.
     let Some(tmp) = SCRATCH.get_ptr_mut(0).map(|t| unsafe { &mut *t }) else {
         return false;
@@ -113,10 +112,10 @@ pub fn adopt(key: &FlowKey) -> bool {
     true
 }
 
-/// While a migration runs, writes a new connection's entry to the older table too.
+/// During a migration (`flags`, not 0), writes a new connection's entry to the older
+/// table too.
 #[inline(never)]
-pub fn mirror(key: &FlowKey, entry: &ConnEntry) {
-    let flags = flags();
+pub fn mirror(flags: u32, key: &FlowKey, entry: &ConnEntry) {
     if flags & MIGRATING_PREV != 0 {
         let _ = CONNECTIONS_PREV.insert(key, entry, 0);
     }

@@ -10,6 +10,8 @@ use lb::dataplane::{
 };
 use lb_common::BackendState;
 
+use crate::Netns;
+
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 pub const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 pub const BACKENDS: [Ipv4Addr; 3] = [
@@ -44,6 +46,56 @@ pub const API_BACKEND: (Ipv4Addr, u16) = (BACKENDS[0], 8000);
 /// The MAC address the TC program's route lookup finds for the interface towards the
 /// backends, in the namespace the TC tests run in.
 pub const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+/// The MAC address the TC program's route lookup finds for backend `addr` (a permanent
+/// neighbour entry in [`routed_netns`]).
+pub fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0, 0, 0x0b, o[2], o[3]]
+}
+
+/// A namespace (named after `prefix`) where the TC program's route lookup
+/// (`bpf_fib_lookup`) finds the backends, so a re-sent SYN is redirected with known
+/// addresses: `lbr0` (MAC [`ROUTE_MAC`], 10.200.0.1/16) with a permanent neighbour per
+/// backend ([`backend_mac`]), and forwarding on, without which the lookup answers
+/// nothing. BPF_PROG_TEST_RUN runs a program in the caller's namespace (input lookup on
+/// its loopback): the host's routes and settings would make results depend on the
+/// machine.
+pub fn routed_netns(prefix: &str) -> Netns {
+    let ns = Netns::new(prefix).expect("a namespace for the TC programs");
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let setup = || -> anyhow::Result<()> {
+        let route_mac = mac(ROUTE_MAC);
+        ns.ip(&[
+            "link", "add", "lbr0", "address", &route_mac, "type", "veth", "peer", "name", "lbr1",
+        ])?;
+        ns.ip(&["link", "set", "lbr0", "up"])?;
+        ns.ip(&["link", "set", "lbr1", "up"])?;
+        ns.ip(&["addr", "add", "10.200.0.1/16", "dev", "lbr0"])?;
+        for b in BACKENDS {
+            let lladdr = mac(backend_mac(b));
+            ns.ip(&[
+                "neigh",
+                "add",
+                &b.to_string(),
+                "lladdr",
+                &lladdr,
+                "dev",
+                "lbr0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        ns.set_sysctl("net.ipv4.conf.all.forwarding", "1")
+    };
+    setup().expect("routes and neighbours for the TC programs");
+    ns
+}
 
 /// The services, web's backends in `states` (all at priority 0, weight 1).
 pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {

@@ -22,25 +22,19 @@ use lb_common::{
     SignalKind,
 };
 use lb_tests::{
-    fixture_services::{desired, API, API_BACKEND, BACKENDS, OTHER_VIP, ROUTE_MAC, VIP, WEB},
+    fixture_services::{
+        backend_mac, desired, routed_netns, API, API_BACKEND, BACKENDS, OTHER_VIP, ROUTE_MAC, VIP,
+        WEB,
+    },
     packets::{
         self, arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE,
         FIN, PSH, RST, SYN,
     },
     require_root,
     test_run::{self, Hook, Verdict},
-    Netns,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
-
-/// MAC addresses the TC program's route lookup finds in the namespace the TC fixtures run
-/// in (see `routed_netns`): the interface towards the backends (`ROUTE_MAC`), and each
-/// backend's.
-fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
-    let o = addr.octets();
-    [0x02, 0, 0, 0x0b, o[2], o[3]]
-}
 
 /// The verdict for a packet the data plane turned around (a refusal re-sent as the
 /// client's SYN): XDP passes it to the stack, TC routes it to the new backend itself.
@@ -1745,51 +1739,8 @@ fn tc_fixtures() {
     if !require_root() {
         return;
     }
-    let ns = routed_netns();
+    let ns = routed_netns("dpf");
     ns.run(|| run_fixtures(Hook::TcIngress));
-}
-
-/// A namespace where the TC program's route lookup finds a route and a neighbour for
-/// every backend, so a re-sent SYN is redirected with known addresses.
-/// BPF_PROG_TEST_RUN runs the program in the caller's namespace (input lookup on its
-/// loopback); the host's routes and forwarding setting would make the result depend on
-/// the machine.
-fn routed_netns() -> Netns {
-    let ns = Netns::new("dpf").expect("a namespace for the TC fixtures");
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let route_mac = mac(ROUTE_MAC);
-    let setup = || -> anyhow::Result<()> {
-        ns.ip(&[
-            "link", "add", "lbr0", "address", &route_mac, "type", "veth", "peer", "name", "lbr1",
-        ])?;
-        ns.ip(&["link", "set", "lbr0", "up"])?;
-        ns.ip(&["link", "set", "lbr1", "up"])?;
-        ns.ip(&["addr", "add", "10.200.0.1/16", "dev", "lbr0"])?;
-        for b in BACKENDS {
-            let addr = b.to_string();
-            let lladdr = mac(backend_mac(b));
-            ns.ip(&[
-                "neigh",
-                "add",
-                &addr,
-                "lladdr",
-                &lladdr,
-                "dev",
-                "lbr0",
-                "nud",
-                "permanent",
-            ])?;
-        }
-        // bpf_fib_lookup answers only where forwarding is on (here: on loopback).
-        ns.set_sysctl("net.ipv4.conf.all.forwarding", "1")
-    };
-    setup().expect("routes and neighbours for the TC fixtures");
-    ns
 }
 
 /// A full connection table evicts the least recently used entries and counts what that

@@ -33,14 +33,13 @@ use lb_common::{
     family, flow_hash, AddrBe, BackendState, ConnDirection, ConnState, Counter, FlowKey,
 };
 use lb_tests::{
-    fixture_services::{desired, API, BACKENDS, DNS, EMPTY, OTHER_VIP, ROUTE_MAC, VIP, WEB},
+    fixture_services::{desired, routed_netns, API, BACKENDS, DNS, EMPTY, OTHER_VIP, VIP, WEB},
     packets::{
         arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE, FIN,
         ICMP, PSH, RST, SYN, TCP, UDP,
     },
     require_root,
     test_run::{self, Hook, Verdict},
-    Netns,
 };
 
 const CLIENTS: [Ipv4Addr; 3] = [
@@ -976,48 +975,9 @@ fn fuzz_tc_ingress() {
     if !require_root() {
         return;
     }
-    let ns = routed_netns();
+    let ns = routed_netns("fzp");
     let t = ns.run(|| fuzz(Hook::TcIngress));
     for c in [Change::Dnat, Change::Snat, Change::Icmp, Change::ResentSyn] {
         assert!(t.changes.contains_key(&c), "no {c:?} in {:?}", t.changes);
     }
-}
-
-/// As in the fixtures: a namespace where the TC program's route lookup finds the backends,
-/// so a re-sent SYN is redirected (BPF_PROG_TEST_RUN runs in the caller's namespace).
-fn routed_netns() -> Netns {
-    let ns = Netns::new("fzp").expect("a namespace for the TC fuzzing");
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    let setup = || -> anyhow::Result<()> {
-        let route_mac = mac(ROUTE_MAC);
-        ns.ip(&[
-            "link", "add", "lbr0", "address", &route_mac, "type", "veth", "peer", "name", "lbr1",
-        ])?;
-        ns.ip(&["link", "set", "lbr0", "up"])?;
-        ns.ip(&["link", "set", "lbr1", "up"])?;
-        ns.ip(&["addr", "add", "10.200.0.1/16", "dev", "lbr0"])?;
-        for b in BACKENDS {
-            let o = b.octets();
-            let lladdr = mac([0x02, 0, 0, 0x0b, o[2], o[3]]);
-            ns.ip(&[
-                "neigh",
-                "add",
-                &b.to_string(),
-                "lladdr",
-                &lladdr,
-                "dev",
-                "lbr0",
-                "nud",
-                "permanent",
-            ])?;
-        }
-        ns.set_sysctl("net.ipv4.conf.all.forwarding", "1")
-    };
-    setup().expect("routes and neighbours for the TC fuzzing");
-    ns
 }

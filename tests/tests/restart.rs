@@ -9,6 +9,7 @@
 
 use std::{
     collections::BTreeMap,
+    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -577,17 +578,34 @@ fn upgrade_from_previous_release_under_load_loses_nothing() {
     if !require_root() {
         return;
     }
+    upgrade_from_previous_release(AttachMode::Tc);
+}
+
+/// The same with the client-facing interface in XDP mode: its XDP link is switched to
+/// the migrating programs, then to the final ones.
+#[test]
+fn upgrade_from_previous_release_in_xdp_mode_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    upgrade_from_previous_release(AttachMode::Xdp);
+}
+
+/// The previous release's agent runs under load with the client-facing interface in
+/// `mode`, then this release's agent takes over (see the tests above).
+fn upgrade_from_previous_release(mode: AttachMode) {
     let Some(previous) = previous_release_binary().unwrap() else {
         // Written to the stderr handle, not with `eprintln!`, so it is seen (see
         // `require_root`).
-        let _ = std::io::Write::write_all(
-            &mut std::io::stderr(),
-            b"upgrade_from_previous_release_under_load_loses_nothing: skipped: the previous \
-              release could not be built (see cargo xtask test's warning)\n",
+        let _ = writeln!(
+            std::io::stderr(),
+            "{}: skipped: the previous release could not be built (see cargo xtask test's \
+             warning)",
+            std::thread::current().name().unwrap_or("upgrade test")
         );
         return;
     };
-    let bed = TestBed::new(AttachMode::Tc).unwrap();
+    let bed = TestBed::new(mode).unwrap();
     let dir = TempDir::new("lbupgrade").unwrap();
     let config = dir.0.join("lb.yaml");
     write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();

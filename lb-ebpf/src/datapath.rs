@@ -31,9 +31,7 @@ use crate::{
     maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
     migration,
     packet::{End, Endpoint, Packet},
-    parse::{
-        parse, Classified, Parsed, ETH_LEN, IPV4_LEN, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
-    },
+    parse::{parse, tcp_lengths, Classified, Parsed, L4_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -317,15 +315,6 @@ fn refused<P: Packet>(
     result
 }
 
-/// Bytes of TCP payload, from the IPv4 total length and the TCP data offset (IPv4
-/// without options: packets with options are not tracked).
-#[inline(always)]
-fn tcp_payload_len<P: Packet>(pkt: &P) -> Option<usize> {
-    let total_len = (be32_at(pkt.data(), pkt.data_end(), ETH_LEN)? & 0xffff) as usize;
-    let doff = be32_at(pkt.data(), pkt.data_end(), L4_OFF + 12)? >> 28;
-    Some(total_len.saturating_sub(IPV4_LEN + doff as usize * 4))
-}
-
 /// How a backend answered the SYN lb sent it, when the answer is not a SYN-ACK.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SynAnswer {
@@ -362,7 +351,7 @@ fn resteer_syn_answer<P: Packet>(
         SynAnswer::Refusal => p.tcp_flags & TCP_ACK != 0 && acknowledges_syn,
         // An older connection's ACK carries no data; a segment with data before the
         // backend's SYN-ACK is not something lb should guess about.
-        SynAnswer::Stale => !acknowledges_syn && tcp_payload_len(pkt)? == 0,
+        SynAnswer::Stale => !acknowledges_syn && tcp_lengths(pkt.data(), pkt.data_end())?.1 == 0,
     };
     if orig.state != ConnState::TcpSyn as u8 || !answers {
         return None;

@@ -18,7 +18,7 @@ use lb_common::{maps::CONN_RESPONSE_SEQ, ConnEntry, Counter};
 use crate::{
     handshake::be32_at,
     packet::Packet,
-    parse::{header_at, ETH_LEN, IPV4_LEN, L4_OFF},
+    parse::{tcp_lengths, L4_OFF},
     stats,
 };
 
@@ -31,16 +31,9 @@ const VERSION_MASK: u64 = 0x00ff_ffff_ffff_ffff;
 #[inline(always)]
 pub fn response_status<P: Packet>(pkt: &P, entry: &mut ConnEntry) {
     let (data, data_end) = (pkt.data(), pkt.data_end());
-    let Some(word) = be32_at(data, data_end, ETH_LEN) else {
+    let Some((tcp_len, payload)) = tcp_lengths(data, data_end) else {
         return;
     };
-    let total_len = (word & 0xffff) as usize;
-    let Some(doff) = header_at::<u8>(data, data_end, L4_OFF + 12) else {
-        return;
-    };
-    // SAFETY: header_at checked the bounds.
-    let tcp_len = ((unsafe { *doff } >> 4) as usize) * 4;
-    let payload = total_len.saturating_sub(IPV4_LEN + tcp_len);
     if payload < 8 {
         return;
     }

@@ -42,6 +42,17 @@ pub fn header_at<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> 
     Some(start as *mut T)
 }
 
+/// A TCP segment's header length and payload length (bytes), from its data offset and
+/// the IPv4 total length (IPv4 without options: packets with options are not tracked).
+#[inline(always)]
+pub fn tcp_lengths(data: usize, data_end: usize) -> Option<(usize, usize)> {
+    let total_len = (crate::handshake::be32_at(data, data_end, ETH_LEN)? & 0xffff) as usize;
+    let doff = header_at::<u8>(data, data_end, L4_OFF + 12)?;
+    // SAFETY: header_at checked the bounds.
+    let tcp_len = ((unsafe { *doff } >> 4) as usize) * 4;
+    Some((tcp_len, total_len.saturating_sub(IPV4_LEN + tcp_len)))
+}
+
 /// What a packet is, for the core.
 pub enum Classified {
     /// IPv4 TCP or UDP.

@@ -349,12 +349,21 @@ fn map_specs(o: &DataplaneOptions, selection_elements: u32) -> Vec<pin::MapSpec>
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// A loader of lb's object with the maps sized by `options` and its settings.
-fn loader(options: &DataplaneOptions, selection_len: u32) -> EbpfLoader<'_> {
+/// Elements of the selection array: `max_services` × 2 tables of `table_slots` slots, two
+/// slots per element (see lb-ebpf's SELECTION).
+fn selection_elements(options: &DataplaneOptions) -> Result<u32> {
+    let slots = options
+        .max_services
+        .checked_mul(2 * options.table_slots)
+        .context("max_services × 2 × table_slots overflows 32 bits")?;
+    Ok(slots.div_ceil(2))
+}
+
+fn loader(options: &DataplaneOptions, selection_elements: u32) -> EbpfLoader<'_> {
     let mut loader = EbpfLoader::new();
     loader
         .map_max_entries(names::SERVICES, options.max_services * 2)
-        // Two slots per array element (see lb-ebpf's SELECTION).
-        .map_max_entries(names::SELECTION, selection_len.div_ceil(2))
+        .map_max_entries(names::SELECTION, selection_elements)
         .map_max_entries(names::BACKENDS, options.max_backends)
         .map_max_entries(names::BACKEND_SERVICES, options.max_backends)
         .map_max_entries(names::CONNECTIONS, options.max_connections)
@@ -440,11 +449,8 @@ impl Dataplane {
     /// too. The pins stay when `self` is dropped.
     pub fn load_pinned(options: &DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
         validate(options)?;
-        let selection_len = options
-            .max_services
-            .checked_mul(2 * options.table_slots)
-            .context("max_services × 2 × table_slots overflows 32 bits")?;
-        let specs = map_specs(options, selection_len.div_ceil(2));
+        let selection_elements = selection_elements(options)?;
+        let specs = map_specs(options, selection_elements);
         // Which pinned maps are reused as they are, and which are replaced.
         let mut reuse: Vec<&'static str> = Vec::new();
         let mut adopted: Vec<&'static str> = Vec::new();
@@ -507,7 +513,7 @@ impl Dataplane {
                 }
             }
         }
-        let mut loader = loader(options, selection_len);
+        let mut loader = loader(options, selection_elements);
         if let Some(dir) = pin_dir {
             // Adopted when pinned, else created and pinned by name.
             for name in &reuse {
@@ -558,10 +564,7 @@ impl Dataplane {
                     bail!("map {} has an unexpected type", names::SELECTION);
                 };
                 // The mapping keeps the map alive on its own; `map` can go.
-                mmap::MappedU32Array::new(
-                    data.fd().as_fd(),
-                    selection_len.div_ceil(2) as usize * 2,
-                )?
+                mmap::MappedU32Array::new(data.fd().as_fd(), selection_elements as usize * 2)?
             },
             backends: take(&mut ebpf, names::BACKENDS)?,
             backend_services: take(&mut ebpf, names::BACKEND_SERVICES)?,
@@ -709,9 +712,9 @@ impl Dataplane {
     /// linked to for the migration is then referenced by nothing and freed.
     fn relink_without_older_tables(&mut self) -> Result<()> {
         let dir = self.pin_dir.clone().context("no pin directory")?;
-        let selection_len = self.options.max_services * 2 * self.options.table_slots;
-        let mut loader = loader(&self.options, selection_len);
-        for spec in map_specs(&self.options, selection_len.div_ceil(2)) {
+        let selection_elements = selection_elements(&self.options)?;
+        let mut loader = loader(&self.options, selection_elements);
+        for spec in map_specs(&self.options, selection_elements) {
             loader.map_pin_path(spec.name, dir.join(spec.name));
         }
         let mut ebpf = load_programs(&mut loader)?;

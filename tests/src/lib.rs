@@ -62,15 +62,18 @@ pub fn require_root() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
+    report_skip("needs root (network namespaces)");
+    false
+}
+
+/// Prints `TEST: skipped: WHY` for the running test, which then returns without
+/// checking anything, so a developer sees why nothing ran.
+pub fn report_skip(why: &str) {
     let test = std::thread::current()
         .name()
         .unwrap_or("this test")
         .to_owned();
     // Written to the stderr handle, not with `eprintln!`: the test harness captures the
     // macros' output of passing tests, and this line must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: skipped: needs root (network namespaces)"
-    );
-    false
+    let _ = writeln!(std::io::stderr(), "{test}: skipped: {why}");
 }

@@ -9,7 +9,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
@@ -595,13 +594,8 @@ fn upgrade_from_previous_release_in_xdp_mode_loses_nothing() {
 /// `mode`, then this release's agent takes over (see the tests above).
 fn upgrade_from_previous_release(mode: AttachMode) {
     let Some(previous) = previous_release_binary().unwrap() else {
-        // Written to the stderr handle, not with `eprintln!`, so it is seen (see
-        // `require_root`).
-        let _ = writeln!(
-            std::io::stderr(),
-            "{}: skipped: the previous release could not be built (see cargo xtask test's \
-             warning)",
-            std::thread::current().name().unwrap_or("upgrade test")
+        lb_tests::report_skip(
+            "the previous release could not be built (see cargo xtask test's warning)",
         );
         return;
     };

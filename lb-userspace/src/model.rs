@@ -73,6 +73,10 @@ pub struct LocalityLbSetting {
     pub failover: Vec<Failover>,
     pub failover_priority: Vec<String>,
     pub distribute: Vec<Distribute>,
+    /// Istio's `Force`: fail over even without outlier detection. Set for the settings a
+    /// Kubernetes Service's `trafficDistribution` stands for (istio/istio#54715); no field
+    /// of a DestinationRule sets it.
+    pub force: bool,
 }
 
 /// `trafficPolicy.outlierDetection`, with Istio's defaults filled in.
@@ -128,4 +132,48 @@ pub struct Service {
     /// response statuses, and a completed connect alone is not a success (as for Envoy's
     /// HTTP router, where the response decides).
     pub http: bool,
+    /// Kubernetes `sessionAffinity: ClientIP`: a client's new connections keep going to the
+    /// backend it last used, while that backend takes new connections, until the client has
+    /// been silent this long (`sessionAffinityConfig.clientIP.timeoutSeconds`).
+    pub session_affinity: Option<Duration>,
+    /// Where the service was defined.
+    pub source: Source,
+}
+
+/// Where a service was defined: for views and messages.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// A configuration file; the document that defined it (`lb.yaml document 2
+    /// (ServiceEntry default/mydb)`).
+    File(String),
+    /// A Kubernetes Service, by namespace and name.
+    Kubernetes { namespace: String, name: String },
+    /// An Istio resource read from the cluster (`ServiceEntry default/mydb`).
+    Cluster(String),
+    /// Made in code (tests, benchmarks).
+    #[default]
+    Unknown,
+}
+
+impl Source {
+    /// `file`, `kubernetes` or `-`: the SOURCE column of the views.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::File(_) => "file",
+            Source::Kubernetes { .. } | Source::Cluster(_) => "kubernetes",
+            Source::Unknown => "-",
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File(document) | Source::Cluster(document) => write!(f, "{document}"),
+            Source::Kubernetes { namespace, name } => {
+                write!(f, "Kubernetes Service {namespace}/{name}")
+            }
+            Source::Unknown => write!(f, "-"),
+        }
+    }
 }

@@ -28,7 +28,7 @@ use crate::{
     dataplane::{Frontend, Protocol},
     model::{
         Distribute, Endpoint, Failover, Locality, LocalityLbSetting, OutlierDetection, Service,
-        TrafficPolicy,
+        Source, TrafficPolicy,
     },
 };
 
@@ -248,6 +248,8 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
                     endpoints: endpoints.clone(),
                     policy: TrafficPolicy::default(),
                     http: port.http,
+                    session_affinity: None,
+                    source: Source::Unknown,
                 },
             ));
         }

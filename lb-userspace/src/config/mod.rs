@@ -58,7 +58,7 @@ pub use self::diagnostics::InvalidConfig;
 use self::diagnostics::{describe, Doc, Report, UnknownFields};
 use crate::{
     dataplane::{DataplaneOptions, Frontend},
-    model::{Node, Service},
+    model::{LocalityLbSetting, Node, Service, Source},
 };
 
 /// A validated configuration.
@@ -85,10 +85,114 @@ pub struct Loaded {
 /// Reads files and directories (their `*.yaml` and `*.yml` files, sorted by name) and merges
 /// every document. Fails with an [`InvalidConfig`] listing every error.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded> {
-    let mut reader = Reader::default();
+    Ok(load_files(paths)?.1)
+}
+
+/// The documents of the configuration files, checked: what [`join`] merges with the
+/// cluster's objects each time either changes, without reading the files again.
+#[derive(Clone, Debug, Default)]
+pub struct FileDocuments {
+    documents: Vec<(String, Value)>,
+}
+
+/// Reads and checks the configuration files, as [`load_paths`], and keeps their documents.
+pub fn load_files(paths: &[PathBuf]) -> Result<(FileDocuments, Loaded)> {
+    let mut reader = Reader {
+        keep_documents: true,
+        ..Default::default()
+    };
     for path in paths {
         reader.read_path(path);
     }
+    let documents = std::mem::take(&mut reader.kept);
+    let loaded = reader.finish()?;
+    Ok((FileDocuments { documents }, loaded))
+}
+
+/// What a cluster contributes to the configuration (see `sources::kubernetes`).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterInput {
+    /// This node as the cluster describes it (locality and labels); `None` while unknown.
+    pub node: Option<Node>,
+    /// Istio resources (`DestinationRule`, `ServiceEntry`) read from the cluster, each with
+    /// its label for messages (`DestinationRule default/reviews`). Read as a file's
+    /// documents are, except that a resource with an error is left out alone.
+    pub documents: Vec<(String, Value)>,
+    /// Services the cluster defines directly (Kubernetes Services).
+    pub services: Vec<ClusterService>,
+    /// Endpoints that take no new connections (not ready, or terminating while others
+    /// are ready): `Draining`.
+    pub states: Vec<((Frontend, Ipv4Addr, u16), BackendState)>,
+}
+
+/// The frontends of one cluster object, as one unit for DestinationRules to match.
+#[derive(Clone, Debug)]
+pub struct ClusterService {
+    /// `Kubernetes Service default/web`, for messages.
+    pub label: String,
+    /// The hosts DestinationRules match (`web.default.svc.cluster.local`).
+    pub hosts: Vec<String>,
+    /// Each service with the fields that defined it (`spec.ports[0]`).
+    pub services: Vec<(String, Service)>,
+    /// The locality setting that applies when no DestinationRule sets one (a Service's
+    /// `trafficDistribution`).
+    pub default_locality_lb: Option<LocalityLbSetting>,
+}
+
+/// Merges the checked file documents with the cluster's contribution. Precedence, where
+/// both define the same frontend (VIP, port, protocol): the files win, and the cluster's
+/// service is left out with a warning naming both. An Istio resource from the cluster with
+/// an error is left out (its error is returned among the warnings, prefixed `rejected:`),
+/// and everything else applies: a bad cluster object never stops the rest.
+pub fn join(files: &FileDocuments, cluster: &ClusterInput) -> Result<Loaded> {
+    let mut reader = Reader::default();
+    for (at, document) in &files.documents {
+        reader.read_document(at.clone(), document, true);
+    }
+    let file_origins = reader.origins.len();
+    for (label, document) in &cluster.documents {
+        let errors = reader.report.errors.len();
+        let (origins, rules) = (reader.origins.len(), reader.rules.len());
+        reader.read_document(label.clone(), document, true);
+        if reader.report.errors.len() > errors {
+            // Left out alone: its services and rules go, its errors become warnings.
+            reader.origins.truncate(origins);
+            reader.rules.truncate(rules);
+            let rejected: Vec<String> = reader.report.errors.drain(errors..).collect();
+            reader
+                .report
+                .warnings
+                .extend(rejected.into_iter().map(|e| format!("rejected: {e}")));
+        }
+    }
+    for service in &cluster.services {
+        reader.origins.push(Origin {
+            label: service.label.clone(),
+            hosts: service.hosts.clone(),
+            services: service.services.clone(),
+            from_cluster: true,
+            default_locality_lb: service.default_locality_lb.clone(),
+        });
+    }
+    // Cluster ServiceEntries came after the files' origins too: every origin past the
+    // files' is the cluster's.
+    for origin in &mut reader.origins[file_origins..] {
+        origin.from_cluster = true;
+    }
+    if let Some(node) = &cluster.node {
+        let file_node = reader.node.take();
+        let mut merged = node.clone();
+        if let Some((_, file_node)) = &file_node {
+            // The file's labels add to the cluster's (never replace them).
+            for (k, v) in &file_node.labels {
+                merged.labels.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        reader.node = Some(("the cluster's Node".to_string(), merged));
+    }
+    reader
+        .initial_states
+        .extend(cluster.states.iter().cloned());
     reader.finish()
 }
 
@@ -123,6 +227,11 @@ struct Origin {
     hosts: Vec<String>,
     /// Each service with the fields that defined it, for messages.
     services: Vec<(String, Service)>,
+    /// From the cluster: a frontend a file defines too is left out with a warning instead
+    /// of being an error.
+    from_cluster: bool,
+    /// The locality setting when no DestinationRule gives one (`trafficDistribution`).
+    default_locality_lb: Option<LocalityLbSetting>,
 }
 
 /// Collects documents from every source, then joins and checks them in [`Reader::finish`].
@@ -135,6 +244,9 @@ struct Reader {
     origins: Vec<Origin>,
     rules: Vec<istio::DestinationRule>,
     initial_states: BTreeMap<(Frontend, Ipv4Addr, u16), BackendState>,
+    /// Keep every top-level document read (`kept`), for [`load_files`].
+    keep_documents: bool,
+    kept: Vec<(String, Value)>,
 }
 
 impl Reader {
@@ -173,8 +285,12 @@ impl Reader {
         };
         match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
             Ok(documents) => {
-                for (i, document) in documents.iter().enumerate() {
-                    self.read_document(format!("{source} document {}", i + 1), document, true);
+                for (i, document) in documents.into_iter().enumerate() {
+                    let at = format!("{source} document {}", i + 1);
+                    self.read_document(at.clone(), &document, true);
+                    if self.keep_documents {
+                        self.kept.push((at, document));
+                    }
                 }
             }
             Err(e) => self
@@ -272,6 +388,8 @@ impl Reader {
             label,
             hosts: Vec::new(),
             services: native.services,
+            from_cluster: false,
+            default_locality_lb: None,
         });
     }
 
@@ -301,6 +419,8 @@ impl Reader {
                 label,
                 hosts: entry.hosts,
                 services: entry.services,
+                from_cluster: false,
+                default_locality_lb: None,
             });
         }
     }
@@ -332,8 +452,10 @@ impl Reader {
         let mut matched = vec![false; self.rules.len()];
         let mut services = Vec::new();
         let mut defined_by: BTreeMap<Frontend, String> = BTreeMap::new();
+        // The files' services first, so that they win over the cluster's.
+        self.origins.sort_by_key(|o| o.from_cluster);
         for origin in self.origins {
-            let policy = if origin.hosts.is_empty() {
+            let mut policy = if origin.hosts.is_empty() {
                 Default::default()
             } else {
                 istio::policy_for(
@@ -344,9 +466,24 @@ impl Reader {
                     &mut self.report,
                 )
             };
+            if policy.locality_lb.is_none() {
+                policy.locality_lb = origin.default_locality_lb.clone();
+            }
             for (path, mut service) in origin.services {
                 let here = format!("{} ({path})", origin.label);
                 if let Some(first) = defined_by.get(&service.frontend) {
+                    if origin.from_cluster {
+                        self.report.warning(
+                            &origin.label,
+                            &path,
+                            format!(
+                                "frontend {} is already defined by {first}, which takes \
+                                 precedence: this one is left out",
+                                service.frontend
+                            ),
+                        );
+                        continue;
+                    }
                     self.report.error(
                         &origin.label,
                         &path,
@@ -360,6 +497,11 @@ impl Reader {
                 }
                 defined_by.insert(service.frontend, here);
                 service.policy = policy.clone();
+                if !origin.from_cluster {
+                    service.source = Source::File(origin.label.clone());
+                } else if service.source == Source::Unknown {
+                    service.source = Source::Cluster(origin.label.clone());
+                }
                 services.push(service);
             }
         }

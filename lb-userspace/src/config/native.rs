@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::diagnostics::{describe, field, item, Doc};
 use crate::{
     dataplane::{DataplaneOptions, Frontend, Protocol},
-    model::{Endpoint, Locality, Node, Service, TrafficPolicy},
+    model::{Endpoint, Locality, Node, Service, Source, TrafficPolicy},
 };
 
 pub(super) const API_VERSION: &str = "lb/v1alpha1";
@@ -224,6 +224,8 @@ fn read_service(
             endpoints,
             policy: TrafficPolicy::default(),
             http,
+            session_affinity: None,
+            source: Source::Unknown,
         },
         states,
     ))

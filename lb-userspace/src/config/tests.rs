@@ -234,6 +234,7 @@ fn seed_task_resources_become_the_expected_model() {
                 }],
                 failover_priority: vec![],
                 distribute: vec![],
+                force: false,
             }),
             outlier_detection: Some(OutlierDetection {
                 consecutive_5xx_errors: 1,

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 
 pub use distribute::locality_matches;
 pub use load::{priority_loads, PriorityLoad, OVERPROVISIONING_FACTOR};
-pub use priority::{endpoint_priorities, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
+pub use priority::{endpoint_priorities, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
 
 use crate::model::{Endpoint, Locality, Node, Service};
 use priority::{endpoint_weight, Assignment, LocalityWeighting};
@@ -276,6 +276,8 @@ pub(crate) mod tests {
             endpoints,
             policy,
             http: false,
+            session_affinity: None,
+            source: Default::default(),
         }
     }
 

@@ -17,6 +17,8 @@ use crate::model::{Endpoint, Failover, Locality, LocalityLbSetting, Node, Traffi
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+/// The network label, which `failoverPriority` treats apart when it comes first (Istio 1.31).
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 
 /// Istio keeps locality priorities (0..=4) apart from `failoverPriority` levels by
 /// combining them as `label_priority × 5 + locality_priority`.
@@ -82,8 +84,9 @@ pub(crate) fn assign(node: &Node, endpoints: &[Endpoint], policy: &TrafficPolicy
     }
 
     // "Failover should only be applied with outlier detection, or traffic will never
-    // failover": without it every endpoint stays in one level.
-    if policy.outlier_detection.is_none() {
+    // failover": without it every endpoint stays in one level, unless the setting stands
+    // for a Service's `trafficDistribution` (Istio's `Force`).
+    if policy.outlier_detection.is_none() && !setting.force {
         return all_in_one_level(LocalityWeighting::Off);
     }
 
@@ -167,15 +170,23 @@ pub(crate) fn label_priority(
     failover_priority: &[String],
 ) -> u64 {
     let label_count = failover_priority.len() as u64;
-    let leading_matches = failover_priority
-        .iter()
-        .take_while(|label| {
-            let (key, client_override) = split_priority_label(label);
-            let client_value =
-                client_override.unwrap_or_else(|| label_value(&node.labels, &node.locality, key));
-            client_value == label_value(&endpoint.labels, &endpoint.locality, key)
-        })
-        .count() as u64;
+    let matches = |label: &String| {
+        let (key, client_override) = split_priority_label(label);
+        let client_value =
+            client_override.unwrap_or_else(|| label_value(&node.labels, &node.locality, key));
+        client_value == label_value(&endpoint.labels, &endpoint.locality, key)
+    };
+    // Istio 1.31 (istio/istio#60829): "network locality is preferred but not required". When
+    // the first label is the network and it differs, the comparison goes on with the later
+    // labels (the network counted as passed) and the endpoint lands `N` levels further back,
+    // behind every endpoint of the client's network.
+    if let Some((first, rest)) = failover_priority.split_first() {
+        if split_priority_label(first).0 == NETWORK_LABEL && !matches(first) {
+            let leading_matches = 1 + rest.iter().take_while(|l| matches(l)).count() as u64;
+            return label_count + (label_count - leading_matches);
+        }
+    }
+    let leading_matches = failover_priority.iter().take_while(|l| matches(l)).count() as u64;
     label_count - leading_matches
 }
 
@@ -362,6 +373,36 @@ mod tests {
             endpoint_priorities(&client, &endpoints, &policy),
             [Some(0), Some(1), Some(2), Some(2)]
         );
+    }
+
+    /// Istio 1.31's network rule (`TestApplyLocalitySetting`, "FailoverPriority/not match
+    /// the first n label"): another network is preferred less, not cut off at the first
+    /// label; within it, the later labels still order the endpoints.
+    #[test]
+    fn failover_priority_network_first_is_preferred_not_required() {
+        let network = NETWORK_LABEL;
+        let client = node("r1/z1", &[(network, "n1")]);
+        let endpoints = [
+            labelled_endpoint("r1/z1", &[(network, "n1")]),
+            labelled_endpoint("r1/z2", &[(network, "n1")]),
+            labelled_endpoint("r2/z3", &[(network, "n1")]),
+            labelled_endpoint("r1/z1", &[(network, "n2")]),
+            labelled_endpoint("r1/z2", &[(network, "n2")]),
+            labelled_endpoint("r2/z3", &[(network, "n2")]),
+        ];
+        let labels = strings(&[network, REGION_LABEL, ZONE_LABEL]);
+        let raw: Vec<u64> = endpoints
+            .iter()
+            .map(|e| label_priority(&client, e, &labels))
+            .collect();
+        assert_eq!(raw, [0, 1, 2, 3, 4, 5]);
+        // Without the network first, the plain rule: the first mismatch ends the match.
+        let labels = strings(&[REGION_LABEL, network, ZONE_LABEL]);
+        let raw: Vec<u64> = endpoints
+            .iter()
+            .map(|e| label_priority(&client, e, &labels))
+            .collect();
+        assert_eq!(raw, [0, 1, 3, 2, 2, 3]);
     }
 
     #[test]

@@ -202,6 +202,8 @@ fn services_of(services: usize, endpoints: usize) -> Vec<lb::model::Service> {
                 .collect(),
             policy: policy.clone(),
             http: false,
+            session_affinity: None,
+            source: Default::default(),
         })
         .collect()
 }

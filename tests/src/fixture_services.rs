@@ -116,18 +116,21 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
                 .map(|(&a, state)| backend(a, 8080, state))
                 .collect(),
             http: false,
+            session_affinity: None,
         },
         DesiredService {
             name: "dns".into(),
             frontend: DNS,
             backends: vec![backend(BACKENDS[0], 5353, BackendState::Active)],
             http: false,
+            session_affinity: None,
         },
         DesiredService {
             name: "empty".into(),
             frontend: EMPTY,
             backends: vec![],
             http: false,
+            session_affinity: None,
         },
         // Last, so the ids of the others do not change (ids are allocated in this order).
         DesiredService {
@@ -135,6 +138,7 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
             frontend: API,
             backends: vec![backend(API_BACKEND.0, API_BACKEND.1, BackendState::Active)],
             http: true,
+            session_affinity: None,
         },
     ]
 }

@@ -37,6 +37,9 @@ pub struct DesiredService {
     pub backends: Vec<DesiredBackend>,
     /// Cleartext HTTP/1.x: the data plane reads response statuses.
     pub http: bool,
+    /// ClientIP session affinity: how long a client keeps its backend after its last
+    /// connection (`None`: no affinity).
+    pub session_affinity: Option<std::time::Duration>,
 }
 
 /// The backends a refused or timed-out connection attempt may move to, best first:
@@ -377,6 +380,7 @@ mod tests {
                 backend(7, 5, BackendState::Active, Some(2)),
             ],
             http: false,
+            session_affinity: None,
         };
         let list = failover_list(&s, |b| u32::from(b.addr.octets()[3]));
         assert_eq!(list, vec![4, 2, 1, 7]);
@@ -395,6 +399,7 @@ mod tests {
                 .map(|i| backend(i, 1, BackendState::Active, Some(0)))
                 .collect(),
             http: false,
+            session_affinity: None,
         };
         assert_eq!(
             failover_list(&s, |b| u32::from(b.addr.octets()[3])).len(),

@@ -120,12 +120,14 @@ pub fn run(args: &Options) -> Result<String> {
                 frontend: WEB,
                 backends: backends.clone(),
                 http: false,
+                session_affinity: None,
             },
             DesiredService {
                 name: "web-http".into(),
                 frontend: WEB_HTTP,
                 backends: backends.clone(),
                 http: true,
+                session_affinity: None,
             },
         ],
     )?;

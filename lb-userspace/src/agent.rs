@@ -25,7 +25,7 @@ use crate::{
     config::{self, Config},
     dataplane::{
         sync::{DesiredBackend, DesiredService, Programmer},
-        AttachMode, Dataplane,
+        Dataplane,
     },
     locality::{self, Plan},
     model::{Locality, OutlierDetection, Service},
@@ -34,30 +34,9 @@ use crate::{
 // Accumulated for the admin endpoint's `GET /metrics`.
 use crate::admin::metrics::AgentMetrics;
 
-/// An interface to attach to and how.
-#[derive(Clone, Debug)]
-pub struct InterfaceSpec {
-    pub name: String,
-    pub mode: AttachMode,
-}
-
-impl std::str::FromStr for InterfaceSpec {
-    type Err = anyhow::Error;
-    /// `IFACE` (TC) or `IFACE:xdp` / `IFACE:tc`.
-    fn from_str(s: &str) -> Result<Self> {
-        let (name, mode) = match s.split_once(':') {
-            Some((n, m)) => (n, m.parse()?),
-            None => (s, AttachMode::Tc),
-        };
-        if name.is_empty() || name.len() > 15 {
-            bail!("interface name {name:?} must be 1-15 characters");
-        }
-        Ok(Self {
-            name: name.to_string(),
-            mode,
-        })
-    }
-}
+/// An interface, or a glob pattern of interfaces, to attach to and how.
+pub use crate::interfaces::InterfaceSpec;
+use crate::sources::kubernetes::{Cluster, KubernetesOptions};
 
 pub struct AgentOptions {
     /// Configuration files and directories.
@@ -76,6 +55,8 @@ pub struct AgentOptions {
     pub pin_dir: PathBuf,
     /// Root-only file holding the token mutating admin calls must carry.
     pub admin_token_file: PathBuf,
+    /// Services, endpoints, localities and Istio resources from the cluster too.
+    pub kubernetes: Option<KubernetesOptions>,
 }
 
 /// Where the agent pins its maps unless told otherwise.
@@ -122,6 +103,13 @@ pub struct Agent {
     pub metrics: AgentMetrics,
     /// The configuration files and directories `reload_from_files` reads.
     pub config_paths: Vec<PathBuf>,
+    /// Their documents as last read without error, merged with the cluster's objects at
+    /// each change of either.
+    pub files: config::FileDocuments,
+    /// The cluster, when it is a source too.
+    pub cluster: Option<Cluster>,
+    /// Warnings about the sources already logged (each is logged once while it holds).
+    logged_warnings: std::collections::BTreeSet<String>,
     /// When the configuration in force was applied, and how reloads went.
     pub reloads: ReloadStatus,
     /// Backend states found in adopted maps, carried over by the first configuration.
@@ -144,15 +132,35 @@ pub struct ReloadStatus {
 /// How many failover reaction times the agent keeps.
 const REACTIONS_KEPT: usize = 4096;
 
-fn new_state(service: &Service, node: &crate::model::Node, now: Duration) -> ServiceState {
-    let config = service
+fn new_state(service: &Service, config: &Config, now: Duration) -> ServiceState {
+    let outlier = service
         .policy
         .outlier_detection
         .clone()
         .unwrap_or_else(operator_only);
-    let detector = OutlierDetector::new(config, service.endpoints.len(), now);
-    let plan = locality::plan(node, service, &detector.healthy());
+    let detector = OutlierDetector::new(outlier, service.endpoints.len(), now);
+    let plan = plan_of(config, service, &detector);
     ServiceState { detector, plan }
+}
+
+/// The locality plan of `service` from this node: outlier detection says which endpoints
+/// are healthy; an endpoint the configuration (or the cluster) puts in `draining` or
+/// `ejected` (a Kubernetes endpoint that is not ready, or terminating while others are
+/// ready) counts as unhealthy too, so its level's load moves on as Envoy's would for an
+/// endpoint Istio does not send.
+fn plan_of(config: &Config, service: &Service, detector: &OutlierDetector) -> Plan {
+    let mut healthy = detector.healthy();
+    if !config.initial_states.is_empty() {
+        for (h, e) in healthy.iter_mut().zip(&service.endpoints) {
+            if config
+                .initial_states
+                .contains_key(&(service.frontend, e.address, e.port))
+            {
+                *h = false;
+            }
+        }
+    }
+    locality::plan(&config.node, service, &healthy)
 }
 
 impl Agent {
@@ -205,6 +213,9 @@ impl Agent {
             reactions: Default::default(),
             metrics: AgentMetrics::default(),
             config_paths: Vec::new(),
+            files: Default::default(),
+            cluster: None,
+            logged_warnings: Default::default(),
             reloads: ReloadStatus {
                 loaded_at: SystemTime::now(),
                 succeeded: 0,
@@ -223,9 +234,7 @@ impl Agent {
         {
             agent.reload(config.take().expect("not applied yet"))?;
         }
-        for i in interfaces {
-            agent.dataplane.attach(&i.name, i.mode)?;
-        }
+        crate::interfaces::attach_present(&mut agent.dataplane, interfaces)?;
         agent.dataplane.finish_attach()?;
         if let Some(config) = config {
             agent.reload(config)?;
@@ -254,27 +263,31 @@ impl Agent {
         }
         crate::config::host::check(&new, self.dataplane.options())?;
         let now = self.now();
+        let old_by_frontend: std::collections::HashMap<crate::dataplane::Frontend, usize> = self
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.frontend, i))
+            .collect();
         let states: Vec<ServiceState> = new
             .services
             .iter()
             .map(|s| {
-                let kept = self
-                    .config
-                    .services
-                    .iter()
-                    .position(|old| {
-                        old.frontend == s.frontend
-                            && old.endpoints == s.endpoints
-                            && old.policy == s.policy
+                let kept = old_by_frontend
+                    .get(&s.frontend)
+                    .filter(|&&i| {
+                        let old = &self.config.services[i];
+                        old.endpoints == s.endpoints && old.policy == s.policy
                     })
-                    .map(|i| &self.services[i]);
+                    .map(|&i| &self.services[i]);
                 match kept {
                     Some(k) => ServiceState {
                         detector: k.detector.clone(),
-                        plan: locality::plan(&new.node, s, &k.detector.healthy()),
+                        plan: plan_of(&new, s, &k.detector),
                     },
                     None => {
-                        let mut state = new_state(s, &new.node, now);
+                        let mut state = new_state(s, &new, now);
                         restore(&mut state, s, &new, &self.restored, now);
                         state
                     }
@@ -311,7 +324,7 @@ impl Agent {
         for &i in changed {
             let svc = &self.config.services[i];
             let state = &mut self.services[i];
-            state.plan = locality::plan(&self.config.node, svc, &state.detector.healthy());
+            state.plan = plan_of(&self.config, svc, &state.detector);
             let desired = desired_service(&self.config, svc, state);
             self.programmer
                 .update_service(&mut self.dataplane, &desired)?;
@@ -568,6 +581,7 @@ fn desired_service(config: &Config, svc: &Service, st: &ServiceState) -> Desired
             })
             .collect(),
         http: svc.http,
+        session_affinity: svc.session_affinity,
     }
 }
 
@@ -616,7 +630,7 @@ fn restore(
         }
     }
     if changed {
-        state.plan = locality::plan(&config.node, svc, &state.detector.healthy());
+        state.plan = plan_of(config, svc, &state.detector);
     }
 }
 
@@ -696,27 +710,24 @@ fn config_stamp(paths: &[PathBuf]) -> (Option<SystemTime>, usize) {
     (newest, count)
 }
 
-/// Reads the configuration files (`Agent::config_paths`) again and applies them: for the
-/// watcher, SIGHUP and the admin endpoint's `POST /reload`. On error the configuration in
-/// force stays, and the error is returned. Returns the number of services.
+/// Reads the configuration files (`Agent::config_paths`) again and applies them with the
+/// cluster's objects: for the watcher, SIGHUP and the admin endpoint's `POST /reload`. On
+/// error the configuration in force stays, and the error is returned. Returns the number
+/// of services.
 pub fn reload_from_files(agent: &Mutex<Agent>) -> Result<usize> {
     let paths = lock(agent).config_paths.clone();
     // Read and validated without holding the lock.
-    let loaded = config::load_paths(&paths);
+    let loaded = config::load_files(&paths);
     let mut agent = lock(agent);
-    let applied = loaded.and_then(|loaded| {
-        for w in &loaded.warnings {
-            warn!("{w}");
-        }
-        agent.reload(loaded.config)?;
-        Ok(agent.config.services.len())
+    let applied = loaded.and_then(|(files, _)| {
+        agent.files = files;
+        agent.apply_sources()
     });
     let agent = &mut *agent;
     match &applied {
         Ok(services) => {
             agent.reloads.succeeded += 1;
             agent.reloads.last_error = None;
-            agent.metrics.forget_removed(&agent.config);
             info!("configuration reloaded: {services} services");
         }
         Err(e) => {
@@ -726,6 +737,35 @@ pub fn reload_from_files(agent: &Mutex<Agent>) -> Result<usize> {
         }
     }
     applied
+}
+
+impl Agent {
+    /// Merges the files' documents with the cluster's objects (`config::join`) and applies
+    /// the result: the one path from every source to the data plane. Warnings are logged
+    /// once while they hold. Returns the number of services.
+    pub fn apply_sources(&mut self) -> Result<usize> {
+        let (input, triggers) = match &self.cluster {
+            Some(cluster) => cluster.input(),
+            None => Default::default(),
+        };
+        let loaded = config::join(&self.files, &input)?;
+        let warnings: std::collections::BTreeSet<String> = loaded.warnings.into_iter().collect();
+        for w in warnings.difference(&self.logged_warnings) {
+            warn!("{w}");
+        }
+        self.logged_warnings = warnings;
+        self.reload(loaded.config)?;
+        // kube-proxy's network programming latency: from the change in the cluster (the
+        // slice's trigger time) to the tables that carry it being live.
+        let now = SystemTime::now();
+        for t in triggers {
+            if let Ok(took) = now.duration_since(t) {
+                self.metrics.network_programming.observe(took.as_secs_f64());
+            }
+        }
+        self.metrics.forget_removed(&self.config);
+        Ok(self.config.services.len())
+    }
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
@@ -757,17 +797,39 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         token_file = Some(token);
     }
 
-    let loaded = config::load_paths(&opts.configs)?;
-    for w in &loaded.warnings {
+    let (files, loaded) = config::load_files(&opts.configs)?;
+    // With the cluster as a source, nothing is applied before every kind's first full
+    // list: until then the pinned data plane keeps forwarding as it was (a partial view
+    // would remove Services the cluster still has).
+    let cluster = match &opts.kubernetes {
+        Some(k) => {
+            let cluster = Cluster::connect(k.clone()).await?;
+            cluster.wait_synced().await;
+            info!("Kubernetes: every watched kind is listed");
+            Some(cluster)
+        }
+        None => None,
+    };
+    let (config, warnings) = match &cluster {
+        Some(cluster) => {
+            let joined = config::join(&files, &cluster.input().0)?;
+            (joined.config, joined.warnings)
+        }
+        None => (loaded.config, loaded.warnings),
+    };
+    for w in &warnings {
         warn!("{w}");
     }
     let mut agent = Agent::start_pinned(
-        loaded.config,
+        config,
         &opts.interfaces,
         opts.node_locality.clone(),
         Some(&opts.pin_dir),
     )?;
     agent.config_paths = opts.configs.clone();
+    agent.files = files;
+    agent.logged_warnings = warnings.into_iter().collect();
+    agent.cluster = cluster.clone();
     info!(
         "lb agent running: {} services, node at {}, on {}",
         agent.config.services.len(),
@@ -786,6 +848,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if let Some(signals) = lock(&agent).dataplane.take_signals() {
         tokio::spawn(consume_signals(signals, agent.clone()));
     }
+    tokio::spawn(crate::interfaces::watch(
+        agent.clone(),
+        opts.interfaces.clone(),
+    ));
 
     let mut last_stamp = config_stamp(&opts.configs);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -794,11 +860,24 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Sweeps run at each service's own `interval`; this only sets how late one can be.
     let mut sweeps = tokio::time::interval(Duration::from_millis(100));
     let mut stats = tokio::time::interval(opts.stats_interval.unwrap_or(Duration::from_secs(3600)));
+    let cluster_changed = next_cluster_change(cluster.clone());
+    tokio::pin!(cluster_changed);
     loop {
         let reload = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => true,
+            _ = &mut cluster_changed => {
+                // A burst of changes is applied at once: whatever arrived while the last
+                // one was being applied is in this one.
+                let mut agent = lock(&agent);
+                if let Err(e) = agent.apply_sources() {
+                    error!("the cluster's change is not applied, the tables in force stay: {e:#}");
+                }
+                drop(agent);
+                cluster_changed.set(next_cluster_change(cluster.clone()));
+                false
+            }
             _ = watch.tick() => {
                 let stamp = config_stamp(&opts.configs);
                 let changed = stamp != last_stamp;
@@ -829,6 +908,14 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     );
     drop(token_file);
     Ok(())
+}
+
+/// Resolves at the cluster's next change; never without a cluster.
+async fn next_cluster_change(cluster: Option<Cluster>) {
+    match cluster {
+        Some(c) => c.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// `lb agent --cleanup`: detaches every program this agent's links attached, removes every
@@ -952,7 +1039,7 @@ mod tests {
         let states: Vec<ServiceState> = config
             .services
             .iter()
-            .map(|s| new_state(s, &config.node, Duration::ZERO))
+            .map(|s| new_state(s, &config, Duration::ZERO))
             .collect();
         let desired = desired_services(&config, &states);
         let backends = &desired[0].backends;

@@ -6,6 +6,8 @@
 //! - `locality`: which share of new connections each endpoint gets (Istio locality
 //!   priorities, Envoy priority load and panic);
 //! - `agent`: the long-running process;
+//! - `interfaces`: which interfaces it attaches to (`--interface` names and patterns),
+//!   followed as they come and go;
 //! - `clock`: the kernel's clocks, to compare with the data plane's timestamps;
 //! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...).
 
@@ -15,6 +17,8 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dataplane;
+pub mod interfaces;
 pub mod locality;
 pub mod model;
 pub mod outlier;
+pub mod sources;

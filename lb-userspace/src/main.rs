@@ -21,10 +21,17 @@ enum Command {
     /// Run the agent: load the data plane, attach it and program it from the configuration.
     Agent {
         /// Configuration file or directory (YAML: Istio ServiceEntry and DestinationRule,
-        /// lb's Node document). Repeatable; reloaded when it changes or on SIGHUP.
-        #[arg(long = "config", required_unless_present = "cleanup")]
+        /// lb's Node document). Repeatable; reloaded when it changes or on SIGHUP. Needed
+        /// unless the cluster is the source (--kubernetes).
+        #[arg(long = "config", required_unless_present_any = ["cleanup", "kubernetes"])]
         configs: Vec<PathBuf>,
-        /// Interface to attach to, as IFACE (TC), IFACE:tc or IFACE:xdp. Repeatable.
+        #[command(flatten)]
+        kubernetes: KubernetesArgs,
+        /// Interface to attach to, as IFACE (TC), IFACE:tc or IFACE:xdp. Repeatable. A glob
+        /// pattern ('veth*', 'lxc*:tc', 'cali?*'; `*`, `?`, `[...]`: quote it in the shell)
+        /// selects every matching interface, also those that appear while the agent runs
+        /// (pods' veths); a name must exist at start. A name wins over patterns, the first
+        /// matching pattern over later ones; patterns never select `lo`.
         #[arg(long = "interface", required_unless_present = "cleanup")]
         interfaces: Vec<InterfaceSpec>,
         /// This node's locality, REGION/ZONE/SUBZONE (overrides the Node document).
@@ -64,12 +71,65 @@ enum Command {
     Operate(lb::cli::Command),
 }
 
+/// `lb agent`'s Kubernetes options.
+#[derive(clap::Args)]
+struct KubernetesArgs {
+    /// Learn Services, EndpointSlices, this node's and the endpoints' localities, and Istio
+    /// DestinationRules and ServiceEntries (when their CRDs are installed) from the cluster,
+    /// besides the files. Where a file and the cluster define the same frontend (VIP, port,
+    /// protocol), the file's wins and the cluster's is left out with a warning.
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig file; otherwise the pod's service account, then KUBECONFIG, then
+    /// ~/.kube/config.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name in the cluster (default: the NODE_NAME environment variable, set
+    /// from the downward API in the DaemonSet).
+    #[arg(long, requires = "kubernetes")]
+    node_name: Option<String>,
+    /// Take only the Services labelled service.kubernetes.io/service-proxy-name=NAME (which
+    /// kube-proxy then leaves alone); without it lb takes every Service.
+    #[arg(long, requires = "kubernetes", value_name = "NAME")]
+    service_proxy_name: Option<String>,
+    /// Balance Services' externalIPs and LoadBalancer ingress IPs too (only ClusterIPs
+    /// otherwise).
+    #[arg(long, requires = "kubernetes")]
+    external_ips: bool,
+    /// The cluster's DNS domain, in Service host names (NAME.NAMESPACE.svc.DOMAIN).
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+}
+
+impl KubernetesArgs {
+    fn options(self) -> Result<Option<lb::sources::kubernetes::KubernetesOptions>> {
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let node_name = match self.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            Some(n) if !n.is_empty() => n,
+            _ => anyhow::bail!(
+                "--kubernetes needs this node's name: give --node-name or set NODE_NAME (the \
+                 DaemonSet sets it from spec.nodeName)"
+            ),
+        };
+        Ok(Some(lb::sources::kubernetes::KubernetesOptions {
+            kubeconfig: self.kubeconfig,
+            node_name,
+            service_proxy_name: self.service_proxy_name,
+            external_ips: self.external_ips,
+            cluster_domain: self.cluster_domain,
+        }))
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Agent {
             configs,
+            kubernetes,
             interfaces,
             node_locality,
             admin,
@@ -91,6 +151,7 @@ async fn main() -> Result<()> {
                 stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
                 pin_dir,
                 admin_token_file,
+                kubernetes: kubernetes.options()?,
             })
             .await
         }

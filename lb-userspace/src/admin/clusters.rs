@@ -377,6 +377,8 @@ spec:
             metrics: AgentMetrics::default(),
             services,
             counters: Vec::new(),
+            interfaces: Vec::new(),
+            cluster: None,
         }
     }
 

@@ -25,7 +25,13 @@ use prometheus_client::{
 };
 
 use super::snapshot::{unix_seconds, EndpointSnapshot, ServiceSnapshot, Snapshot};
-use crate::{config::Config, dataplane::Frontend, model::Service, outlier::Change};
+use crate::{
+    config::Config,
+    dataplane::{AttachMode, Frontend},
+    interfaces::mode_name,
+    model::Service,
+    outlier::Change,
+};
 
 /// What the agent accumulates for `/metrics` between scrapes.
 #[derive(Clone, Debug)]
@@ -35,6 +41,10 @@ pub struct AgentMetrics {
     pub table_publish: Histogram,
     /// From the kernel seeing a failure to the table that avoids the backend being live.
     pub failover_reaction: Histogram,
+    /// kube-proxy's `network_programming_duration_seconds`: from a change in the cluster
+    /// (an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`) to the
+    /// tables that carry it being live.
+    pub network_programming: Histogram,
     /// Health changes per service frontend and endpoint.
     events: BTreeMap<(Frontend, SocketAddrV4), EventCounts>,
 }
@@ -71,6 +81,9 @@ impl Default for AgentMetrics {
         Self {
             table_publish: Histogram::new(latency_buckets()),
             failover_reaction: Histogram::new(latency_buckets()),
+            // 1 ms to about 65 s, doubling: the trigger time is set by a controller
+            // elsewhere, so this includes the API server and the watch.
+            network_programming: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
             events: BTreeMap::new(),
         }
     }
@@ -376,6 +389,45 @@ pub fn render(snapshot: &Snapshot) -> String {
         "From the kernel seeing a backend failure to the table that avoids the backend being live",
         snapshot.metrics.failover_reaction.clone(),
     );
+    registry.register(
+        "network_programming_duration_seconds",
+        "From a change in the cluster (an EndpointSlice's last-change-trigger-time) to the \
+         tables that carry it being live (kube-proxy's metric of the same name)",
+        snapshot.metrics.network_programming.clone(),
+    );
+    if let Some(cluster) = &snapshot.cluster {
+        let objects = Gauges::default();
+        for (kind, n) in cluster.status().objects {
+            objects
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .set(n as i64);
+        }
+        registry.register(
+            "kubernetes_objects",
+            "Objects of each kind the agent holds from the cluster",
+            objects,
+        );
+        let restarts = Counters::default();
+        let events = Counters::default();
+        for (kind, r, e) in cluster.counters() {
+            restarts
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .inc_by(r);
+            events
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .inc_by(e);
+        }
+        registry.register(
+            "kubernetes_watch_restarts",
+            "Watch errors after which a watch of the cluster started again (with backoff)",
+            restarts,
+        );
+        registry.register(
+            "kubernetes_watch_events",
+            "Events received from the cluster's watches",
+            events,
+        );
+    }
     let last_publish = Gauge::<f64, AtomicU64>::default();
     last_publish.set(snapshot.last_publish.map_or(0.0, |d| d.as_secs_f64()));
     registry.register(
@@ -401,6 +453,22 @@ pub fn render(snapshot: &Snapshot) -> String {
         "config_reloads",
         "Reloads of the configuration files (watcher, SIGHUP, POST /reload) by result",
         reloads,
+    );
+    let interfaces = Gauges::default();
+    for mode in [AttachMode::Tc, AttachMode::Xdp] {
+        let n = snapshot
+            .interfaces
+            .iter()
+            .filter(|(_, m)| *m == mode)
+            .count();
+        interfaces
+            .get_or_create(&vec![("mode", mode_name(mode).to_string())])
+            .set(n as i64);
+    }
+    registry.register(
+        "interfaces_attached",
+        "Interfaces the data plane is attached to (--interface names and pattern matches), by mode",
+        interfaces,
     );
     let loaded_at = Gauge::<f64, AtomicU64>::default();
     loaded_at.set(unix_seconds(snapshot.reloads.loaded_at));

@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceSnapshot>,
     /// The data plane's verdict and event counters (empty without traffic stats).
     pub counters: Vec<(Counter, u64)>,
+    /// The interfaces the data plane is attached to, and how.
+    pub interfaces: Vec<(String, crate::dataplane::AttachMode)>,
+    /// The cluster, when it is a source.
+    pub cluster: Option<crate::sources::kubernetes::Cluster>,
 }
 
 pub struct ServiceSnapshot {
@@ -148,6 +152,13 @@ impl Snapshot {
                 metrics: agent.metrics.clone(),
                 services,
                 counters,
+                interfaces: agent
+                    .dataplane
+                    .attached_interfaces()
+                    .iter()
+                    .map(|(name, a)| (name.clone(), a.mode))
+                    .collect(),
+                cluster: agent.cluster.clone(),
             };
             (snapshot, ids)
         };

@@ -22,6 +22,7 @@
 //!     max_backends: 4096
 //!     table_slots: 4096
 //!     max_connections: 262144
+//!     max_affinity: 65536
 //!     timeouts: { tcp_syn: 60s, tcp_established: 6h, tcp_closing: 10s, udp: 60s }
 //!   services:
 //!     - name: web
@@ -190,9 +191,7 @@ pub fn join(files: &FileDocuments, cluster: &ClusterInput) -> Result<Loaded> {
         }
         reader.node = Some(("the cluster's Node".to_string(), merged));
     }
-    reader
-        .initial_states
-        .extend(cluster.states.iter().cloned());
+    reader.initial_states.extend(cluster.states.iter().cloned());
     reader.finish()
 }
 

@@ -634,6 +634,15 @@ fn yaml_syntax_errors_name_the_source_and_line() {
     );
 }
 
+/// The configuration without where each service was defined: the same services read from
+/// other documents compare equal.
+fn without_sources(mut config: Config) -> Config {
+    for s in &mut config.services {
+        s.source = Default::default();
+    }
+    config
+}
+
 #[test]
 fn a_kubectl_list_is_read_item_by_item() {
     let indent = |doc: &str| doc.trim().replace('\n', "\n    ");
@@ -643,7 +652,10 @@ fn a_kubectl_list_is_read_item_by_item() {
         indent(SEED_RULE)
     );
     let loaded = load_text(&text);
-    assert_eq!(loaded.config, load_text(&seed()).config);
+    assert_eq!(
+        without_sources(loaded.config.clone()),
+        without_sources(load_text(&seed()).config)
+    );
     assert!(
         loaded.warnings[0]
             .starts_with("lb.yaml document 1 item 2 (DestinationRule default/helloworld): "),
@@ -692,7 +704,10 @@ fn directories_are_read_in_name_order_and_merged_with_files() {
         "apiVersion: lb/v1alpha1\nkind: Node\nspec: { locality: region1/zone1 }\n",
     );
     let loaded = load_paths(&[dir.0.clone(), node]).expect("the directory loads");
-    assert_eq!(loaded.config.services, load_text(&seed()).config.services);
+    assert_eq!(
+        without_sources(loaded.config.clone()).services,
+        without_sources(load_text(&seed()).config).services
+    );
     assert_eq!(loaded.config.node.locality.region, "region1");
     let rule_file = dir.0.join("20-rule.yml");
     assert!(
@@ -726,5 +741,182 @@ fn missing_files_and_empty_directories_are_reported() {
     assert!(
         err.starts_with(&format!("{}: cannot read: ", missing.display())),
         "{err}"
+    );
+}
+
+/// A cluster's service as `sources::kubernetes` gives it: `web.default` on 10.96.0.30:80.
+fn cluster_web(vip: [u8; 4], distribution: Option<LocalityLbSetting>) -> ClusterService {
+    let frontend = Frontend {
+        vip: std::net::Ipv4Addr::from(vip),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    ClusterService {
+        label: "Kubernetes Service default/web".into(),
+        hosts: vec!["web.default.svc.cluster.local".into()],
+        services: vec![(
+            "spec.ports[0]".into(),
+            Service {
+                name: "web.default.svc.cluster.local".into(),
+                frontend,
+                endpoints: Vec::new(),
+                policy: TrafficPolicy::default(),
+                http: false,
+                session_affinity: None,
+                source: Source::Kubernetes {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                },
+            },
+        )],
+        default_locality_lb: distribution,
+    }
+}
+
+fn documents(text: &str) -> Vec<(String, Value)> {
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("cluster object {}", i + 1), v))
+        .collect()
+}
+
+const WEB_RULE: &str = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: web, namespace: default }
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: { consecutive5xxErrors: 2 }
+";
+
+/// A DestinationRule (from a file or the cluster) applies to a Kubernetes Service by its
+/// short name; a Service's trafficDistribution applies only where no rule sets a locality
+/// setting.
+#[test]
+fn cluster_services_take_rules_from_files_and_the_cluster() {
+    let zone = LocalityLbSetting {
+        failover_priority: vec!["topology.kubernetes.io/zone".into()],
+        force: true,
+        ..Default::default()
+    };
+    let (files, _) = {
+        let dir = TempDir::new("join-rule");
+        let path = dir.write("rule.yaml", WEB_RULE);
+        load_files(&[path]).unwrap()
+    };
+    let cluster = ClusterInput {
+        services: vec![cluster_web([10, 96, 0, 30], Some(zone.clone()))],
+        ..Default::default()
+    };
+    let joined = join(&files, &cluster).unwrap();
+    let web = &joined.config.services[0];
+    assert_eq!(
+        web.policy
+            .outlier_detection
+            .as_ref()
+            .unwrap()
+            .consecutive_5xx_errors,
+        2
+    );
+    assert_eq!(web.policy.locality_lb, Some(zone.clone()));
+    assert_eq!(
+        web.source,
+        Source::Kubernetes {
+            namespace: "default".into(),
+            name: "web".into()
+        }
+    );
+
+    // The same rule from the cluster, now with a locality setting of its own: it wins.
+    let rule = format!(
+        "{WEB_RULE}    loadBalancer:\n      localityLbSetting:\n        failover: [{{from: r1, to: r2}}]\n"
+    );
+    let cluster = ClusterInput {
+        documents: documents(&rule),
+        services: vec![cluster_web([10, 96, 0, 30], Some(zone))],
+        ..Default::default()
+    };
+    let joined = join(&FileDocuments::default(), &cluster).unwrap();
+    let setting = joined.config.services[0]
+        .policy
+        .locality_lb
+        .clone()
+        .unwrap();
+    assert!(!setting.force);
+    assert_eq!(setting.failover.len(), 1);
+}
+
+/// A frontend both a file and the cluster define: the file's is kept, the cluster's left
+/// out with a warning naming both.
+#[test]
+fn files_win_a_frontend_the_cluster_defines_too() {
+    let file = "services:\n  - name: pinned\n    vip: 10.96.0.30\n    port: 80\n    backends: []\n";
+    let dir = TempDir::new("join-precedence");
+    let path = dir.write("lb.yaml", file);
+    let (files, _) = load_files(&[path]).unwrap();
+    let cluster = ClusterInput {
+        services: vec![
+            cluster_web([10, 96, 0, 30], None),
+            cluster_web([10, 96, 0, 31], None),
+        ],
+        ..Default::default()
+    };
+    let joined = join(&files, &cluster).unwrap();
+    let names: Vec<&str> = joined
+        .config
+        .services
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names, ["pinned", "web.default.svc.cluster.local"]);
+    let warning = joined
+        .warnings
+        .iter()
+        .find(|w| w.contains("10.96.0.30:80/TCP"))
+        .expect("a warning about the shared frontend");
+    assert!(warning.starts_with("Kubernetes Service default/web: spec.ports[0]: "));
+    assert!(warning.contains("lb.yaml document 1"), "{warning}");
+}
+
+/// An invalid DestinationRule from the cluster is left out alone, with its error among the
+/// warnings; the other objects apply.
+#[test]
+fn a_bad_cluster_object_is_left_out_alone() {
+    let bad = "
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: bad, namespace: default }
+spec:
+  host: web
+  trafficPolicy:
+    outlierDetection: { interval: soon }
+";
+    let cluster = ClusterInput {
+        documents: documents(&format!("{bad}---{WEB_RULE}")),
+        services: vec![cluster_web([10, 96, 0, 30], None)],
+        ..Default::default()
+    };
+    let joined = join(&FileDocuments::default(), &cluster).unwrap();
+    assert_eq!(joined.config.services.len(), 1);
+    let od = joined.config.services[0].policy.outlier_detection.as_ref();
+    assert_eq!(
+        od.unwrap().consecutive_5xx_errors,
+        2,
+        "the good rule applies"
+    );
+    let rejected: Vec<&String> = joined
+        .warnings
+        .iter()
+        .filter(|w| w.starts_with("rejected: "))
+        .collect();
+    assert_eq!(rejected.len(), 1, "{:?}", joined.warnings);
+    assert!(
+        rejected[0].contains("cluster object 1")
+            && rejected[0].contains("spec.trafficPolicy.outlierDetection.interval"),
+        "{}",
+        rejected[0]
     );
 }

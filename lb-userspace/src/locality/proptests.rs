@@ -80,6 +80,7 @@ fn setting() -> impl Strategy<Value = LocalityLbSetting> {
                 failover,
                 failover_priority,
                 distribute,
+                force: false,
             },
         )
 }

@@ -1,0 +1,463 @@
+//! What the agent knows of the cluster: the records of every watched object, each
+//! Service's translation (redone only for the Services a change touched), and which kinds
+//! have had their first full list.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    time::SystemTime,
+};
+
+use serde_json::Value;
+
+use super::{
+    objects::{ObjectKey, ServiceRecord, SliceRecord},
+    translate::{self, Context, Translated},
+};
+use crate::config::ClusterInput;
+
+/// A kind the agent watches, for readiness and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Node,
+    Service,
+    EndpointSlice,
+    Pod,
+    CustomResourceDefinition,
+    DestinationRule,
+    ServiceEntry,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::CustomResourceDefinition => "CustomResourceDefinition",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+        }
+    }
+}
+
+/// One change of a watched kind.
+pub enum Update<T> {
+    /// Added or changed.
+    Upsert(T),
+    /// Deleted.
+    Remove(T),
+    /// A full list (the watch started or restarted): whatever is not in it is gone.
+    Replace(Vec<T>),
+}
+
+/// Options that shape the translation.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub node_name: String,
+    pub external_ips: bool,
+    pub cluster_domain: String,
+}
+
+#[derive(Default)]
+pub struct ClusterState {
+    pub nodes: HashMap<String, BTreeMap<String, String>>,
+    pub services: HashMap<ObjectKey, ServiceRecord>,
+    pub slices: HashMap<ObjectKey, SliceRecord>,
+    /// Slice names by the Service they name.
+    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Pods' locality overrides (the newer label wins when both are set).
+    pub pod_localities: HashMap<ObjectKey, String>,
+    /// What each label's watch saw.
+    pods_by_label: [HashMap<ObjectKey, String>; 2],
+    /// Istio resources by kind and key, as JSON documents.
+    pub istio: BTreeMap<(Kind, ObjectKey), Value>,
+    /// Kinds whose first full list arrived (every kind counted in `expected`).
+    synced: HashSet<Kind>,
+    expected: HashSet<Kind>,
+    /// Istio kinds whose CRD watch had its first list.
+    crd_watches_synced: HashSet<Kind>,
+    /// Services whose translation is stale; `all_dirty` marks every one.
+    dirty: HashSet<ObjectKey>,
+    all_dirty: bool,
+    translated: BTreeMap<ObjectKey, Translated>,
+    /// Problems reported last time, by object, so each is logged when it appears.
+    reported: HashMap<ObjectKey, Vec<String>>,
+    /// Trigger times of the slices changed since the last build.
+    pub pending_triggers: Vec<SystemTime>,
+    /// Changes seen since the start (any kind).
+    pub changes: u64,
+}
+
+impl ClusterState {
+    pub fn new(expected: impl IntoIterator<Item = Kind>) -> Self {
+        Self {
+            expected: expected.into_iter().collect(),
+            all_dirty: true,
+            ..Default::default()
+        }
+    }
+
+    /// Whether every expected kind has had its first full list.
+    pub fn synced(&self) -> bool {
+        self.expected.iter().all(|k| self.synced.contains(k))
+    }
+
+    /// The kinds still waiting for their first list.
+    pub fn unsynced(&self) -> Vec<&'static str> {
+        let mut kinds: Vec<Kind> = self.expected.difference(&self.synced).copied().collect();
+        kinds.sort();
+        kinds.into_iter().map(Kind::name).collect()
+    }
+
+    /// A kind the agent now also waits for (an Istio CRD appeared), or no longer (it went).
+    pub fn expect(&mut self, kind: Kind, expected: bool) {
+        if expected {
+            self.expected.insert(kind);
+        } else {
+            self.expected.remove(&kind);
+            self.synced.remove(&kind);
+        }
+    }
+
+    pub fn mark_synced(&mut self, kind: Kind) {
+        self.synced.insert(kind);
+    }
+
+    /// The CRD watch of an Istio kind had its first list; the CRDs count as synced once
+    /// both have.
+    pub fn mark_crd_synced(&mut self, kind: Kind) {
+        self.crd_watches_synced.insert(kind);
+        if self.crd_watches_synced.len() == 2 {
+            self.synced.insert(Kind::CustomResourceDefinition);
+        }
+    }
+
+    /// Objects held per kind, for metrics.
+    pub fn counts(&self) -> Vec<(Kind, usize)> {
+        let istio = |kind| self.istio.keys().filter(|(k, _)| *k == kind).count();
+        vec![
+            (Kind::Node, self.nodes.len()),
+            (Kind::Service, self.services.len()),
+            (Kind::EndpointSlice, self.slices.len()),
+            (Kind::Pod, self.pod_localities.len()),
+            (Kind::DestinationRule, istio(Kind::DestinationRule)),
+            (Kind::ServiceEntry, istio(Kind::ServiceEntry)),
+        ]
+    }
+
+    pub fn update_nodes(&mut self, update: Update<(String, BTreeMap<String, String>)>) {
+        // Endpoint localities come from their nodes' labels: every Service may change.
+        let changed = match update {
+            Update::Upsert((name, labels)) => {
+                self.nodes.insert(name, labels.clone()).as_ref() != Some(&labels)
+            }
+            Update::Remove((name, _)) => self.nodes.remove(&name).is_some(),
+            Update::Replace(all) => {
+                let new: HashMap<_, _> = all.into_iter().collect();
+                let changed = new != self.nodes;
+                self.nodes = new;
+                changed
+            }
+        };
+        if changed {
+            self.all_dirty = true;
+            self.changes += 1;
+        }
+    }
+
+    pub fn update_services(&mut self, update: Update<ServiceRecord>) {
+        match update {
+            Update::Upsert(record) => {
+                let key = record.key.clone();
+                if self.services.get(&key) != Some(&record) {
+                    self.services.insert(key.clone(), record);
+                    self.touch(key);
+                }
+            }
+            Update::Remove(record) => {
+                if self.services.remove(&record.key).is_some() {
+                    self.touch(record.key);
+                }
+            }
+            Update::Replace(all) => {
+                let new: HashMap<ObjectKey, ServiceRecord> =
+                    all.into_iter().map(|r| (r.key.clone(), r)).collect();
+                let touched: Vec<ObjectKey> = self
+                    .services
+                    .keys()
+                    .filter(|k| !new.contains_key(*k))
+                    .chain(
+                        new.iter()
+                            .filter(|(k, r)| self.services.get(*k) != Some(*r))
+                            .map(|(k, _)| k),
+                    )
+                    .cloned()
+                    .collect();
+                self.services = new;
+                for key in touched {
+                    self.touch(key);
+                }
+            }
+        }
+    }
+
+    pub fn update_slices(&mut self, update: Update<SliceRecord>) {
+        match update {
+            Update::Upsert(record) => self.put_slice(record),
+            Update::Remove(record) => self.drop_slice(&record.key),
+            Update::Replace(all) => {
+                let listed: HashSet<ObjectKey> = all.iter().map(|r| r.key.clone()).collect();
+                let gone: Vec<ObjectKey> = self
+                    .slices
+                    .keys()
+                    .filter(|k| !listed.contains(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    self.drop_slice(&key);
+                }
+                for record in all {
+                    self.put_slice(record);
+                }
+            }
+        }
+    }
+
+    fn put_slice(&mut self, record: SliceRecord) {
+        let key = record.key.clone();
+        if self.slices.get(&key) == Some(&record) {
+            return;
+        }
+        if let Some(t) = record.trigger_time {
+            self.pending_triggers.push(t);
+        }
+        // A slice may move to another Service (its label changed): both are touched.
+        self.drop_slice(&key);
+        if let Some(service) = &record.service {
+            self.slices_by_service
+                .entry(service.clone())
+                .or_default()
+                .insert(key.clone());
+            self.touch(service.clone());
+        } else {
+            self.report(&key, record.problems.clone(), "EndpointSlice");
+        }
+        self.slices.insert(key, record);
+    }
+
+    fn drop_slice(&mut self, key: &ObjectKey) {
+        let Some(old) = self.slices.remove(key) else {
+            return;
+        };
+        if let Some(service) = old.service {
+            if let Some(set) = self.slices_by_service.get_mut(&service) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_by_service.remove(&service);
+                }
+            }
+            self.touch(service);
+        }
+    }
+
+    /// Pods seen by the watch of locality label `which` (an index of
+    /// `POD_LOCALITY_LABELS`), with the override their labels give.
+    pub fn update_pods(&mut self, which: usize, update: Update<(ObjectKey, Option<String>)>) {
+        let seen = &mut self.pods_by_label[which.min(1)];
+        let mut touched: HashSet<ObjectKey> = HashSet::new();
+        match update {
+            Update::Upsert((key, locality)) => {
+                let old = match &locality {
+                    Some(l) => seen.insert(key.clone(), l.clone()),
+                    None => seen.remove(&key),
+                };
+                if old != locality {
+                    touched.insert(key);
+                }
+            }
+            Update::Remove((key, _)) => {
+                if seen.remove(&key).is_some() {
+                    touched.insert(key);
+                }
+            }
+            Update::Replace(all) => {
+                let new: HashMap<ObjectKey, String> =
+                    all.into_iter().filter_map(|(k, l)| Some((k, l?))).collect();
+                touched.extend(
+                    new.iter()
+                        .filter(|(k, v)| seen.get(*k) != Some(*v))
+                        .map(|(k, _)| k.clone()),
+                );
+                touched.extend(seen.keys().filter(|k| !new.contains_key(*k)).cloned());
+                *seen = new;
+            }
+        }
+        // The newer label wins where a pod has both (both watches see such a pod, and
+        // read the same value from it).
+        let mut namespaces = HashSet::new();
+        for key in touched {
+            let effective = self.pods_by_label[0]
+                .get(&key)
+                .or_else(|| self.pods_by_label[1].get(&key))
+                .cloned();
+            let old = match effective {
+                Some(l) => self.pod_localities.insert(key.clone(), l.clone()) != Some(l),
+                None => self.pod_localities.remove(&key).is_some(),
+            };
+            if old {
+                namespaces.insert(key.namespace);
+            }
+        }
+        // Endpoints name their pods: the Services of those namespaces may change.
+        if !namespaces.is_empty() {
+            self.changes += 1;
+            let touched: Vec<ObjectKey> = self
+                .slices_by_service
+                .keys()
+                .filter(|k| namespaces.contains(&k.namespace))
+                .cloned()
+                .collect();
+            self.dirty.extend(touched);
+        }
+    }
+
+    pub fn update_istio(&mut self, kind: Kind, update: Update<(ObjectKey, Value)>) {
+        match update {
+            Update::Upsert((key, value)) => {
+                if self.istio.get(&(kind, key.clone())) != Some(&value) {
+                    self.istio.insert((kind, key), value);
+                    self.changes += 1;
+                }
+            }
+            Update::Remove((key, _)) => {
+                if self.istio.remove(&(kind, key)).is_some() {
+                    self.changes += 1;
+                }
+            }
+            Update::Replace(all) => {
+                let new: BTreeMap<(Kind, ObjectKey), Value> =
+                    all.into_iter().map(|(k, v)| ((kind, k), v)).collect();
+                let old: BTreeMap<(Kind, ObjectKey), Value> = self
+                    .istio
+                    .iter()
+                    .filter(|((k, _), _)| *k == kind)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if old != new {
+                    self.istio.retain(|(k, _), _| *k != kind);
+                    self.istio.extend(new);
+                    self.changes += 1;
+                }
+            }
+        }
+    }
+
+    fn touch(&mut self, service: ObjectKey) {
+        self.changes += 1;
+        self.dirty.insert(service);
+    }
+
+    /// Logs an object's problems when they differ from those last logged for it.
+    fn report(&mut self, key: &ObjectKey, problems: Vec<String>, kind: &str) {
+        let previous = self.reported.get(key);
+        if previous.map(Vec::as_slice).unwrap_or_default() == problems.as_slice() {
+            return;
+        }
+        for p in &problems {
+            if previous.is_none_or(|old| !old.contains(p)) {
+                log::warn!("{p}");
+            }
+        }
+        if problems.is_empty() {
+            if previous.is_some() {
+                log::info!("{kind} {key}: no problem any more");
+            }
+            self.reported.remove(key);
+        } else {
+            self.reported.insert(key.clone(), problems);
+        }
+    }
+
+    /// Every problem currently known, for the admin views.
+    pub fn problems(&self) -> Vec<String> {
+        let mut all: Vec<String> = self.reported.values().flatten().cloned().collect();
+        all.sort();
+        all
+    }
+
+    /// Translates what changed and returns the cluster's whole contribution.
+    pub fn input(&mut self, settings: &Settings) -> ClusterInput {
+        let dirty: Vec<ObjectKey> = if self.all_dirty {
+            self.translated
+                .keys()
+                .chain(self.services.keys())
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            self.dirty.drain().collect()
+        };
+        self.dirty.clear();
+        self.all_dirty = false;
+        for key in dirty {
+            let translated = match self.services.get(&key) {
+                Some(service) => {
+                    let slices: Vec<&SliceRecord> = self
+                        .slices_by_service
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| self.slices.get(k))
+                        .collect();
+                    let context = Context {
+                        node_name: &settings.node_name,
+                        nodes: &self.nodes,
+                        pod_localities: &self.pod_localities,
+                        external_ips: settings.external_ips,
+                        cluster_domain: &settings.cluster_domain,
+                    };
+                    Some(translate::translate(service, &slices, &context))
+                }
+                None => None,
+            };
+            let problems = translated
+                .as_ref()
+                .map(|t| t.problems.clone())
+                .unwrap_or_default();
+            self.report(&key, problems, "Service");
+            match translated {
+                Some(t) => {
+                    self.translated.insert(key, t);
+                }
+                None => {
+                    self.translated.remove(&key);
+                }
+            }
+        }
+        let node = self
+            .nodes
+            .get(&settings.node_name)
+            .map(|labels| translate::this_node(&settings.node_name, labels));
+        let documents = self
+            .istio
+            .iter()
+            .map(|((kind, key), value)| (format!("{} {key}", kind.name()), value.clone()))
+            .collect();
+        ClusterInput {
+            node,
+            documents,
+            services: self
+                .translated
+                .values()
+                .filter_map(|t| t.service.clone())
+                .collect(),
+            states: self
+                .translated
+                .values()
+                .flat_map(|t| t.states.iter().cloned())
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Where services come from, beside the configuration files (`config`): each source
+//! produces a [`config::ClusterInput`](crate::config::ClusterInput), and `config::join`
+//! merges it with the files into the one `Config` the agent applies. One path from any
+//! source to the data plane: source → `config::join` → `Agent::reload`.
+//!
+//! - `kubernetes`: Services, EndpointSlices, Nodes, Pods' locality labels and Istio's
+//!   resources, watched from the API server.
+
+pub mod kubernetes;

@@ -513,6 +513,8 @@ impl Agent {
                 .map(|(svc, st)| ServiceStatus {
                     name: svc.name.clone(),
                     frontend: svc.frontend.to_string(),
+                    source_kind: svc.source.kind(),
+                    source: svc.source.to_string(),
                     priority_loads: st.plan.loads.load.clone(),
                     endpoints: svc
                         .endpoints
@@ -674,6 +676,10 @@ pub struct AgentStatus {
 pub struct ServiceStatus {
     pub name: String,
     pub frontend: String,
+    /// Where the service was defined: `file` or `kubernetes`.
+    pub source_kind: &'static str,
+    /// The document or object that defined it (`Kubernetes Service default/web`).
+    pub source: String,
     pub priority_loads: Vec<u32>,
     pub endpoints: Vec<EndpointStatus>,
 }

@@ -90,6 +90,8 @@ fn service(svc: &ServiceSnapshot) -> Value {
             },
         },
         "http": s.http,
+        "source": { "kind": s.source.kind(), "name": s.source.to_string() },
+        "session_affinity_seconds": s.session_affinity.map(|d| d.as_secs()),
         // `null`: the DestinationRule has none; only operator actions eject.
         "outlier_detection": s.policy.outlier_detection.as_ref().map(outlier_detection),
         "locality_lb": s.policy.locality_lb.as_ref().map(locality_lb),
@@ -120,6 +122,7 @@ pub fn json(snapshot: &Snapshot) -> Value {
             "max_backends": d.max_backends,
             "table_slots": d.table_slots,
             "max_connections": d.max_connections,
+            "max_affinity": d.max_affinity,
             "connect_retries": t.connect_retries,
             "timeouts": {
                 "tcp_syn": duration(Duration::from_nanos(t.tcp_syn_timeout_ns)),

@@ -157,6 +157,9 @@ pub struct AgentService {
     /// `VIP:PORT/PROTO`, as `lb` prints frontends.
     #[serde(default)]
     pub frontend: String,
+    /// The document or cluster object that defined it.
+    #[serde(default)]
+    pub source: String,
     #[serde(default)]
     pub priority_loads: Vec<u32>,
     #[serde(default)]

@@ -69,6 +69,9 @@ pub fn services(common: &Common) -> Result<()> {
         if let Some(name) = &s.name {
             head.push_str(&format!("  {name}"));
         }
+        if let Some(source) = &s.source {
+            head.push_str(&format!("  [{source}]"));
+        }
         head.push_str(&format!(
             "  table {} slots, failover list {}",
             s.table_slots,
@@ -80,6 +83,9 @@ pub fn services(common: &Common) -> Result<()> {
         }
         if s.http {
             head.push_str(", HTTP");
+        }
+        if let Some(secs) = s.session_affinity_seconds {
+            head.push_str(&format!(", session affinity {secs}s"));
         }
         out.push_str(&head);
         out.push('\n');

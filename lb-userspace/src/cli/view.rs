@@ -104,8 +104,13 @@ pub struct ServiceView {
     pub protocol: String,
     /// The service's name (from the agent).
     pub name: Option<String>,
+    /// What defined it (from the agent): `lb.yaml document 1 (ServiceEntry …)`,
+    /// `Kubernetes Service default/web`.
+    pub source: Option<String>,
     /// Responses are parsed as HTTP/1.x.
     pub http: bool,
+    /// Session affinity (ClientIP): its timeout in seconds.
+    pub session_affinity_seconds: Option<u32>,
     /// Slots of the active selection table.
     pub table_slots: u32,
     /// Backend ids of the failover list, in order.
@@ -216,6 +221,7 @@ pub fn snapshot(pins: &Pins, agent: &Agent) -> Result<Snapshot> {
     let services = pins.services()?;
     let backends: Vec<Backend> = pins.backends()?;
     let owners = pins.backend_services()?;
+    let affinity = pins.affinity_timeouts()?;
     let selection = pins.selection()?;
     let service_stats = pins.service_stats()?;
     let backend_stats = pins.backend_stats()?;
@@ -310,7 +316,12 @@ pub fn snapshot(pins: &Pins, agent: &Agent) -> Result<Snapshot> {
             port: u16::from_be(key.port_be),
             protocol: protocol_name(key.proto),
             name: None,
+            source: None,
             http: flags & lb_common::maps::SERVICE_HTTP != 0,
+            session_affinity_seconds: affinity
+                .as_ref()
+                .and_then(|secs| secs.get(id as usize).copied())
+                .filter(|&secs| secs != 0 && flags & lb_common::maps::SERVICE_AFFINITY != 0),
             table_slots: table_len,
             failover_list: failover,
             priority_loads: None,
@@ -369,6 +380,7 @@ fn merge(snapshot: &mut Snapshot, s: &AgentService, clusters: Option<&ClusterFac
         return;
     };
     view.name = Some(s.name.clone());
+    view.source = (!s.source.is_empty()).then(|| s.source.clone());
     view.priority_loads = Some(s.priority_loads.clone());
     let cluster = view.cluster();
     for e in &s.endpoints {

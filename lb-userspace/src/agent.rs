@@ -108,8 +108,9 @@ pub struct Agent {
     pub files: config::FileDocuments,
     /// The cluster, when it is a source too.
     pub cluster: Option<Cluster>,
-    /// Warnings about the sources already logged (each is logged once while it holds).
+    /// Warnings about the sources in force, each logged once while it holds.
     logged_warnings: std::collections::BTreeSet<String>,
+    warnings_in_order: Vec<String>,
     /// When the configuration in force was applied, and how reloads went.
     pub reloads: ReloadStatus,
     /// Backend states found in adopted maps, carried over by the first configuration.
@@ -216,6 +217,7 @@ impl Agent {
             files: Default::default(),
             cluster: None,
             logged_warnings: Default::default(),
+            warnings_in_order: Vec::new(),
             reloads: ReloadStatus {
                 loaded_at: SystemTime::now(),
                 succeeded: 0,
@@ -749,17 +751,28 @@ impl Agent {
     /// Merges the files' documents with the cluster's objects (`config::join`) and applies
     /// the result: the one path from every source to the data plane. Warnings are logged
     /// once while they hold. Returns the number of services.
+    /// The sources' warnings in force.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings_in_order
+    }
+
+    /// Logs the warnings not logged yet, and keeps them all for the views.
+    fn set_warnings(&mut self, warnings: Vec<String>) {
+        let set: std::collections::BTreeSet<String> = warnings.iter().cloned().collect();
+        for w in set.difference(&self.logged_warnings) {
+            warn!("{w}");
+        }
+        self.logged_warnings = set;
+        self.warnings_in_order = warnings;
+    }
+
     pub fn apply_sources(&mut self) -> Result<usize> {
         let (input, triggers) = match &self.cluster {
             Some(cluster) => cluster.input(),
             None => Default::default(),
         };
         let loaded = config::join(&self.files, &input)?;
-        let warnings: std::collections::BTreeSet<String> = loaded.warnings.into_iter().collect();
-        for w in warnings.difference(&self.logged_warnings) {
-            warn!("{w}");
-        }
-        self.logged_warnings = warnings;
+        self.set_warnings(loaded.warnings);
         self.reload(loaded.config)?;
         // kube-proxy's network programming latency: from the change in the cluster (the
         // slice's trigger time) to the tables that carry it being live.
@@ -834,7 +847,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     )?;
     agent.config_paths = opts.configs.clone();
     agent.files = files;
-    agent.logged_warnings = warnings.into_iter().collect();
+    agent.logged_warnings = warnings.iter().cloned().collect();
+    agent.warnings_in_order = warnings;
     agent.cluster = cluster.clone();
     info!(
         "lb agent running: {} services, node at {}, on {}",

@@ -379,6 +379,7 @@ spec:
             counters: Vec::new(),
             interfaces: Vec::new(),
             cluster: None,
+            warnings: Vec::new(),
         }
     }
 

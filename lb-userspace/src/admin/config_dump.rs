@@ -132,5 +132,9 @@ pub fn json(snapshot: &Snapshot) -> Value {
             },
         },
         "services": snapshot.services.iter().map(service).collect::<Vec<_>>(),
+        // What the sources said: objects left out, fields not acted on (each once).
+        "warnings": snapshot.warnings,
+        // The cluster source: sync, objects per kind, watch restarts, objects' problems.
+        "kubernetes": snapshot.cluster.as_ref().map(|c| c.status()),
     })
 }

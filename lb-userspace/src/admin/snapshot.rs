@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub interfaces: Vec<(String, crate::dataplane::AttachMode)>,
     /// The cluster, when it is a source.
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
+    /// The sources' warnings in force (fields not acted on, cluster objects left out).
+    pub warnings: Vec<String>,
 }
 
 pub struct ServiceSnapshot {
@@ -159,6 +161,7 @@ impl Snapshot {
                     .map(|(name, a)| (name.clone(), a.mode))
                     .collect(),
                 cluster: agent.cluster.clone(),
+                warnings: agent.warnings().to_vec(),
             };
             (snapshot, ids)
         };

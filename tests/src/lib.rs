@@ -22,6 +22,7 @@
 //! ```
 
 pub mod agent_process;
+pub mod apiserver;
 pub mod clients;
 pub mod cmd;
 pub mod fixture_services;

@@ -3,6 +3,7 @@
 //! xtask depends on no other workspace crate on purpose: it has to compile on a bare machine
 //! before the eBPF toolchain exists, because installing that toolchain is its first job.
 
+mod apiserver;
 mod cmd;
 mod previous_release;
 mod root;
@@ -74,8 +75,10 @@ enum Task {
     #[command(
         long_about = "Lint, then run the whole test suite in release mode.\n\n\
         Steps: setup check; `cargo fmt --all -- --check`; `cargo clippy --workspace \
-        --exclude lb-ebpf --all-targets -- -D warnings`; build the binaries; `cargo test \
-        --workspace --exclude lb-ebpf --release [CARGO_TEST_ARGS]`. Stops at the first \
+        --exclude lb-ebpf --all-targets -- -D warnings`; build the binaries; build the \
+        Kubernetes API server of the tests and unpack etcd (from Debian sid's packages, \
+        cached in target/k8s-apiserver); `cargo test --workspace --exclude lb-ebpf \
+        --release [CARGO_TEST_ARGS]`. Stops at the first \
         failing step and exits non-zero. `--soak` runs the soak test \
         (tests/tests/soak.rs) for 300 s, or SECS, instead of its default 30 s.\n\n\
         Needs root: the tests load eBPF programs and send traffic between network \

@@ -1,9 +1,9 @@
 //! The build/run/test/bench/lint flows. Each one first makes sure the toolchain is complete
 //! (lb-userspace's build script compiles the eBPF programs, so even clippy needs it).
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
-use crate::{cmd, previous_release, root, setup};
+use crate::{apiserver, cmd, previous_release, root, setup};
 
 /// The binaries the other flows run: the agent (`lb`) and the demo/bench drivers.
 const BINARY_PACKAGES: &[&str] = &["--package", "lb-userspace", "--package", "lb-tests"];
@@ -136,11 +136,23 @@ pub fn test(lint: bool, soak: Option<u64>, cargo_test_args: &[String]) -> Result
             Default::default()
         }
     };
+    step(
+        "build: the Kubernetes API server of the integration tests, from Debian sid's Go \
+         sources, and etcd; cached in target/k8s-apiserver (the first time: about 35 s of \
+         downloads, then a few minutes of Go build)",
+    );
+    // Required: the Kubernetes tests must run, so a failure here fails the whole run.
+    let k8s_apiserver = apiserver::ensure().context(
+        "the Kubernetes API server of the integration tests could not be built (the tests \
+         that need a real API server cannot run without it)",
+    )?;
     // Release: the tests push real traffic through the datapath and time it.
     step("test: cargo test --release");
     let mut cargo_test = cmd::cargo(["test", "--workspace", "--exclude", "lb-ebpf", "--release"]);
     cargo_test.args(cargo_test_args);
     cargo_test.env("LB_PREVIOUS_RELEASE", previous);
+    cargo_test.env("LB_TEST_APISERVER", k8s_apiserver);
+    cargo_test.env("LB_TEST_ETCD", apiserver::etcd_path());
     if let Some(secs) = soak {
         println!("soak test: {secs} s (LB_SOAK_SECS)");
         cargo_test.env("LB_SOAK_SECS", secs.to_string());

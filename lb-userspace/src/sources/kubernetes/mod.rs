@@ -467,7 +467,7 @@ async fn watch_istio_kind(cluster: Cluster, client: Client, kind: Kind, crd_name
             match &installed {
                 Some(version) => {
                     log::info!(
-                        "Kubernetes: {crd_name} is installed: watching {}s ({version})",
+                        "Kubernetes: {crd_name} is installed: watching {} objects ({version})",
                         kind.name()
                     );
                     cluster.update(|state| state.expect(kind, true));
@@ -491,7 +491,7 @@ async fn watch_istio_kind(cluster: Cluster, client: Client, kind: Kind, crd_name
                 None => {
                     if running.is_some() {
                         log::info!(
-                            "Kubernetes: {crd_name} was removed: its {}s no longer apply",
+                            "Kubernetes: {crd_name} was removed: its {} objects no longer apply",
                             kind.name()
                         );
                     }

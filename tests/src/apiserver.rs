@@ -411,11 +411,7 @@ impl Drop for TestApiServer {
 
 /// Starts etcd with its data and log in `dir`; returns it, its client URL and the port
 /// left for the apiserver.
-fn spawn_etcd(
-    etcd_binary: &Path,
-    dir: &Path,
-    netns: Option<&str>,
-) -> Result<(Child, String, u16)> {
+fn spawn_etcd(etcd_binary: &Path, dir: &Path, netns: Option<&str>) -> Result<(Child, String, u16)> {
     let [client_port, peer_port, apiserver_port] = free_ports()?;
     let name = dir
         .file_name()
@@ -474,7 +470,9 @@ fn command_in(netns: Option<&str>, program: &Path) -> Command {
     match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+            c.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(program);
             c
         }
         None => Command::new(program),

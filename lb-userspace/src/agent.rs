@@ -276,18 +276,33 @@ impl Agent {
             .services
             .iter()
             .map(|s| {
+                // The same frontend and policy: outlier state carries over, endpoint by
+                // endpoint (address and port), as Envoy keeps a host's state across an
+                // endpoint update; a new endpoint starts in service.
                 let kept = old_by_frontend
                     .get(&s.frontend)
-                    .filter(|&&i| {
-                        let old = &self.config.services[i];
-                        old.endpoints == s.endpoints && old.policy == s.policy
-                    })
-                    .map(|&i| &self.services[i]);
+                    .filter(|&&i| self.config.services[i].policy == s.policy)
+                    .map(|&i| (&self.config.services[i], &self.services[i]));
                 match kept {
-                    Some(k) => ServiceState {
-                        detector: k.detector.clone(),
-                        plan: plan_of(&new, s, &k.detector),
-                    },
+                    Some((old, k)) => {
+                        let mut detector = k.detector.clone();
+                        if old.endpoints != s.endpoints {
+                            let index: std::collections::HashMap<(std::net::Ipv4Addr, u16), usize> =
+                                old.endpoints
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(j, e)| ((e.address, e.port), j))
+                                    .collect();
+                            let old_index_of: Vec<Option<usize>> = s
+                                .endpoints
+                                .iter()
+                                .map(|e| index.get(&(e.address, e.port)).copied())
+                                .collect();
+                            detector.remap(&old_index_of);
+                        }
+                        let plan = plan_of(&new, s, &detector);
+                        ServiceState { detector, plan }
+                    }
                     None => {
                         let mut state = new_state(s, &new, now);
                         restore(&mut state, s, &new, &self.restored, now);

@@ -160,6 +160,11 @@ struct Cluster {
 impl Cluster {
     /// `None` (reported as skipped) when the API server cannot run here.
     fn start(objects: &str) -> Option<Self> {
+        Self::start_with(objects, true)
+    }
+
+    /// Like `start`; `istio` says whether Istio's CRDs are installed first.
+    fn start_with(objects: &str, istio: bool) -> Option<Self> {
         if !require_root() {
             return None;
         }
@@ -170,7 +175,9 @@ impl Cluster {
         // Only the client side: the pods come after the agent.
         let bed = TestBed::with_backends(AttachMode::Tc, &[]).unwrap();
         let api = TestApiServer::start_in(&bed.node).unwrap();
-        api.install_istio_crds().unwrap();
+        if istio {
+            api.install_istio_crds().unwrap();
+        }
         api.kubectl(&["create", "namespace", "sample"]).unwrap();
         let mut all = node_yaml(THIS_NODE, "region1", "zone1");
         for (i, (region, zone)) in LOCALITIES.iter().enumerate() {
@@ -592,6 +599,12 @@ fn api_server_and_agent_restarts_lose_nothing() {
     c.api.stop_apiserver().unwrap();
     agent.restart().unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let ready = c.bed.node.run(|| http_get(admin, "/ready", DEFAULT_TIMEOUT));
+    assert!(
+        ready.is_err(),
+        "ready before the first list of the cluster: {ready:?}"
+    );
     let t = c.tally(web, 20).unwrap();
     assert_eq!(
         t.get(&hello(2)),
@@ -673,4 +686,65 @@ endpoints:
             && warnings.contains("outlierDetection.interval"),
         "{warnings}"
     );
+}
+
+/// Istio's CRDs absent at the start are not an error (the Service is balanced without
+/// them); installed later, they are picked up: a DestinationRule then applies to the
+/// Service, and a ServiceEntry adds its own frontend.
+#[test]
+fn istio_crds_installed_later_are_picked_up() {
+    let objects = format!(
+        "{}---\n{}",
+        service_yaml("web", "10.96.0.51", &[("http", 80, "8080")], ""),
+        slice_yaml("web-1", "web", &[("http", 8080)], &[Ep::ready(1)]),
+    );
+    let Some(mut c) = Cluster::start_with(&objects, false) else {
+        return;
+    };
+    c.add_pod(1, &[8080]);
+    c.wait_all_from("10.96.0.51:80".parse().unwrap(), 1);
+    let dump = c.config_dump();
+    assert!(dump["services"][0]["outlier_detection"].is_null());
+
+    c.api.install_istio_crds().unwrap();
+    c.apply(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: web, namespace: sample }
+spec:
+  host: web.sample.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: { consecutive5xxErrors: 3, interval: 2s }
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: external, namespace: sample }
+spec:
+  hosts: [external.example]
+  addresses: [10.96.0.52]
+  ports: [{ number: 80, name: http, protocol: HTTP, targetPort: 8080 }]
+  resolution: STATIC
+  endpoints: [{ address: 10.200.1.2 }]
+",
+    );
+    let started = Instant::now();
+    loop {
+        let dump = c.config_dump();
+        let services = dump["services"].as_array().cloned().unwrap_or_default();
+        let web = services
+            .iter()
+            .find(|s| s["name"] == "web.sample.svc.cluster.local");
+        let applied = web.is_some_and(|w| w["outlier_detection"]["consecutive_5xx_errors"] == 3);
+        let entry = services.iter().find(|s| s["name"] == "external.example");
+        if applied && entry.is_some() {
+            assert_eq!(entry.unwrap()["source"]["kind"], "kubernetes");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the CRDs' objects were not picked up: {services:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_all_from("10.96.0.52:80".parse().unwrap(), 1);
 }

@@ -59,6 +59,9 @@ const OPENAPI_PACKAGES: &[&str] = &[
     "k8s.io/apimachinery/pkg/api/resource",
 ];
 
+/// The first line of the stamp file; another one (an older layout) unpacks again.
+const STAMP_HEADER: &str = "# lb test apiserver packages, v2: name version go-import-paths...";
+
 /// The Go import path of the program inside the private GOPATH.
 const GO_PACKAGE: &str = "lb-test-apiserver";
 
@@ -168,8 +171,12 @@ struct Packages {
 impl Packages {
     fn read(path: &Path) -> Option<Self> {
         let text = fs::read_to_string(path).ok()?;
+        let mut lines = text.lines();
+        if lines.next() != Some(STAMP_HEADER) {
+            return None;
+        }
         let mut by_name = BTreeMap::new();
-        for line in text.lines() {
+        for line in lines {
             let mut words = line.split_whitespace();
             let (Some(name), Some(version)) = (words.next(), words.next()) else {
                 continue;
@@ -292,7 +299,7 @@ fn fetch_and_unpack() -> Result<()> {
     // Versions and Go import paths, for the stamp and for naming a package that breaks.
     let mut show = apt_cmd("apt-cache");
     show.args(["show", "--no-all-versions"]).args(&wanted);
-    let stamp = stamp_lines(&capture(&mut show)?);
+    let versions = capture(&mut show)?;
 
     fs::create_dir_all(&debs)?;
     println!(
@@ -326,8 +333,8 @@ fn fetch_and_unpack() -> Result<()> {
             wanted.len()
         );
     }
-    unpack(&files, &root)?;
-    fs::write(packages_stamp(), stamp)?;
+    let sources = unpack(&files, &root)?;
+    fs::write(packages_stamp(), stamp_lines(&versions, &sources))?;
     fs::remove_dir_all(&debs)?;
     Ok(())
 }
@@ -447,9 +454,10 @@ fn go_packages(apt_cmd: &dyn Fn(&str) -> Command) -> Result<Vec<String>> {
     ])
 }
 
-/// `name version import-paths...` lines from `apt-cache show` paragraphs.
-fn stamp_lines(show: &str) -> String {
-    let mut out = String::new();
+/// `name version import-paths...` lines: versions from `apt-cache show` paragraphs, the Go
+/// import paths each package ships from what it unpacked.
+fn stamp_lines(show: &str, sources: &BTreeMap<String, Vec<String>>) -> String {
+    let mut out = format!("{STAMP_HEADER}\n");
     for paragraph in show.split("\n\n") {
         let field = |key: &str| {
             paragraph
@@ -459,24 +467,50 @@ fn stamp_lines(show: &str) -> String {
         let (Some(name), Some(version)) = (field("Package:"), field("Version:")) else {
             continue;
         };
-        let imports = field("Go-Import-Path:")
-            .unwrap_or_default()
-            .replace(',', " ");
+        let imports = sources.get(&name).map(|i| i.join(" ")).unwrap_or_default();
         let _ = writeln!(out, "{name} {version} {imports}");
     }
     out
 }
 
-/// `dpkg-deb -x` of every file, two at a time (the machines have two cores).
-fn unpack(files: &[PathBuf], root: &Path) -> Result<()> {
+/// The outermost directories under /usr/share/gocode/src of the files `dpkg-deb -X` listed:
+/// the Go import paths a package provides.
+fn go_import_roots(listing: &str) -> Vec<String> {
+    let mut dirs: Vec<&str> = listing
+        .lines()
+        // Files only: directories (listed as `./a/b/`) would make `a` a root.
+        .filter(|l| !l.ends_with('/'))
+        .filter_map(|l| l.split_once("usr/share/gocode/src/").map(|(_, p)| p))
+        .filter_map(|p| p.rsplit_once('/').map(|(dir, _)| dir))
+        .collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    let mut roots: Vec<String> = Vec::new();
+    for dir in dirs {
+        // Sorted, so an ancestor comes before its descendants.
+        if !roots
+            .iter()
+            .any(|r| dir == r || dir.starts_with(&format!("{r}/")))
+        {
+            roots.push(dir.to_string());
+        }
+    }
+    roots
+}
+
+/// `dpkg-deb -X` (unpack and list) of every file, two at a time (the machines have two
+/// cores); returns each package's Go import paths.
+fn unpack(files: &[PathBuf], root: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    let mut sources = BTreeMap::new();
     for pair in files.chunks(2) {
         let children: Vec<_> = pair
             .iter()
             .map(|f| {
                 Command::new("dpkg-deb")
-                    .arg("-x")
+                    .arg("-X")
                     .arg(f)
                     .arg(root)
+                    .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
                     .spawn()
                     .map(|c| (f, c))
@@ -487,16 +521,24 @@ fn unpack(files: &[PathBuf], root: &Path) -> Result<()> {
             let out = child.wait_with_output()?;
             if !out.status.success() {
                 bail!(
-                    "dpkg-deb -x {} {} failed ({}): {}",
+                    "dpkg-deb -X {} {} failed ({}): {}",
                     file.display(),
                     root.display(),
                     out.status,
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
+            // name_version_arch.deb
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.split('_').next())
+                .unwrap_or_default()
+                .to_string();
+            sources.insert(name, go_import_roots(&String::from_utf8_lossy(&out.stdout)));
         }
     }
-    Ok(())
+    Ok(sources)
 }
 
 /// Generates the OpenAPI definitions and builds the program, offline, in GOPATH mode.
@@ -622,46 +664,39 @@ fn go_build(c: &mut Command, packages: &Packages, what: &str) -> Result<()> {
     if status.success() {
         return Ok(());
     }
-    let gocode = format!("{}/", root_dir().join("usr/share/gocode/src").display());
+    let failed = failed_packages(&errors);
+    let ours = failed.iter().any(|p| p.starts_with(GO_PACKAGE));
     let mut culprits: Vec<String> = Vec::new();
-    for line in errors.lines() {
-        // Paths of source files, and import paths Go could not find.
-        let candidates = line
-            .split_whitespace()
-            .filter_map(|w| w.strip_prefix(&gocode))
-            .map(|p| p.rsplit_once('/').map_or(p, |(dir, _)| dir).to_string())
-            .chain(
-                line.split('"')
-                    .nth(1)
-                    .filter(|_| line.contains("cannot find package"))
-                    .map(str::to_string),
-            );
-        for path in candidates {
-            let culprit = match packages.owner_of(&path) {
-                Some((name, version)) => format!("{name} {version} ({path})"),
-                None => format!("no unpacked package provides {path}"),
-            };
-            if !culprits.contains(&culprit) {
-                culprits.push(culprit);
-            }
+    for path in failed.iter().filter(|p| !p.starts_with(GO_PACKAGE)) {
+        let culprit = match packages.owner_of(path) {
+            Some((name, version)) => format!("{name} {version}"),
+            None => format!("no unpacked package provides {path}"),
+        };
+        if !culprits.contains(&culprit) {
+            culprits.push(culprit);
         }
     }
     let mut message = format!(
         "{what} failed ({status}) with Debian sid's {}.",
         packages.summary()
     );
-    if culprits.is_empty() {
-        message.push_str(
-            " The errors are in tests/apiserver/main.go: the apiserver library's API changed \
-             in sid; adapt main.go to it.",
-        );
-    } else {
+    if !culprits.is_empty() {
         let _ = write!(
             message,
-            " The errors point into: {}. Debian sid moved: adapt tests/apiserver/main.go or \
-             xtask/src/apiserver.rs to these versions.",
-            culprits.join("; ")
+            " The errors are in Debian's Go sources of: {}. sid moved and these no longer build \
+             together: adapt xtask/src/apiserver.rs (e.g. the Go version) or wait for sid to \
+             settle.",
+            culprits.join(", ")
         );
+    }
+    if ours {
+        message.push_str(
+            " The errors are in tests/apiserver/main.go (Go package lb-test-apiserver): the \
+             apiserver library's API changed in sid; adapt main.go to it.",
+        );
+    }
+    if culprits.is_empty() && !ours {
+        message.push_str(" See Go's output above.");
     }
     let _ = write!(
         message,
@@ -669,6 +704,34 @@ fn go_build(c: &mut Command, packages: &Packages, what: &str) -> Result<()> {
         packages_stamp().display()
     );
     bail!(message)
+}
+
+/// The Go packages a failed build names: `# import/path` headers, source paths inside the
+/// unpacked tree (Go prints them relative to the working directory), and imports Go could
+/// not find.
+fn failed_packages(errors: &str) -> Vec<String> {
+    let mut failed: Vec<String> = Vec::new();
+    for line in errors.lines() {
+        let header = line.strip_prefix("# ").map(|p| p.trim().to_string());
+        let sources = line.split_whitespace().filter_map(|w| {
+            let (_, path) = w.split_once("usr/share/gocode/src/")?;
+            Some(
+                path.rsplit_once('/')
+                    .map_or(path, |(dir, _)| dir)
+                    .to_string(),
+            )
+        });
+        let missing = line
+            .contains("cannot find package")
+            .then(|| line.split('"').nth(1).map(str::to_string))
+            .flatten();
+        for path in header.into_iter().chain(sources).chain(missing) {
+            if !failed.contains(&path) {
+                failed.push(path);
+            }
+        }
+    }
+    failed
 }
 
 /// Runs `cmd` silently and returns its stdout; on failure, the error carries stderr.
@@ -714,13 +777,23 @@ mod tests {
 
     #[test]
     fn stamp_lines_keep_name_version_and_import_paths() {
-        let show = "Package: golang-k8s-api-dev\nVersion: 0.36.4-1\nGo-Import-Path: k8s.io/api\n\n\
-                    Package: golang-foo-dev\nVersion: 1.0-1\nGo-Import-Path: a.io/x, a.io/y\n\n\
+        let show = "Package: golang-k8s-api-dev\nVersion: 0.36.4-1\nSource: x\n\n\
+                    Package: golang-foo-dev\nVersion: 1.0-1\n\n\
                     Package: etcd-server\nVersion: 3.5.30-2\n";
-        let stamp = stamp_lines(show);
+        let listing = "./\n./usr/share/gocode/src/\n./usr/share/gocode/src/a.io/\n./usr/share/gocode/src/a.io/x/go.mod\n./usr/share/gocode/src/a.io/x/sub/s.go\n\
+                       ./usr/share/gocode/src/a.io/y/y.go\n./usr/share/doc/golang-foo-dev/copyright\n";
+        assert_eq!(go_import_roots(listing), ["a.io/x", "a.io/y"]);
+        let sources = BTreeMap::from([
+            (
+                "golang-k8s-api-dev".to_string(),
+                vec!["k8s.io/api".to_string()],
+            ),
+            ("golang-foo-dev".to_string(), go_import_roots(listing)),
+        ]);
+        let stamp = stamp_lines(show, &sources);
         assert_eq!(
-            stamp,
-            "golang-k8s-api-dev 0.36.4-1 k8s.io/api\ngolang-foo-dev 1.0-1 a.io/x  a.io/y\netcd-server 3.5.30-2 \n"
+            stamp.strip_prefix(STAMP_HEADER).unwrap(),
+            "\ngolang-k8s-api-dev 0.36.4-1 k8s.io/api\ngolang-foo-dev 1.0-1 a.io/x a.io/y\netcd-server 3.5.30-2 \n"
         );
         let dir = std::env::temp_dir().join(format!("xtask-stamp-{}", std::process::id()));
         fs::write(&dir, &stamp).unwrap();
@@ -734,7 +807,28 @@ mod tests {
             packages.owner_of("a.io/y"),
             Some(("golang-foo-dev", "1.0-1"))
         );
+        assert_eq!(
+            packages.owner_of("a.io/x/sub"),
+            Some(("golang-foo-dev", "1.0-1"))
+        );
         assert_eq!(packages.owner_of("k8s.io/apimachinery"), None);
+    }
+
+    #[test]
+    fn failed_packages_from_go_output() {
+        let errors = "# k8s.io/apiextensions-apiserver/pkg/apiserver\n\
+            target/k8s-apiserver/root/usr/share/gocode/src/k8s.io/apiextensions-apiserver/pkg/apiserver/apiserver.go:286:26: undefined: x\n\
+            main.go:3:2: cannot find package \"k8s.io/gone\" in any of:\n\
+            # lb-test-apiserver\n\
+            ./main.go:10:2: undefined: y\n";
+        assert_eq!(
+            failed_packages(errors),
+            [
+                "k8s.io/apiextensions-apiserver/pkg/apiserver",
+                "k8s.io/gone",
+                "lb-test-apiserver"
+            ]
+        );
     }
 
     #[test]

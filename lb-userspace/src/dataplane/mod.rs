@@ -2,11 +2,14 @@
 //! sizes and timeouts, attaches its programs, writes services and backends, and reads
 //! counters and connections back.
 
+mod links;
 pub mod memory;
 mod mmap;
 pub mod pin;
 pub mod selection;
 pub mod sync;
+
+pub use links::AttachedInterface;
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -183,6 +186,10 @@ pub struct Dataplane {
     migration_flags: Array<MapData, u32>,
     /// The link pins this data plane attached or updated.
     links: Vec<PathBuf>,
+    /// Interfaces attached by [`Dataplane::attach_interface`], by name.
+    attached: std::collections::BTreeMap<String, AttachedInterface>,
+    /// Without a pin directory: the links, by interface (dropping one detaches it).
+    owned_links: Vec<(String, links::OwnedLink)>,
 }
 
 /// The maps indexed by service or backend id: adopted together or not at all.
@@ -583,6 +590,8 @@ impl Dataplane {
             adopted,
             migrations,
             links: Vec::new(),
+            attached: Default::default(),
+            owned_links: Vec::new(),
         };
         if dp.adopted.contains(&names::SERVICES) {
             dp.adopt_services()?;
@@ -797,7 +806,10 @@ impl Dataplane {
             .program_mut(name)
             .with_context(|| format!("program {name} is missing"))?;
         // An earlier agent's link: switch it to this program.
-        if let Some(path) = path.as_ref().filter(|p| p.exists()) {
+        if let Some(path) = path
+            .as_ref()
+            .filter(|p| p.exists() && pin::link_follows(p, iface))
+        {
             match update_pinned_link(prog, path) {
                 Ok(()) => {
                     log::info!("{name} on {iface}: pinned link updated to the new program");
@@ -826,7 +838,11 @@ impl Dataplane {
                         Some(_) => Some(p.take_link(id)?.try_into().context(
                             "a TC attachment that is not a bpf link (tcx) cannot be pinned",
                         )?),
-                        None => None,
+                        None => {
+                            let link = links::OwnedLink::Tc(p.take_link(id)?);
+                            self.owned_links.push((iface.to_string(), link));
+                            None
+                        }
                     }
                 }
                 (aya::programs::Program::Xdp(p), None) => {
@@ -837,7 +853,11 @@ impl Dataplane {
                         Some(_) => Some(p.take_link(id)?.try_into().context(
                             "an XDP attachment that is not a bpf link cannot be pinned",
                         )?),
-                        None => None,
+                        None => {
+                            let link = links::OwnedLink::Xdp(p.take_link(id)?);
+                            self.owned_links.push((iface.to_string(), link));
+                            None
+                        }
                     }
                 }
                 _ => bail!("program {name} has an unexpected type"),

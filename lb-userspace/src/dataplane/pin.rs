@@ -269,18 +269,73 @@ fn bpf_syscall(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> 
     }
 }
 
-/// Detaches the link pinned at `path` from its hook (`BPF_LINK_DETACH`, whoever else holds
-/// it) and removes the pin.
-pub fn detach_link_pin(path: &Path) -> Result<()> {
+/// Opens the object pinned at `path` (`BPF_OBJ_GET`).
+fn open_pin(path: &Path) -> Result<std::os::fd::OwnedFd> {
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     let c = CString::new(path.as_os_str().as_bytes())?;
     let mut attr = [0u8; 16];
     attr[..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
     let fd = bpf_syscall(BPF_OBJ_GET, &attr)
         .with_context(|| format!("opening the pinned link {}", path.display()))?;
     // SAFETY: the kernel just returned this descriptor to us.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The interface index an XDP or tcx link pinned at `path` is attached to: 0 once its
+/// device is gone (the kernel detached it); `None` when unknown (another link type, or
+/// unreadable).
+pub fn link_ifindex(path: &Path) -> Option<u32> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    let fd = open_pin(path).ok()?;
+    // `struct bpf_link_info`: type, id, prog_id, then a union whose `xdp` and `tcx`
+    // members both start with the ifindex (offset 16).
+    let mut info = [0u64; 16];
+    let mut attr = [0u8; 16];
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
+    attr[..4].copy_from_slice(&raw.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    bpf_syscall(BPF_OBJ_GET_INFO_BY_FD, &attr).ok()?;
+    let word = |i: usize| {
+        let b = info[i].to_ne_bytes();
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]])
+    };
+    let (link_type, ifindex) = (word(0), word(2));
+    matches!(link_type, BPF_LINK_TYPE_XDP | BPF_LINK_TYPE_TCX).then_some(ifindex)
+}
+
+/// Whether the link pinned at `path` may be switched to a new program for `iface`: not
+/// when it is attached to another device (the name's earlier device, renamed) or to none
+/// (its device was deleted). A new link is then attached and pinned over it.
+pub fn link_follows(path: &Path, iface: &str) -> bool {
+    let Some(pinned) = link_ifindex(path) else {
+        return true;
+    };
+    let current = CString::new(iface)
+        // SAFETY: a valid NUL-terminated string.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+        .unwrap_or(0);
+    if pinned == current {
+        return true;
+    }
+    info!(
+        "{} is attached to {}, not to {iface} (ifindex {current}): replaced by a new link",
+        path.display(),
+        match pinned {
+            0 => "no device any more".to_string(),
+            i => format!("ifindex {i}"),
+        }
+    );
+    false
+}
+
+/// Detaches the link pinned at `path` from its hook (`BPF_LINK_DETACH`, whoever else holds
+/// it) and removes the pin.
+pub fn detach_link_pin(path: &Path) -> Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let fd = open_pin(path)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd) as u32;
     if let Err(e) = bpf_syscall(BPF_LINK_DETACH, &raw.to_ne_bytes()) {
         // Already detached (its device is gone): removing the pin is all that is left.

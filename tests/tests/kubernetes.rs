@@ -736,8 +736,8 @@ spec:
             .find(|s| s["name"] == "web.sample.svc.cluster.local");
         let applied = web.is_some_and(|w| w["outlier_detection"]["consecutive_5xx_errors"] == 3);
         let entry = services.iter().find(|s| s["name"] == "external.example");
-        if applied && entry.is_some() {
-            assert_eq!(entry.unwrap()["source"]["kind"], "kubernetes");
+        if let (true, Some(entry)) = (applied, entry) {
+            assert_eq!(entry["source"]["kind"], "kubernetes");
             break;
         }
         assert!(

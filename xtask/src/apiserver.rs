@@ -66,7 +66,8 @@ const STAMP_HEADER: &str = "# lb test apiserver packages, v2: name version go-im
 const GO_PACKAGE: &str = "lb-test-apiserver";
 
 /// Changes whenever the way the binary is built changes, so such a change rebuilds it.
-const RECIPE: &str = "3: openapi-gen, GOPATH build, -s -w, version from golang-k8s-apiserver-dev";
+const RECIPE: &str =
+    "4: openapi-gen, GOPATH build, -trimpath, -s -w, version from golang-k8s-apiserver-dev";
 
 /// `target/k8s-apiserver`: everything this module makes.
 pub fn cache_dir() -> PathBuf {
@@ -581,7 +582,7 @@ fn build(source: &[u8], packages: &Packages) -> Result<()> {
     if !openapi_gen.is_file() {
         let mut c = Command::new(&go);
         go_env(&mut c);
-        c.arg("build")
+        c.args(["build", "-trimpath"])
             .arg("-o")
             .arg(&openapi_gen)
             .arg("k8s.io/kube-openapi/cmd/openapi-gen");
@@ -610,7 +611,9 @@ fn build(source: &[u8], packages: &Packages) -> Result<()> {
     let temp = dir.join("lb-test-apiserver.tmp");
     let mut c = Command::new(&go);
     go_env(&mut c);
-    c.arg("build");
+    // -trimpath: no machine paths in the binary, and Go's build cache stays valid when
+    // the checkout moves.
+    c.args(["build", "-trimpath"]);
     // No symbol table and DWARF (-s -w): a third smaller and quicker to link; stack traces
     // keep their file:line. /version reports what clients parse: k8s.io/apiserver 0.X.Y is
     // Kubernetes 1.X.Y.

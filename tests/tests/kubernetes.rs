@@ -149,11 +149,12 @@ struct Pod {
 }
 
 /// The node, the client, the API server (in the node), the agent, and pods made later.
+/// Fields drop in this order: the agent before the API server it watches.
 struct Cluster {
-    api: TestApiServer,
-    bed: TestBed,
     agent: Option<AgentProcess>,
     pods: BTreeMap<usize, Pod>,
+    api: TestApiServer,
+    bed: TestBed,
     _dir: TempDir,
 }
 

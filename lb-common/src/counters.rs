@@ -93,10 +93,18 @@ counters! {
     /// A connection was found only in the older table of a migration (a restart that
     /// replaced the connection table) and copied into the current one.
     EventMigrated = 30, "event_migrated";
+    /// A new connection to a service with session affinity went to the backend the
+    /// client's affinity entry named (and refreshed it).
+    EventAffinityHit = 31, "event_affinity_hit";
+    /// A new connection to a service with session affinity found no usable entry (none,
+    /// expired, or its backend no longer active or of the service): selected normally,
+    /// and the choice remembered.
+    EventAffinityMiss = 32, "event_affinity_miss";
 }
 
-/// Number of slots of the `COUNTERS` map.
-pub const COUNTER_SLOTS: u32 = 32;
+/// Number of slots of the `COUNTERS` map (room to grow: a new size replaces the pinned
+/// map, and its counts, at the next restart).
+pub const COUNTER_SLOTS: u32 = 64;
 const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 
 /// Traffic of a service or a backend (per CPU in the map).

@@ -54,4 +54,6 @@ mod pod {
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for Signal {}
+    unsafe impl aya::Pod for crate::maps::AffinityKey {}
+    unsafe impl aya::Pod for crate::maps::Affinity {}
 }

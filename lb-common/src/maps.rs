@@ -72,6 +72,15 @@ pub const BACKEND_SERVICES: &str = "lb_be_svc_v1";
 /// exactly one `DataplaneConfig`), so `lb` commands know the idle timeouts.
 pub const CONFIG_PIN: &str = "lb_config_v1";
 
+/// Session affinity (Kubernetes `sessionAffinity: ClientIP`), LRU: `AffinityKey` (service
+/// id, client address) → `Affinity` (backend id, last use). A client's new connections to
+/// a service with affinity go to the backend remembered here while it is usable and the
+/// client was not silent for the service's timeout (Cilium's `cilium_lb4_affinity`).
+pub const AFFINITY: &str = "lb_aff_v1";
+/// Session-affinity timeout of each service id in seconds (`u32` index → `u32`; 0: no
+/// affinity). Read only for services flagged `SERVICE_AFFINITY`.
+pub const AFFINITY_TIMEOUTS: &str = "lb_svc_aff_v1";
+
 /// Every map the agent pins, by the name of its file in the pin directory.
 pub const PINNED: &[&str] = &[
     SERVICES,
@@ -86,6 +95,8 @@ pub const PINNED: &[&str] = &[
     SERVICE_STATS,
     BACKEND_STATS,
     CONFIG_PIN,
+    AFFINITY,
+    AFFINITY_TIMEOUTS,
 ];
 
 /// Default sizes; the agent overrides them at load from its configuration.
@@ -95,6 +106,10 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// 8192 fits a Maglev table (prime ≥ 64 per backend) for up to 127 backends.
 pub const DEFAULT_TABLE_SLOTS: u32 = 8192;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 262_144;
+/// Session-affinity entries: one per client and service with affinity.
+pub const DEFAULT_MAX_AFFINITY: u32 = 65_536;
+/// Longest session-affinity timeout (Kubernetes' `timeoutSeconds` maximum, one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
 
 /// How many table slots a new connection may try when the first pick is not active.
 pub const MAX_RESELECT: u32 = 8;
@@ -149,6 +164,32 @@ assert_size!(Service, 16);
 
 /// The service speaks cleartext HTTP/1.x: the status of responses is parsed and counted.
 pub const SERVICE_HTTP: u16 = 1;
+/// The service has session affinity: new connections look up `AFFINITY`, with the timeout
+/// in `AFFINITY_TIMEOUTS`. Services without it pay only this flag's test.
+pub const SERVICE_AFFINITY: u16 = 2;
+
+/// Key of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client's (source) address.
+    pub client: AddrBe,
+    pub service_id: u32,
+}
+assert_size!(AffinityKey, 20);
+
+/// Value of the session-affinity map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    /// The backend the client's new connections go to.
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the client's last new connection that used it; the
+    /// entry stands until `last_used_ns + timeout`.
+    pub last_used_ns: u64,
+}
+assert_size!(Affinity, 16);
 
 /// Lifecycle state of a backend. Only `Active` backends receive new connections;
 /// established connections stay on their backend in every state.

@@ -19,13 +19,15 @@ use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
     flow::{addr_filter_slot, flow_hash, selection_slot},
     maps::{
-        AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, MAX_RESELECT, SERVICE_HTTP,
+        AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, MAX_RESELECT,
+        SERVICE_AFFINITY, SERVICE_HTTP,
     },
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey, SignalKind,
 };
 
 use crate::{
+    affinity,
     handshake::{self, be32_at},
     http, icmp,
     maps::{config, selection_slot_id, ADDR_FILTER, BACKENDS, CONNECTIONS, SERVICES},
@@ -423,7 +425,7 @@ pub fn partner_key(flow: &FlowKey, entry: &ConnEntry) -> FlowKey {
 /// Picks an active backend from the service's selection table: the flow's slot, then up
 /// to `MAX_RESELECT - 1` following slots when that backend is not active.
 #[inline(always)]
-fn select(svc: &Service, hash: u32) -> Result<(u32, lb_common::Backend, bool), Counter> {
+pub fn select(svc: &Service, hash: u32) -> Result<(u32, lb_common::Backend, bool), Counter> {
     if svc.table_len == 0 {
         return Err(Counter::DropNoBackend);
     }
@@ -458,7 +460,13 @@ fn new_connection<P: Packet>(
         // backend as long as the selection table has not changed since.
         stats::count(Counter::EventMidflowMiss);
     }
-    let (backend_id, backend, reselected) = match select(svc, flow_hash(&p.flow)) {
+    // Session affinity: the client's backend, when it has one that stands.
+    let chosen = if svc.flags & SERVICE_AFFINITY != 0 {
+        affinity::select(svc, &p.flow, now)
+    } else {
+        select(svc, flow_hash(&p.flow))
+    };
+    let (backend_id, backend, reselected) = match chosen {
         Ok(chosen) => chosen,
         Err(counter) => return (Outcome::Drop, counter),
     };

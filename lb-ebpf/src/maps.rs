@@ -9,8 +9,9 @@ use aya_ebpf::{
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        ConnEntryV1, ADDR_FILTER_WORDS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS, SIGNALS_BYTES,
+        Affinity, AffinityKey, ConnEntryV1, ADDR_FILTER_WORDS, DEFAULT_MAX_AFFINITY,
+        DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS,
+        SIGNALS_BYTES,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -40,8 +41,9 @@ pub fn selection_slot_id(slot: u32) -> Option<u32> {
 #[map(name = "lb_be_v1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Backend id → service id. Written by the agent for `lb` commands and never read here:
-/// it says which frontend a draining or ejected backend (in no table) belongs to.
+/// Backend id → service id, written by the agent: which frontend a draining or ejected
+/// backend (in no table) belongs to, for `lb` commands; here, whether a backend a client's
+/// session affinity names is still one of the service's.
 #[map(name = "lb_be_svc_v1")]
 pub static BACKEND_SERVICES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
@@ -86,6 +88,16 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> =
 #[map(name = "lb_be_st_v1")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Session affinity: (service id, client address) → backend and last use (LRU: when full,
+/// the least recently used clients are forgotten and balanced afresh).
+#[map(name = "lb_aff_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+/// Session-affinity timeout per service id, in seconds (0: none).
+#[map(name = "lb_svc_aff_v1")]
+pub static AFFINITY_TIMEOUTS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 /// Load-time settings; the agent overrides this read-only global when it loads the object.
 #[no_mangle]

@@ -38,6 +38,23 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Strin
         .with_context(|| format!("{} from {local:?}", what()))
 }
 
+/// As [`http_get`], from the local address `src` (one of the namespace's addresses): a
+/// second client on the same host.
+pub fn http_get_from(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let what = || format!("GET http://{addr}{path} from {src} (new connection)");
+    let stream = connect_from(src, addr, timeout).with_context(what)?;
+    let mut reader = BufReader::new(stream.try_clone().with_context(what)?);
+    let mut writer = stream;
+    send_get(&mut writer, addr, path, false)
+        .and_then(|()| read_response(&mut reader))
+        .with_context(what)
+}
+
 /// Sends `POST path` with an empty body on a new connection and returns the body of a
 /// `200` answer (e.g. to lb's admin endpoint).
 pub fn http_post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
@@ -192,6 +209,57 @@ fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A TCP connection to `addr` from the local address `src` (bound before connecting, which
+/// `TcpStream` cannot do), with `timeout` on the connect and on every read and write.
+fn connect_from(src: Ipv4Addr, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let SocketAddr::V4(dst) = addr else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an IPv4 source needs an IPv4 destination",
+        ));
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) has no memory preconditions.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns; the stream closes it.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let local = sockaddr(src, 0);
+    // SAFETY: a valid `sockaddr_in` of `len` bytes.
+    if unsafe { libc::bind(fd, (&raw const local).cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Linux bounds a blocking connect(2) by the send timeout.
+    stream.set_write_timeout(Some(timeout))?;
+    let remote = sockaddr(*dst.ip(), dst.port());
+    // SAFETY: a valid `sockaddr_in` of `len` bytes.
+    if unsafe { libc::connect(fd, (&raw const remote).cast(), len) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EINPROGRESS) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect: no answer within {timeout:?}"),
+            )
+        } else {
+            e
+        });
+    }
+    stream.set_read_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
     Ok(stream)
 }

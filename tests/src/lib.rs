@@ -40,7 +40,7 @@ mod selftest;
 
 use std::{io::Write as _, time::Duration};
 
-pub use clients::{http_get, http_post, names_from, udp_request, KeepAliveClient};
+pub use clients::{http_get, http_get_from, http_post, names_from, udp_request, KeepAliveClient};
 pub use cmd::run_command;
 pub use names::unique_name;
 pub use netns::{add_address, add_dummy, add_route, Netns};

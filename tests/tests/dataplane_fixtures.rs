@@ -11,7 +11,10 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
-use lb::dataplane::{sync::Programmer, Dataplane, DataplaneOptions, Frontend};
+use lb::dataplane::{
+    sync::{DesiredService, Programmer},
+    Dataplane, DataplaneOptions, Frontend,
+};
 use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
     family, flow_hash,
@@ -2219,4 +2222,333 @@ fn a_shorter_failover_list_does_not_hide_an_eligible_backend() {
         &[sig(SignalKind::ConnectRefused, svc_id, list[1])],
     );
     assert_eq!(h.entry(&flow).unwrap().backend_id, list[2]);
+}
+
+/// `desired` with web's session affinity (Kubernetes `sessionAffinity: ClientIP`) set to
+/// `timeout`.
+fn with_affinity(states: [BackendState; 3], timeout: Option<Duration>) -> Vec<DesiredService> {
+    let mut services = desired(states);
+    services[0].session_affinity = timeout;
+    services
+}
+
+/// A new connection from `port` of the fixtures' client to web, expected at `to`: its
+/// verdict, rewritten packet and exact counters (`affinity`: the affinity counter it
+/// moves, if any).
+fn new_web_connection(
+    h: &mut Harness,
+    name: &str,
+    port: u16,
+    to: (Ipv4Addr, u16),
+    affinity: Option<Counter>,
+) {
+    let syn = PacketSpec::tcp(client(port), (VIP, 80), SYN);
+    let mut counters = vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)];
+    counters.extend(affinity.map(|c| (c, 1)));
+    check(
+        h,
+        Case {
+            name: format!("{name} (client port {port})"),
+            input: syn.build(),
+            verdict: Verdict::Pass,
+            output: Some(syn.clone().with_dst(to).build()),
+            counters,
+        },
+    );
+}
+
+/// The backend id web's affinity entry for the fixtures' client names, if any.
+fn remembered(h: &Harness) -> Option<u32> {
+    let svc = h.programmer.service_id(&WEB).unwrap();
+    h.dp.affinity_entries()
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k.service_id == svc && k.client == AddrBe::v4(CLIENT.octets()))
+        .map(|(_, v)| v.backend_id)
+}
+
+/// Session affinity: with it, new connections of one client address go to one backend
+/// whatever their source ports (which the hash would spread); the entry follows the
+/// client to another backend when its backend is drained, ejected or removed, and sticks
+/// there; once the client was silent for the timeout, it is balanced afresh. Without it
+/// (before, and after it is switched off), the same ports spread.
+fn run_session_affinity(hook: Hook) {
+    let mut h = Harness::new(hook);
+    let svc_id = h.programmer.service_id(&WEB).unwrap();
+    let active = [BackendState::Active; 3];
+    let first_pick = |h: &Harness, port: u16| {
+        let flow = flow_of(&PacketSpec::tcp(client(port), (VIP, 80), SYN));
+        let (addr, port, id) = h.predicted_backend(&WEB, &flow);
+        ((addr, port), id)
+    };
+
+    // Without affinity: each port lands where the hash puts it, on every backend.
+    let mut spread = BTreeMap::new();
+    for port in 21000..21030 {
+        let (to, id) = first_pick(&h, port);
+        new_web_connection(&mut h, "no affinity: hashed", port, to, None);
+        *spread.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(spread.len(), 3, "{hook:?}: 30 ports spread: {spread:?}");
+    assert_eq!(remembered(&h), None);
+
+    // With affinity: the first connection is balanced and remembered, the next ones
+    // follow it, also from ports the hash would send elsewhere.
+    h.programmer
+        .apply(
+            &mut h.dp,
+            &with_affinity(active, Some(Duration::from_secs(3600))),
+        )
+        .unwrap();
+    assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 3600);
+    assert_ne!(
+        h.dp.service(&WEB).unwrap().flags & lb_common::maps::SERVICE_AFFINITY,
+        0
+    );
+    let (to, first) = first_pick(&h, 22000);
+    new_web_connection(
+        &mut h,
+        "affinity: first connection balanced",
+        22000,
+        to,
+        Some(Counter::EventAffinityMiss),
+    );
+    assert_eq!(remembered(&h), Some(first));
+    let mut elsewhere = 0;
+    for port in 22001..22031 {
+        elsewhere += usize::from(first_pick(&h, port).1 != first);
+        new_web_connection(
+            &mut h,
+            "affinity: same backend",
+            port,
+            to,
+            Some(Counter::EventAffinityHit),
+        );
+    }
+    assert!(
+        elsewhere >= 10,
+        "{hook:?}: only {elsewhere} ports hash elsewhere"
+    );
+
+    // Its backend drained: the next connection is balanced among the others and sticks.
+    let mut states = active;
+    let first_index = h.backend_addr(first).0.octets()[2] as usize - 1;
+    states[first_index] = BackendState::Draining;
+    h.programmer
+        .apply(
+            &mut h.dp,
+            &with_affinity(states, Some(Duration::from_secs(3600))),
+        )
+        .unwrap();
+    let (to, second) = first_pick(&h, 23000);
+    assert_ne!(second, first);
+    new_web_connection(
+        &mut h,
+        "affinity: backend draining, balanced again",
+        23000,
+        to,
+        Some(Counter::EventAffinityMiss),
+    );
+    assert_eq!(remembered(&h), Some(second));
+    for port in 23001..23011 {
+        new_web_connection(
+            &mut h,
+            "affinity: sticks to the new backend",
+            port,
+            to,
+            Some(Counter::EventAffinityHit),
+        );
+    }
+
+    // That one ejected (the first one back): moves again, and sticks.
+    let mut states = active;
+    states[h.backend_addr(second).0.octets()[2] as usize - 1] = BackendState::Ejected;
+    h.programmer
+        .apply(
+            &mut h.dp,
+            &with_affinity(states, Some(Duration::from_secs(3600))),
+        )
+        .unwrap();
+    let (to, third) = first_pick(&h, 24000);
+    assert_ne!(third, second);
+    new_web_connection(
+        &mut h,
+        "affinity: backend ejected, balanced again",
+        24000,
+        to,
+        Some(Counter::EventAffinityMiss),
+    );
+    for port in 24001..24011 {
+        new_web_connection(
+            &mut h,
+            "affinity: sticks after the ejection",
+            port,
+            to,
+            Some(Counter::EventAffinityHit),
+        );
+    }
+
+    // That one removed from the service (its id cleared): moves again.
+    let mut services = with_affinity(active, Some(Duration::from_secs(3600)));
+    let gone = h.backend_addr(third).0;
+    services[0].backends.retain(|b| b.addr != gone);
+    h.programmer.apply(&mut h.dp, &services).unwrap();
+    let (to, fourth) = first_pick(&h, 25000);
+    assert_ne!(fourth, third);
+    new_web_connection(
+        &mut h,
+        "affinity: backend removed, balanced again",
+        25000,
+        to,
+        Some(Counter::EventAffinityMiss),
+    );
+    assert_eq!(remembered(&h), Some(fourth));
+    new_web_connection(
+        &mut h,
+        "affinity: sticks after the removal",
+        25001,
+        to,
+        Some(Counter::EventAffinityHit),
+    );
+
+    // A timeout of 1 s: within it the client keeps its backend; after 1 s of silence the
+    // entry no longer stands and a port the hash sends elsewhere goes elsewhere.
+    h.programmer
+        .apply(
+            &mut h.dp,
+            &with_affinity(active, Some(Duration::from_secs(1))),
+        )
+        .unwrap();
+    assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 1);
+    let kept = h.backend_addr(fourth);
+    new_web_connection(
+        &mut h,
+        "affinity 1 s: within the timeout",
+        26000,
+        kept,
+        Some(Counter::EventAffinityHit),
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let port = (26001..27000)
+        .find(|&p| first_pick(&h, p).1 != fourth)
+        .unwrap();
+    let (to, fifth) = first_pick(&h, port);
+    new_web_connection(
+        &mut h,
+        "affinity 1 s: after the timeout, balanced afresh",
+        port,
+        to,
+        Some(Counter::EventAffinityMiss),
+    );
+    assert_eq!(remembered(&h), Some(fifth));
+
+    // Switched off: the flag and the timeout are cleared, ports spread again.
+    h.programmer.apply(&mut h.dp, &desired(active)).unwrap();
+    assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 0);
+    assert_eq!(
+        h.dp.service(&WEB).unwrap().flags & lb_common::maps::SERVICE_AFFINITY,
+        0
+    );
+    let mut spread = BTreeMap::new();
+    for port in 27000..27030 {
+        let (to, id) = first_pick(&h, port);
+        new_web_connection(&mut h, "affinity off: hashed again", port, to, None);
+        *spread.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(spread.len(), 3, "{hook:?}: 30 ports spread: {spread:?}");
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_xdp() {
+    if !require_root() {
+        return;
+    }
+    run_session_affinity(Hook::Xdp);
+}
+
+#[test]
+fn session_affinity_keeps_a_client_on_its_backend_tc() {
+    if !require_root() {
+        return;
+    }
+    let ns = routed_netns("dpa");
+    ns.run(|| run_session_affinity(Hook::TcIngress));
+}
+
+/// A pin directory on the BPF filesystem, removed (every pin) when dropped.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = lb::dataplane::pin::cleanup(&self.0);
+    }
+}
+
+/// An agent restart keeps session affinity: the next agent adopts the affinity map and the
+/// timeouts with the other id maps, and a client keeps its backend.
+#[test]
+fn session_affinity_is_adopted_across_a_restart() {
+    if !require_root() {
+        return;
+    }
+    let dir = PinDir(std::path::PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbaff")));
+    let options = DataplaneOptions {
+        max_connections: 1024,
+        ..Default::default()
+    };
+    let services = with_affinity([BackendState::Active; 3], Some(Duration::from_secs(3600)));
+    let start = |adopt: bool| {
+        let mut dp = Dataplane::load_pinned(&options, Some(&dir.0)).unwrap();
+        let mut programmer = if adopt {
+            Programmer::adopt(&mut dp).unwrap().0
+        } else {
+            Programmer::default()
+        };
+        programmer.apply(&mut dp, &services).unwrap();
+        let signals = dp.take_signals().unwrap();
+        Harness {
+            dp,
+            programmer,
+            hook: Hook::Xdp,
+            signals,
+        }
+    };
+    let kept = {
+        let mut h = start(false);
+        let flow = flow_of(&PacketSpec::tcp(client(28000), (VIP, 80), SYN));
+        let (addr, port, id) = h.predicted_backend(&WEB, &flow);
+        new_web_connection(
+            &mut h,
+            "before the restart: balanced",
+            28000,
+            (addr, port),
+            Some(Counter::EventAffinityMiss),
+        );
+        id
+    };
+    let mut h = start(true);
+    for name in [
+        lb_common::maps::AFFINITY,
+        lb_common::maps::AFFINITY_TIMEOUTS,
+    ] {
+        assert!(h.dp.adopted().contains(&name), "{name} adopted");
+    }
+    let svc_id = h.programmer.service_id(&WEB).unwrap();
+    assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 3600);
+    assert_eq!(remembered(&h), Some(kept));
+    // A port the hash sends elsewhere.
+    let port = (28001..29000)
+        .find(|&p| {
+            let flow = flow_of(&PacketSpec::tcp(client(p), (VIP, 80), SYN));
+            h.predicted_backend(&WEB, &flow).2 != kept
+        })
+        .unwrap();
+    let to = h.backend_addr(kept);
+    new_web_connection(
+        &mut h,
+        "after the restart: the client's backend",
+        port,
+        to,
+        Some(Counter::EventAffinityHit),
+    );
 }

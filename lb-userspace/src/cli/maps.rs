@@ -83,6 +83,15 @@ fn fill(pins: &Pins, name: &str, data: MapData) -> Result<(Option<u64>, String)>
             let n = pins.connections()?.len();
             (count(n), format!("{n} entries, two per connection"))
         }
+        names::AFFINITY => {
+            let map: aya::maps::HashMap<
+                MapData,
+                lb_common::maps::AffinityKey,
+                lb_common::maps::Affinity,
+            > = aya::maps::HashMap::try_from(Map::from_map_data(data)?)?;
+            let n = map.keys().filter(|k| k.is_ok()).count();
+            (count(n), "clients remembered (expired ones too)".into())
+        }
         names::SELECTION => {
             let slots: u64 = pins
                 .services()?
@@ -105,7 +114,10 @@ fn fill(pins: &Pins, name: &str, data: MapData) -> Result<(Option<u64>, String)>
                 .count();
             (count(n), "backends set".into())
         }
-        names::BACKEND_SERVICES | names::ADDR_FILTER | names::CONFIG_PIN => {
+        names::BACKEND_SERVICES
+        | names::ADDR_FILTER
+        | names::CONFIG_PIN
+        | names::AFFINITY_TIMEOUTS => {
             let info = data.info()?;
             let n = match info.value_size() {
                 4 => {

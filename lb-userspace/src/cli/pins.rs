@@ -160,6 +160,20 @@ impl Pins {
         Ok(Some(ids))
     }
 
+    /// Session-affinity timeout (seconds, 0: none) of every service id, when the agent
+    /// pinned that map.
+    pub fn affinity_timeouts(&self) -> Result<Option<Vec<u32>>> {
+        if !self.has(names::AFFINITY_TIMEOUTS) {
+            return Ok(None);
+        }
+        let map: Array<MapData, u32> = self.typed(names::AFFINITY_TIMEOUTS)?;
+        let secs = map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the session-affinity timeouts")?;
+        Ok(Some(secs))
+    }
+
     /// The selection-table array, to read windows of it.
     pub fn selection(&self) -> Result<Selection> {
         Selection::open(self.data(names::SELECTION)?)
@@ -168,8 +182,11 @@ impl Pins {
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
         let map: PerCpuArray<MapData, u64> = self.typed(names::COUNTERS)?;
+        // An agent of an earlier release pinned fewer slots: its counters only.
+        let slots = map.len();
         Counter::ALL
             .iter()
+            .filter(|&&c| (c as u32) < slots)
             .map(|&c| {
                 let values = map
                     .get(&(c as u32), 0)

@@ -61,6 +61,7 @@ pub(super) fn read_dataplane(doc: &mut Doc, path: &str, value: &Value) -> Datapl
             "max_backends" => &mut options.max_backends,
             "table_slots" => &mut options.table_slots,
             "max_connections" => &mut options.max_connections,
+            "max_affinity" => &mut options.max_affinity,
             "connect_retries" => &mut options.timeouts.connect_retries,
             "timeouts" => {
                 read_timeouts(doc, &at, value, &mut options.timeouts);

@@ -34,7 +34,10 @@ use lb_common::{
     counters::COUNTER_SLOTS,
     family,
     flow::addr_filter_slot,
-    maps::{self as names, AddrRole, ConnEntryV1, FALLBACK_LEN},
+    maps::{
+        self as names, AddrRole, Affinity, AffinityKey, ConnEntryV1, FALLBACK_LEN,
+        MAX_AFFINITY_TIMEOUT_SECS, SERVICE_AFFINITY,
+    },
     AddrBe, Backend, BackendState, ConnEntry, Counter, DataplaneConfig, FlowKey, Service,
     ServiceKey, TrafficStats,
 };
@@ -61,6 +64,8 @@ pub struct DataplaneOptions {
     pub table_slots: u32,
     /// Entries of the connection table; a connection takes two.
     pub max_connections: u32,
+    /// Entries of the session-affinity map: one per client and service with affinity.
+    pub max_affinity: u32,
     pub timeouts: DataplaneConfig,
 }
 
@@ -71,6 +76,7 @@ impl Default for DataplaneOptions {
             max_backends: names::DEFAULT_MAX_BACKENDS,
             table_slots: names::DEFAULT_TABLE_SLOTS,
             max_connections: names::DEFAULT_MAX_CONNECTIONS,
+            max_affinity: names::DEFAULT_MAX_AFFINITY,
             timeouts: DataplaneConfig::DEFAULT,
         }
     }
@@ -172,6 +178,12 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     /// The signal ring buffer, until someone takes it to consume it.
     signals: Option<aya::maps::RingBuf<MapData>>,
+    /// Session affinity: (service id, client) → backend, last use.
+    affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// Session-affinity timeout (seconds) of each service id.
+    affinity_timeouts: Array<MapData, u32>,
+    /// What `affinity_timeouts` holds, per service id with a timeout.
+    affinity_secs: StdHashMap<u32, u32>,
     /// Which half of each service's table is active (0 or 1).
     active_half: StdHashMap<u32, u32>,
     /// How many published frontends share each VIP address (for the address markers).
@@ -201,6 +213,11 @@ const ID_GROUP: &[&str] = &[
     names::SERVICE_STATS,
     names::BACKEND_STATS,
 ];
+
+/// Maps keyed by service or backend ids that are adopted only with `ID_GROUP` (their
+/// contents mean nothing under other ids), but may be missing: an agent of a release
+/// without them leaves none, and they start empty.
+const ID_FOLLOWERS: &[&str] = &[names::AFFINITY, names::AFFINITY_TIMEOUTS];
 
 /// `BPF_NOEXIST`: insert only when the key is absent.
 const BPF_NOEXIST: u64 = 1;
@@ -349,6 +366,22 @@ fn map_specs(o: &DataplaneOptions, selection_elements: u32) -> Vec<pin::MapSpec>
             o.max_backends,
             0,
         ),
+        spec(
+            names::AFFINITY,
+            MapType::LruHash,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
+            o.max_affinity,
+            0,
+        ),
+        spec(
+            names::AFFINITY_TIMEOUTS,
+            MapType::Array,
+            4,
+            4,
+            o.max_services,
+            0,
+        ),
     ]
 }
 
@@ -376,6 +409,8 @@ fn loader(options: &DataplaneOptions, selection_elements: u32) -> EbpfLoader<'_>
         .map_max_entries(names::CONNECTIONS, options.max_connections)
         .map_max_entries(names::SERVICE_STATS, options.max_services)
         .map_max_entries(names::BACKEND_STATS, options.max_backends)
+        .map_max_entries(names::AFFINITY, options.max_affinity)
+        .map_max_entries(names::AFFINITY_TIMEOUTS, options.max_services)
         .override_global(names::CONFIG_GLOBAL, &options.timeouts, true);
     loader
 }
@@ -473,7 +508,7 @@ impl Dataplane {
                 .filter(|(spec, _)| ID_GROUP.contains(&spec.name))
                 .all(|(_, c)| matches!(c, pin::PinnedMap::Compatible));
             for (spec, check) in checks {
-                let in_group = ID_GROUP.contains(&spec.name);
+                let in_group = ID_GROUP.contains(&spec.name) || ID_FOLLOWERS.contains(&spec.name);
                 match check {
                     pin::PinnedMap::Absent => reuse.push(spec.name),
                     pin::PinnedMap::Compatible if !in_group || group_whole => {
@@ -581,6 +616,9 @@ impl Dataplane {
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
             signals: Some(take(&mut ebpf, names::SIGNALS)?),
+            affinity: take(&mut ebpf, names::AFFINITY)?,
+            affinity_timeouts: take(&mut ebpf, names::AFFINITY_TIMEOUTS)?,
+            affinity_secs: StdHashMap::new(),
             migration_flags: take(&mut ebpf, names::MIGRATION)?,
             ebpf,
             options: options.clone(),
@@ -626,6 +664,11 @@ impl Dataplane {
             };
             let half = (svc.table_offset / slots).saturating_sub(svc.id * 2) & 1;
             self.active_half.insert(svc.id, half);
+            // Absent in pins of a release without affinity: then 0, as created.
+            let secs = self.affinity_timeouts.get(&svc.id, 0).unwrap_or(0);
+            if secs != 0 {
+                self.affinity_secs.insert(svc.id, secs);
+            }
             *self.vip_users.entry(frontend.vip).or_default() += 1;
         }
         Ok(())
@@ -961,6 +1004,12 @@ impl Dataplane {
     /// `fallback` (at most `FALLBACK_LEN` backend ids, in priority order) is where a
     /// refused or timed-out connection attempt goes next; it follows the table in the same
     /// half, so both change together. `flags` are `lb_common::maps::SERVICE_*`.
+    ///
+    /// `affinity_secs` (0: none, at most `MAX_AFFINITY_TIMEOUT_SECS`) is the service's
+    /// session-affinity timeout: written before the service entry that flags it
+    /// (`SERVICE_AFFINITY`, set here), cleared after the one that no longer does. The
+    /// programs read the timeout only under the flag and treat 0 as none, so each step
+    /// between is consistent.
     pub fn publish_service(
         &mut self,
         id: u32,
@@ -968,6 +1017,7 @@ impl Dataplane {
         table: &[u32],
         fallback: &[u32],
         flags: u16,
+        affinity_secs: u32,
     ) -> Result<()> {
         if id == 0 || id >= self.options.max_services {
             bail!(
@@ -989,6 +1039,18 @@ impl Dataplane {
                 self.options.table_slots
             );
         }
+        if affinity_secs > MAX_AFFINITY_TIMEOUT_SECS {
+            bail!(
+                "session affinity of {frontend}: {affinity_secs} s is more than \
+                 {MAX_AFFINITY_TIMEOUT_SECS} s"
+            );
+        }
+        let flags = if affinity_secs != 0 {
+            self.set_affinity_timeout(id, affinity_secs)?;
+            flags | SERVICE_AFFINITY
+        } else {
+            flags & !SERVICE_AFFINITY
+        };
         self.mark_address(frontend.vip, AddrRole::Vip)?;
         let half = self.active_half.get(&id).map_or(0, |h| 1 - h);
         let offset = (id * 2 + half) * self.options.table_slots;
@@ -1016,7 +1078,39 @@ impl Dataplane {
                 .with_context(|| format!("marking {} as a VIP address", frontend.vip))?;
         }
         self.active_half.insert(id, half);
+        if affinity_secs == 0 {
+            self.set_affinity_timeout(id, 0)?;
+        }
         Ok(())
+    }
+
+    /// Writes service `id`'s session-affinity timeout when it changed.
+    fn set_affinity_timeout(&mut self, id: u32, secs: u32) -> Result<()> {
+        if self.affinity_secs.get(&id).copied().unwrap_or(0) == secs {
+            return Ok(());
+        }
+        self.affinity_timeouts
+            .set(id, secs, 0)
+            .with_context(|| format!("writing the session-affinity timeout of service {id}"))?;
+        if secs == 0 {
+            self.affinity_secs.remove(&id);
+        } else {
+            self.affinity_secs.insert(id, secs);
+        }
+        Ok(())
+    }
+
+    /// The session-affinity timeout the programs read for service `id` (0: none).
+    pub fn affinity_timeout(&self, id: u32) -> Result<u32> {
+        Ok(self.affinity_timeouts.get(&id, 0)?)
+    }
+
+    /// Every session-affinity entry: (service id, client) → backend, last use.
+    pub fn affinity_entries(&self) -> Result<Vec<(AffinityKey, Affinity)>> {
+        self.affinity
+            .iter()
+            .map(|r| r.context("reading the session-affinity map"))
+            .collect()
     }
 
     /// Removes service `id` at `frontend`: new connections to it pass untouched;
@@ -1025,6 +1119,9 @@ impl Dataplane {
         self.services
             .remove(&frontend.key())
             .with_context(|| format!("removing service {frontend}"))?;
+        // Its clients' entries are left to age out (walking the map would cost more): the
+        // programs follow one only while the backend it names belongs to the service id.
+        self.set_affinity_timeout(id, 0)?;
         if self.active_half.remove(&id).is_some() {
             let users = self.vip_users.entry(frontend.vip).or_default();
             *users = users.saturating_sub(1);
@@ -1109,6 +1206,7 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
         max_backends,
         table_slots,
         max_connections,
+        max_affinity,
         timeouts,
     } = o;
     for (name, v, min) in [
@@ -1117,6 +1215,7 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
         // Room for a small table and the failover list that follows it.
         ("dataplane.table_slots", *table_slots, 2 * FALLBACK_LEN),
         ("dataplane.max_connections", *max_connections, 2),
+        ("dataplane.max_affinity", *max_affinity, 2),
     ] {
         if v < min {
             bail!("{name} must be at least {min}, got {v}");

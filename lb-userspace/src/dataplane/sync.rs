@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use lb_common::{
-    maps::{FALLBACK_LEN, SERVICE_HTTP},
+    maps::{FALLBACK_LEN, MAX_AFFINITY_TIMEOUT_SECS, SERVICE_HTTP},
     BackendState,
 };
 
@@ -62,8 +62,18 @@ fn failover_list(s: &DesiredService, ids: impl Fn(&DesiredBackend) -> u32) -> Ve
 /// A backend of one service: the service's frontend, the backend's address and port.
 pub type BackendKey = (Frontend, Ipv4Addr, u16);
 
-/// What a published table was built from: backends, size, failover list, HTTP flag.
-type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool);
+/// What a published table was built from: backends, size, failover list, HTTP flag,
+/// session-affinity timeout (seconds).
+type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool, u32);
+
+/// The session-affinity timeout the data plane gets, in whole seconds (0: none): rounded
+/// up (a timeout is never cut short), at most a day, as Kubernetes allows.
+pub fn affinity_secs(timeout: Option<std::time::Duration>) -> u32 {
+    timeout.map_or(0, |t| {
+        let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+        secs.min(u64::from(MAX_AFFINITY_TIMEOUT_SECS)) as u32
+    })
+}
 
 /// Remembers which ids the data plane uses for which service and backend, and what it
 /// last wrote, so an update writes only what changed: an ejection in one service touches
@@ -156,11 +166,17 @@ impl Programmer {
         // The failover list shares the table's window.
         let size = table_size(s.backends.len(), table_slots - FALLBACK_LEN as usize);
         let fallback = failover_list(s, |b| self.backends[&(s.frontend, b.addr, b.port)]);
-        let inputs = (weighted, size, fallback, s.http);
+        let inputs = (
+            weighted,
+            size,
+            fallback,
+            s.http,
+            affinity_secs(s.session_affinity),
+        );
         if self.written_tables.get(&id) != Some(&inputs) {
             let table = maglev_table(&inputs.0, size);
             let flags = if s.http { SERVICE_HTTP } else { 0 };
-            dp.publish_service(id, &s.frontend, &table, &inputs.2, flags)?;
+            dp.publish_service(id, &s.frontend, &table, &inputs.2, flags, inputs.4)?;
             self.written_tables.insert(id, inputs);
         }
         Ok(())
@@ -311,8 +327,9 @@ impl Programmer {
                     id
                 }
             };
-            self.publish_table(dp, id, s)?;
-            // Which service each backend belongs to, for `lb` commands.
+            // Which service each backend belongs to, for `lb` commands and session
+            // affinity (which follows a client's backend only while it is the service's):
+            // before the table that names them.
             for b in &s.backends {
                 let bid = self.backends[&(s.frontend, b.addr, b.port)];
                 if self.written_owners.get(&bid) != Some(&id) {
@@ -320,6 +337,7 @@ impl Programmer {
                     self.written_owners.insert(bid, id);
                 }
             }
+            self.publish_table(dp, id, s)?;
         }
         // 3. Then what is gone.
         for (frontend, id) in stale_services {
@@ -384,6 +402,17 @@ mod tests {
         };
         let list = failover_list(&s, |b| u32::from(b.addr.octets()[3]));
         assert_eq!(list, vec![4, 2, 1, 7]);
+    }
+
+    /// Timeouts become whole seconds, rounded up and capped at Kubernetes' maximum.
+    #[test]
+    fn affinity_timeouts_are_whole_seconds() {
+        use std::time::Duration;
+        assert_eq!(affinity_secs(None), 0);
+        assert_eq!(affinity_secs(Some(Duration::from_secs(10800))), 10800);
+        assert_eq!(affinity_secs(Some(Duration::from_millis(1500))), 2);
+        assert_eq!(affinity_secs(Some(Duration::from_millis(1))), 1);
+        assert_eq!(affinity_secs(Some(Duration::from_secs(100_000))), 86_400);
     }
 
     #[test]

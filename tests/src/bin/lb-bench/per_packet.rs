@@ -82,6 +82,21 @@ fn run_once(
     Ok(d.as_nanos() as u64)
 }
 
+/// A client of the session-affinity rows: `i`'s own address (a new client), or one of
+/// `i / CLIENT_PORTS`'s ports (a client whose backend is remembered, but for its first).
+fn affinity_client(i: usize, known: bool) -> (Ipv4Addr, u16) {
+    const CLIENT_PORTS: usize = 1000;
+    let i = i as u32;
+    if known {
+        (
+            Ipv4Addr::from(0x0ab0_0000 | (i / CLIENT_PORTS as u32)),
+            1024 + (i % CLIENT_PORTS as u32) as u16,
+        )
+    } else {
+        (Ipv4Addr::from(0x0aa0_0000 | i), 1024)
+    }
+}
+
 /// Distinct client addresses so every "new flow" packet misses the connection table.
 fn client(i: usize) -> (Ipv4Addr, u16) {
     let i = i as u32;
@@ -95,13 +110,17 @@ fn client(i: usize) -> (Ipv4Addr, u16) {
 pub fn run(args: &Options) -> Result<String> {
     let mut md = String::new();
     let n = args.iterations.max(1000);
-    let mut dp = Dataplane::load(&DataplaneOptions {
+    let options = DataplaneOptions {
         // Room for every new flow of both programs without eviction.
         max_connections: args
             .max_connections
             .unwrap_or((4 * n as u32).next_power_of_two()),
         ..Default::default()
-    })?;
+    };
+    let mut dp = Dataplane::load(&options)?;
+    // The session-affinity rows: another load, so their flows do not fill the first one's
+    // connection table (which would change the other rows' figures).
+    let mut dp_affinity = Dataplane::load(&options)?;
     let backends: Vec<DesiredBackend> = (0..3)
         .map(|i| DesiredBackend {
             addr: Ipv4Addr::new(10, 200, i + 1, 2),
@@ -130,6 +149,16 @@ pub fn run(args: &Options) -> Result<String> {
                 session_affinity: None,
             },
         ],
+    )?;
+    Programmer::default().apply(
+        &mut dp_affinity,
+        &[DesiredService {
+            name: "web-affinity".into(),
+            frontend: WEB,
+            backends: backends.clone(),
+            http: false,
+            session_affinity: Some(std::time::Duration::from_secs(10800)),
+        }],
     )?;
     // The 200s counted for each service's backends (summed over CPUs), to check that the
     // HTTP rows measured what they say.
@@ -184,6 +213,19 @@ pub fn run(args: &Options) -> Result<String> {
         let new_flows: Vec<Vec<u8>> = (0..n)
             .map(|i| PacketSpec::tcp(client(off + i), (VIP, 80), SYN).build())
             .collect();
+        let affinity_flows = |known: bool| -> Vec<Vec<u8>> {
+            (0..n)
+                .map(|i| PacketSpec::tcp(affinity_client(off + i, known), (VIP, 80), SYN).build())
+                .collect()
+        };
+        let (kept_flows, new_client_flows) = (affinity_flows(true), affinity_flows(false));
+        let affinity_counts = |dp: &Dataplane| -> Result<(u64, u64)> {
+            Ok((
+                dp.counter(Counter::EventAffinityHit)?,
+                dp.counter(Counter::EventAffinityMiss)?,
+            ))
+        };
+        let affinity_before = affinity_counts(&dp_affinity)?;
         // One established connection, and its replies.
         let est_client = client(off + n);
         let est = PacketSpec::tcp(est_client, (VIP, 80), ACK)
@@ -232,7 +274,7 @@ pub fn run(args: &Options) -> Result<String> {
         let (ok_plain, ok_http) = (http_ok(&dp, &WEB)?, http_ok(&dp, &WEB_HTTP)?);
         let unparsed = dp.counter(Counter::EventHttpUnparsed)?;
 
-        const PATHS: [&str; 8] = [
+        const PATHS: [&str; 10] = [
             "new TCP flow",
             "established flow",
             "reply (reverse NAT)",
@@ -241,6 +283,8 @@ pub fn run(args: &Options) -> Result<String> {
             "reply, body segment on an HTTP service",
             "non-VIP traffic",
             "translated traffic seen again",
+            "new TCP flow, session affinity, client's backend kept",
+            "new TCP flow, session affinity, new client",
         ];
         // Per path: the round medians above the same round's trivial-program median.
         let mut above: [Vec<f64>; PATHS.len()] = Default::default();
@@ -253,8 +297,12 @@ pub fn run(args: &Options) -> Result<String> {
             }
             let base = median(t);
             base_medians.push(base);
-            let prog = dp.program_mut(prog_name)?;
             for (path, row) in above.iter_mut().enumerate() {
+                let prog = if path < 8 {
+                    dp.program_mut(prog_name)?
+                } else {
+                    dp_affinity.program_mut(prog_name)?
+                };
                 let mut t = Vec::with_capacity(per_round);
                 for i in 0..per_round {
                     let packet = match path {
@@ -265,7 +313,9 @@ pub fn run(args: &Options) -> Result<String> {
                         4 => &response_http[i],
                         5 => &body_http,
                         6 => &non_vip,
-                        _ => &translated,
+                        7 => &translated,
+                        8 => &kept_flows[round * per_round + i],
+                        _ => &new_client_flows[round * per_round + i],
                     };
                     t.push(run_once(prog, hook, packet, &mut out)?);
                 }
@@ -284,6 +334,25 @@ pub fn run(args: &Options) -> Result<String> {
             counted == (0, runs, 0),
             "{label}: 200s counted (service without the HTTP flag, with it, unparsed) = \
              {counted:?}, expected (0, {runs}, 0)"
+        );
+        // The affinity rows measured what they say: a new client is balanced and
+        // remembered, a known one (but for its first connection) keeps its backend.
+        let (hits, misses) = affinity_counts(&dp_affinity)?;
+        let first_connections = {
+            let (first, last) = (
+                affinity_client(off, true).0,
+                affinity_client(off + runs as usize - 1, true).0,
+            );
+            u64::from(u32::from(last) - u32::from(first) + 1)
+        };
+        anyhow::ensure!(
+            (hits - affinity_before.0, misses - affinity_before.1)
+                == (runs - first_connections, runs + first_connections),
+            "{label}: session-affinity hits and misses ({}, {}), expected ({}, {})",
+            hits - affinity_before.0,
+            misses - affinity_before.1,
+            runs - first_connections,
+            runs + first_connections
         );
         let base = median_f(base_medians.clone());
         for (path, row) in PATHS.iter().zip(above) {

@@ -10,7 +10,10 @@
 //!    scratch, an ejection to its table being live, memory;
 //! 4. failover (`failover`): a refused connection re-steered to the next backend (the
 //!    client's call and the agent's reaction over many trials), and the seed's task
-//!    recorded call by call as a timeline.
+//!    recorded call by call as a timeline;
+//! 5. kubernetes (`kubernetes`): the `lb agent --kubernetes` binary against the test API
+//!    server loaded with 10,000 Services of 10 endpoints: start to ready, memory, one
+//!    endpoint change to the table being live.
 //!
 //! Every section prints markdown tables; the plots are SVG files (`plots`) in `--out`.
 //! `--write-docs` puts the tables into `docs/benchmarks.md` between the section's markers
@@ -34,6 +37,7 @@ macro_rules! emit {
 mod control_plane;
 mod end_to_end;
 mod failover;
+mod kubernetes;
 mod loadgen;
 mod per_packet;
 mod plots;
@@ -105,6 +109,20 @@ struct Args {
     /// Failover timeline: milliseconds between two drains.
     #[arg(long, default_value_t = 400)]
     timeline_interval_ms: u64,
+    /// Skip the Kubernetes measurements. They need the `lb agent` binary and the test API
+    /// server built by `cargo xtask test`; when the API server is missing the section is
+    /// skipped with a note, unless it is the only section run or --write-docs is given.
+    #[arg(long)]
+    no_kubernetes: bool,
+    /// Kubernetes: Services, each with one EndpointSlice.
+    #[arg(long, default_value_t = 10_000)]
+    kubernetes_services: usize,
+    /// Kubernetes: endpoints per slice.
+    #[arg(long, default_value_t = 10)]
+    kubernetes_endpoints: usize,
+    /// Kubernetes: endpoint changes timed to the table being live (one at a time).
+    #[arg(long, default_value_t = 200)]
+    kubernetes_changes: usize,
 }
 
 impl Args {
@@ -116,6 +134,8 @@ impl Args {
         self.e2e_secs = 1.0;
         self.services = vec![1000];
         self.failover_trials = 50;
+        self.kubernetes_services = 200;
+        self.kubernetes_changes = 20;
         self
     }
 }
@@ -139,7 +159,8 @@ fn main() -> Result<()> {
             !(args.no_per_packet
                 || args.no_end_to_end
                 || args.no_control_plane
-                || args.no_failover),
+                || args.no_failover
+                || args.no_kubernetes),
             "--write-docs rewrites every section of docs/benchmarks.md: run every section"
         );
     }
@@ -206,6 +227,18 @@ fn main() -> Result<()> {
         plots::failover_timeline(&timeline, &out.join("bench-failover-timeline.svg"))?;
         println!("plot: {}/bench-failover-timeline.svg", out.display());
         sections.push(("failover-timeline", md));
+    }
+    if !args.no_kubernetes {
+        println!();
+        let only =
+            args.no_per_packet && args.no_end_to_end && args.no_control_plane && args.no_failover;
+        let md = kubernetes::run(&kubernetes::Options {
+            services: args.kubernetes_services,
+            endpoints: args.kubernetes_endpoints,
+            changes: args.kubernetes_changes,
+            required: args.write_docs || only,
+        })?;
+        sections.push(("kubernetes", md));
     }
     println!();
     println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());

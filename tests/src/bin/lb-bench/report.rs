@@ -412,6 +412,29 @@ mod tests {
         assert!(err.contains("given twice"), "{err}");
     }
 
+    /// `--write-docs` can fill every section `main` writes into the real docs file.
+    #[test]
+    fn the_docs_have_every_section() {
+        let path = crate::docs_dir().join("benchmarks.md");
+        let text = fs::read_to_string(&path).unwrap();
+        let sections: Vec<(&str, String)> = [
+            "machine",
+            "per-packet",
+            "end-to-end",
+            "control-plane",
+            "failover",
+            "failover-timeline",
+            "kubernetes",
+        ]
+        .iter()
+        .map(|name| (*name, format!("{name} figures")))
+        .collect();
+        let new = replace_sections(&text, &sections, "benchmarks.md").unwrap();
+        for (name, body) in &sections {
+            assert!(new.contains(body), "{name}");
+        }
+    }
+
     #[test]
     fn machine_facts_read_proc() {
         let cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC   7B13 64-Core Processor\n\n\

@@ -592,6 +592,47 @@ fn api_server_and_agent_restarts_lose_nothing() {
     let restarts = c.config_dump()["kubernetes"]["watch_restarts"].clone();
     println!("watch restarts after the API server restart: {restarts}");
 
+    // A deletion the watch never saw (cilium#48050): with the API server down, the
+    // Service `gone` and its slice are removed from etcd itself; when the server returns,
+    // the agent's relist must drop them, not only add what is new.
+    c.apply(&format!(
+        "{}---\n{}",
+        service_yaml("gone", "10.96.0.33", &[("", 80, "8080")], ""),
+        slice_yaml("gone-1", "gone", &[("", 8080)], &[Ep::ready(1)]),
+    ));
+    let gone: SocketAddr = "10.96.0.33:80".parse().unwrap();
+    c.wait_all_from(gone, 1);
+    c.api.stop_apiserver().unwrap();
+    let deleted = delete_from_etcd(&c, "/sample/gone") + delete_from_etcd(&c, "/sample/gone-1");
+    assert_eq!(deleted, 2, "the Service and its slice in etcd");
+    c.api.start_apiserver().unwrap();
+    let started = Instant::now();
+    loop {
+        let dump = c.config_dump();
+        let listed = dump["services"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|s| s["name"] == "gone.sample.svc.cluster.local")
+        });
+        let answers = c
+            .bed
+            .client
+            .run(|| http_get(gone, "/", Duration::from_millis(300)))
+            .is_ok();
+        if !listed && !answers {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "a Service deleted while the watch was down is still there (listed: {listed}, \
+             answers: {answers})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "deleted while the watch was down → gone {:?} after the API server returned",
+        started.elapsed()
+    );
+
     // The agent stops; the Service `doomed` is deleted; the API server goes down; the
     // agent starts again and waits, while the pinned data plane keeps forwarding.
     let mut agent = c.agent.take().unwrap();
@@ -601,7 +642,10 @@ fn api_server_and_agent_restarts_lose_nothing() {
     agent.restart().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let admin: SocketAddr = ADMIN.parse().unwrap();
-    let ready = c.bed.node.run(|| http_get(admin, "/ready", DEFAULT_TIMEOUT));
+    let ready = c
+        .bed
+        .node
+        .run(|| http_get(admin, "/ready", DEFAULT_TIMEOUT));
     assert!(
         ready.is_err(),
         "ready before the first list of the cluster: {ready:?}"
@@ -748,4 +792,67 @@ spec:
         std::thread::sleep(Duration::from_millis(200));
     }
     c.wait_all_from("10.96.0.52:80".parse().unwrap(), 1);
+}
+
+/// Deletes, in etcd itself (its JSON gateway, from the node where it listens), every key
+/// under `/registry/` that ends with `suffix`, and compacts etcd's history; returns how
+/// many keys were deleted.
+fn delete_from_etcd(c: &Cluster, suffix: &str) -> usize {
+    use base64::{engine::general_purpose::STANDARD, Engine as _};
+    let b64 = |bytes: &[u8]| STANDARD.encode(bytes);
+    let url = c.api.etcd_url().to_string();
+    let post = |path: &str, body: String| -> serde_json::Value {
+        let out = c
+            .bed
+            .node
+            .exec(&[
+                "curl",
+                "-s",
+                "--max-time",
+                "5",
+                "-X",
+                "POST",
+                &format!("{url}{path}"),
+                "-d",
+                &body,
+            ])
+            .unwrap_or_else(|e| panic!("etcd {path}: {e:#}"));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd {path}: {e}: {out}"))
+    };
+    let listed = post(
+        "/v3/kv/range",
+        format!(
+            "{{\"key\":\"{}\",\"range_end\":\"{}\",\"keys_only\":true}}",
+            b64(b"/registry/"),
+            b64(b"/registry0")
+        ),
+    );
+    let mut deleted = 0;
+    for kv in listed["kvs"].as_array().cloned().unwrap_or_default() {
+        let key = STANDARD
+            .decode(kv["key"].as_str().unwrap_or_default())
+            .unwrap_or_default();
+        if key.ends_with(suffix.as_bytes()) {
+            let answer = post(
+                "/v3/kv/deleterange",
+                format!("{{\"key\":\"{}\"}}", b64(&key)),
+            );
+            deleted += answer["deleted"]
+                .as_str()
+                .and_then(|d| d.parse::<usize>().ok())
+                .unwrap_or(0);
+        }
+    }
+    // Compacted: no watch can resume from before the deletions and replay them; the
+    // agent's watches must list again.
+    let revision = post("/v3/kv/range", format!("{{\"key\":\"{}\"}}", b64(b"/")))["header"]
+        ["revision"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    post(
+        "/v3/kv/compaction",
+        format!("{{\"revision\":\"{revision}\",\"physical\":true}}"),
+    );
+    deleted
 }

@@ -16,26 +16,31 @@ const EJECTIONS: usize = 100;
 
 /// The memory figures of `/proc/self/status`, in kB.
 #[derive(Clone, Copy, Debug, Default)]
-struct Status {
+pub(crate) struct Status {
     /// Resident set size.
-    rss: u64,
+    pub rss: u64,
     /// Peak resident set size since the process started or the peak was last reset.
-    hwm: u64,
+    pub hwm: u64,
     /// Of `rss`: anonymous pages (the heap).
-    anon: u64,
+    pub anon: u64,
     /// Of `rss`: file and shared-memory pages. The agent maps the selection map
     /// (`BPF_F_MMAPABLE`) into the process: the kernel inserts its pages at `mmap`, so the
     /// whole map shows up here, though it is the kernel's map memory (counted below too).
-    mapped: u64,
+    pub mapped: u64,
 }
 
 fn status() -> Result<Status> {
-    let text = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    status_of("/proc/self/status")
+}
+
+/// The memory figures of a process's `status` file (`/proc/PID/status`).
+pub(crate) fn status_of(path: &str) -> Result<Status> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let field = |name: &str| -> Result<u64> {
         let line = text
             .lines()
             .find(|l| l.starts_with(&format!("{name}:")))
-            .with_context(|| format!("no {name} in /proc/self/status"))?;
+            .with_context(|| format!("no {name} in {path}"))?;
         line[name.len() + 1..]
             .trim()
             .trim_end_matches("kB")

@@ -34,6 +34,8 @@ use k8s_openapi::api::{
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use lb_common::maps::{Backend, BackendState};
 use lb_tests::{agent_process::TempDir, apiserver::TestApiServer, Netns};
+
+use crate::control_plane::{status_of, Status};
 use serde_json::{json, Value};
 
 /// The agent's admin endpoint, on the node namespace's loopback.
@@ -235,36 +237,8 @@ async fn load(client: &kube::Client, services: usize, endpoints: usize) -> Resul
 }
 
 /// The memory figures of `/proc/PID/status`, in kB.
-#[derive(Clone, Copy, Default)]
-struct Status {
-    rss: u64,
-    hwm: u64,
-    anon: u64,
-    /// RssFile + RssShmem: the selection map, mmapped by the agent (kernel map memory).
-    mapped: u64,
-}
-
 fn status(pid: u32) -> Result<Status> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let field = |name: &str| -> Result<u64> {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("{name}:")))
-            .with_context(|| format!("no {name} in {path}"))?;
-        line[name.len() + 1..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("bad {name} line {line:?}"))
-    };
-    Ok(Status {
-        rss: field("VmRSS")?,
-        hwm: field("VmHWM")?,
-        anon: field("RssAnon")?,
-        mapped: field("RssFile")? + field("RssShmem")?,
-    })
+    status_of(&format!("/proc/{pid}/status"))
 }
 
 /// The CPU time process `pid` has used (user + system, `/proc/PID/stat`).

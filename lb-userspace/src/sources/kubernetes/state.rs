@@ -70,6 +70,8 @@ pub struct ClusterState {
     pub pod_localities: HashMap<ObjectKey, String>,
     /// What each label's watch saw.
     pods_by_label: [HashMap<ObjectKey, String>; 2],
+    /// Whether each label's watch had its first full list.
+    pods_listed: [bool; 2],
     /// Istio resources by kind and key, as JSON documents.
     pub istio: BTreeMap<(Kind, ObjectKey), Value>,
     /// Kinds whose first full list arrived (every kind counted in `expected`).
@@ -121,6 +123,10 @@ impl ClusterState {
     }
 
     pub fn mark_synced(&mut self, kind: Kind) {
+        // Pods come from two watches (one per locality label): listed once both are.
+        if kind == Kind::Pod && !self.pods_listed.iter().all(|&listed| listed) {
+            return;
+        }
         self.synced.insert(kind);
     }
 
@@ -282,6 +288,7 @@ impl ClusterState {
                 }
             }
             Update::Replace(all) => {
+                self.pods_listed[which.min(1)] = true;
                 let new: HashMap<ObjectKey, String> =
                     all.into_iter().filter_map(|(k, l)| Some((k, l?))).collect();
                 touched.extend(
@@ -459,5 +466,87 @@ impl ClusterState {
                 .flat_map(|t| t.states.iter().cloned())
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        dataplane::Protocol,
+        sources::kubernetes::objects::{ServiceKind, ServicePort},
+    };
+
+    fn service(name: &str, last: u8) -> ServiceRecord {
+        ServiceRecord {
+            key: ObjectKey::new("default", name),
+            kind: ServiceKind::Virtual,
+            cluster_ips: vec![Ipv4Addr::new(10, 96, 0, last)],
+            external_ips: Vec::new(),
+            ports: vec![ServicePort {
+                path: "spec.ports[0]".into(),
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                http: false,
+            }],
+            session_affinity: None,
+            local_only: false,
+            traffic_distribution: None,
+            problems: Vec::new(),
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            node_name: "node-a".into(),
+            external_ips: false,
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn names(input: &ClusterInput) -> Vec<String> {
+        input.services.iter().map(|s| s.label.clone()).collect()
+    }
+
+    /// A full list replaces the kind: what it lacks is gone (a deletion the watch missed);
+    /// the same list again changes nothing at all.
+    #[test]
+    fn a_relist_removes_what_vanished_and_an_identical_one_changes_nothing() {
+        let mut state = ClusterState::new([Kind::Service]);
+        assert!(!state.synced());
+        state.update_services(Update::Replace(vec![service("a", 1), service("b", 2)]));
+        state.mark_synced(Kind::Service);
+        assert!(state.synced());
+        assert_eq!(
+            names(&state.input(&settings())),
+            [
+                "Kubernetes Service default/a",
+                "Kubernetes Service default/b"
+            ]
+        );
+        let changes = state.changes;
+        state.update_services(Update::Replace(vec![service("b", 2), service("a", 1)]));
+        assert_eq!(state.changes, changes, "an identical relist is no change");
+        assert!(state.dirty.is_empty());
+        state.update_services(Update::Replace(vec![service("a", 1)]));
+        assert_eq!(
+            names(&state.input(&settings())),
+            ["Kubernetes Service default/a"]
+        );
+    }
+
+    /// Pods come from two watches: the kind is listed once both have listed.
+    #[test]
+    fn pods_are_listed_once_both_label_watches_are() {
+        let mut state = ClusterState::new([Kind::Pod]);
+        state.update_pods(0, Update::Replace(Vec::new()));
+        state.mark_synced(Kind::Pod);
+        assert!(!state.synced());
+        state.update_pods(1, Update::Replace(Vec::new()));
+        state.mark_synced(Kind::Pod);
+        assert!(state.synced());
     }
 }

@@ -27,6 +27,41 @@ impl Locality {
     }
 }
 
+/// The deprecated topology labels Kubernetes and Istio still read.
+const LEGACY_REGION_LABEL: &str = "failure-domain.beta.kubernetes.io/region";
+const LEGACY_ZONE_LABEL: &str = "failure-domain.beta.kubernetes.io/zone";
+
+impl Locality {
+    /// A node's locality from its labels: Kubernetes' topology labels (the deprecated
+    /// `failure-domain.beta` ones when those are missing) and Istio's subzone label. An
+    /// empty value counts as missing.
+    pub fn from_topology_labels(labels: &BTreeMap<String, String>) -> Self {
+        use crate::locality::{REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
+        let get = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        Self {
+            region: get(&[REGION_LABEL, LEGACY_REGION_LABEL]),
+            zone: get(&[ZONE_LABEL, LEGACY_ZONE_LABEL]),
+            subzone: get(&[SUBZONE_LABEL]),
+        }
+    }
+
+    /// The value of Istio's locality label (`topology.istio.io/locality`,
+    /// `istio-locality`), as Istio's `SanitizeLocalityLabel` reads it: `.` separates the
+    /// parts unless the value already has a `/`.
+    pub fn from_istio_label(value: &str) -> Self {
+        if value.contains('/') {
+            Self::parse(value)
+        } else {
+            Self::parse(&value.replace('.', "/"))
+        }
+    }
+}
+
 impl std::fmt::Display for Locality {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)

@@ -293,17 +293,6 @@ pub(super) struct NodeDocument {
     pub dataplane: Option<DataplaneOptions>,
 }
 
-/// Node labels that carry the locality, as Kubernetes and Istio set them; the deprecated
-/// `failure-domain` ones are read when the current ones are absent, as Istio does.
-const REGION_LABELS: [&str; 2] = [
-    "topology.kubernetes.io/region",
-    "failure-domain.beta.kubernetes.io/region",
-];
-const ZONE_LABELS: [&str; 2] = [
-    "topology.kubernetes.io/zone",
-    "failure-domain.beta.kubernetes.io/zone",
-];
-const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 /// Istio's per-workload override, `region.zone.subzone`.
 const ISTIO_LOCALITY_LABEL: &str = "istio-locality";
 
@@ -358,19 +347,9 @@ pub(super) fn read_node(doc: &mut Doc, root: &Map<String, Value>) -> NodeDocumen
 }
 
 fn locality_from_labels(labels: &BTreeMap<String, String>) -> Locality {
-    if let Some(l) = labels.get(ISTIO_LOCALITY_LABEL) {
-        return Locality::parse(&l.replace('.', "/"));
-    }
-    let first = |keys: &[&str]| {
-        keys.iter()
-            .find_map(|k| labels.get(*k))
-            .cloned()
-            .unwrap_or_default()
-    };
-    Locality {
-        region: first(&REGION_LABELS),
-        zone: first(&ZONE_LABELS),
-        subzone: first(&[SUBZONE_LABEL]),
+    match labels.get(ISTIO_LOCALITY_LABEL) {
+        Some(l) => Locality::from_istio_label(l),
+        None => Locality::from_topology_labels(labels),
     }
 }
 

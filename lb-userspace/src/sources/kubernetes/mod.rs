@@ -329,8 +329,9 @@ impl Cluster {
     /// Applies `f` to the state and wakes whoever waits for a change.
     fn update(&self, f: impl FnOnce(&mut ClusterState)) {
         f(&mut self.lock());
-        self.shared.changed.notify_waiters();
-        // A change that lands while nobody waits is not lost: the next waiter sees it.
+        // Wakes the waiter, or (while nobody waits) leaves a permit, so a change that
+        // lands while the last one is being applied is not lost. Only one: waking a waiter
+        // and leaving a permit too would apply every change twice.
         self.shared.changed.notify_one();
     }
 }

@@ -146,20 +146,14 @@ pub fn node_labels(node: &Node) -> BTreeMap<String, String> {
     node.labels().clone()
 }
 
-/// A pod's locality override (`topology.istio.io/locality`, else `istio-locality`), as
-/// Istio's `SanitizeLocalityLabel` reads it: dots are separators unless a `/` is there.
+/// A pod's locality override: the value of `topology.istio.io/locality`, else of
+/// `istio-locality` (read with `Locality::from_istio_label`).
 pub fn pod_locality(pod: &kube::core::PartialObjectMeta<Pod>) -> Option<String> {
     let labels = pod.labels();
     POD_LOCALITY_LABELS
         .iter()
         .find_map(|l| labels.get(*l).filter(|v| !v.is_empty()))
-        .map(|v| {
-            if v.contains('/') {
-                v.clone()
-            } else {
-                v.replace('.', "/")
-            }
-        })
+        .cloned()
 }
 
 fn protocol(path: &str, value: Option<&str>, problems: &mut Vec<String>) -> Option<Protocol> {
@@ -197,7 +191,8 @@ fn ipv4s<'a>(
 pub fn service_record(service: &Service) -> ServiceRecord {
     let key = ObjectKey::of(service);
     let mut problems = Vec::new();
-    let spec = service.spec.clone().unwrap_or_default();
+    let no_spec = Default::default();
+    let spec: &k8s_openapi::api::core::v1::ServiceSpec = service.spec.as_ref().unwrap_or(&no_spec);
     let cluster_ips: Vec<String> = match (&spec.cluster_ips, &spec.cluster_ip) {
         (Some(ips), _) if !ips.is_empty() => ips.clone(),
         (_, Some(ip)) => vec![ip.clone()],

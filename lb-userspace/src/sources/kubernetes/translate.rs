@@ -30,9 +30,6 @@ use crate::{
     model::{Endpoint, Locality, LocalityLbSetting, Node, Service, Source},
 };
 
-/// The deprecated topology labels Kubernetes and Istio still read.
-const LEGACY_REGION_LABEL: &str = "failure-domain.beta.kubernetes.io/region";
-const LEGACY_ZONE_LABEL: &str = "failure-domain.beta.kubernetes.io/zone";
 /// The node's name, as a label (for `PreferSameNode`).
 pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
@@ -61,22 +58,6 @@ pub struct Translated {
     pub problems: Vec<String>,
 }
 
-/// A node's locality from its labels (Kubernetes' topology labels, then the deprecated
-/// `failure-domain.beta` ones; Istio's subzone label).
-pub fn node_locality(labels: &BTreeMap<String, String>) -> Locality {
-    let get = |keys: &[&str]| {
-        keys.iter()
-            .find_map(|k| labels.get(*k).filter(|v| !v.is_empty()))
-            .cloned()
-            .unwrap_or_default()
-    };
-    Locality {
-        region: get(&[REGION_LABEL, LEGACY_REGION_LABEL]),
-        zone: get(&[ZONE_LABEL, LEGACY_ZONE_LABEL]),
-        subzone: get(&[SUBZONE_LABEL]),
-    }
-}
-
 /// This node, as the agent's client side: its locality and labels.
 pub fn this_node(name: &str, labels: &BTreeMap<String, String>) -> Node {
     let mut labels = labels.clone();
@@ -84,7 +65,7 @@ pub fn this_node(name: &str, labels: &BTreeMap<String, String>) -> Node {
         .entry(HOSTNAME_LABEL.to_string())
         .or_insert_with(|| name.to_string());
     Node {
-        locality: node_locality(&labels),
+        locality: Locality::from_topology_labels(&labels),
         labels,
     }
 }
@@ -276,9 +257,9 @@ fn port_endpoints(
 fn endpoint(e: &SliceEndpoint, port: u16, context: &Context<'_>) -> Endpoint {
     let node_labels = e.node_name.as_ref().and_then(|n| context.nodes.get(n));
     let locality = match e.pod.as_ref().and_then(|p| context.pod_localities.get(p)) {
-        Some(label) => Locality::parse(label),
+        Some(label) => Locality::from_istio_label(label),
         None => match node_labels {
-            Some(labels) => node_locality(labels),
+            Some(labels) => Locality::from_topology_labels(labels),
             None => Locality {
                 zone: e.zone.clone().unwrap_or_default(),
                 ..Default::default()
@@ -510,7 +491,10 @@ mod tests {
             "n1".to_string(),
             BTreeMap::from([
                 (REGION_LABEL.to_string(), "r1".to_string()),
-                (LEGACY_ZONE_LABEL.to_string(), "z1".to_string()),
+                (
+                    "failure-domain.beta.kubernetes.io/zone".to_string(),
+                    "z1".to_string(),
+                ),
             ]),
         );
         let mut pods = HashMap::new();

@@ -88,6 +88,8 @@ pub struct Agent {
     pub config: Config,
     node_locality: Option<Locality>,
     services: Vec<ServiceState>,
+    /// Where each frontend is in `config.services` (and `services`).
+    index: std::collections::HashMap<crate::dataplane::Frontend, usize>,
     started: Instant,
     /// Time from the last health decision to its table being live.
     pub last_publish: Option<Duration>,
@@ -164,6 +166,30 @@ fn plan_of(config: &Config, service: &Service, detector: &OutlierDetector) -> Pl
     locality::plan(&config.node, service, &healthy)
 }
 
+/// `detector` of a service whose endpoints go from `old` to `new`: each endpoint keeps its
+/// outlier state by address and port, as Envoy keeps a host's state across an endpoint
+/// update; a new endpoint starts in service.
+fn carried_over(
+    detector: &OutlierDetector,
+    old: &[crate::model::Endpoint],
+    new: &[crate::model::Endpoint],
+) -> OutlierDetector {
+    let mut detector = detector.clone();
+    if old != new {
+        let index: std::collections::HashMap<(std::net::Ipv4Addr, u16), usize> = old
+            .iter()
+            .enumerate()
+            .map(|(j, e)| ((e.address, e.port), j))
+            .collect();
+        let old_index_of: Vec<Option<usize>> = new
+            .iter()
+            .map(|e| index.get(&(e.address, e.port)).copied())
+            .collect();
+        detector.remap(&old_index_of);
+    }
+    detector
+}
+
 impl Agent {
     /// Loads the programs, attaches them and programs `config`. Pins nothing.
     pub fn start(
@@ -207,6 +233,7 @@ impl Agent {
             config: Config::default(),
             node_locality,
             services: Vec::new(),
+            index: Default::default(),
             started: Instant::now(),
             last_publish: None,
             successes_seen: Default::default(),
@@ -265,13 +292,6 @@ impl Agent {
         }
         crate::config::host::check(&new, self.dataplane.options())?;
         let now = self.now();
-        let old_by_frontend: std::collections::HashMap<crate::dataplane::Frontend, usize> = self
-            .config
-            .services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.frontend, i))
-            .collect();
         let states: Vec<ServiceState> = new
             .services
             .iter()
@@ -279,27 +299,14 @@ impl Agent {
                 // The same frontend and policy: outlier state carries over, endpoint by
                 // endpoint (address and port), as Envoy keeps a host's state across an
                 // endpoint update; a new endpoint starts in service.
-                let kept = old_by_frontend
+                let kept = self
+                    .index
                     .get(&s.frontend)
                     .filter(|&&i| self.config.services[i].policy == s.policy)
                     .map(|&i| (&self.config.services[i], &self.services[i]));
                 match kept {
                     Some((old, k)) => {
-                        let mut detector = k.detector.clone();
-                        if old.endpoints != s.endpoints {
-                            let index: std::collections::HashMap<(std::net::Ipv4Addr, u16), usize> =
-                                old.endpoints
-                                    .iter()
-                                    .enumerate()
-                                    .map(|(j, e)| ((e.address, e.port), j))
-                                    .collect();
-                            let old_index_of: Vec<Option<usize>> = s
-                                .endpoints
-                                .iter()
-                                .map(|e| index.get(&(e.address, e.port)).copied())
-                                .collect();
-                            detector.remap(&old_index_of);
-                        }
+                        let detector = carried_over(&k.detector, &old.endpoints, &s.endpoints);
                         let plan = plan_of(&new, s, &detector);
                         ServiceState { detector, plan }
                     }
@@ -314,6 +321,12 @@ impl Agent {
         let desired = desired_services(&new, &states);
         self.programmer.apply(&mut self.dataplane, &desired)?;
         self.restored.clear();
+        self.index = new
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.frontend, i))
+            .collect();
         self.config = new;
         self.services = states;
         self.reloads.loaded_at = SystemTime::now();
@@ -786,19 +799,115 @@ impl Agent {
             Some(cluster) => cluster.input(),
             None => Default::default(),
         };
-        let loaded = config::join(&self.files, &input)?;
+        self.apply_input(&input)?;
+        self.observe_programming(triggers);
+        Ok(self.config.services.len())
+    }
+
+    /// Applies what changed in the cluster: endpoint changes service by service (each
+    /// costs the same however many services there are), anything else through
+    /// [`Agent::apply_sources`]'s full path. Returns the number of services.
+    pub fn apply_cluster_changes(&mut self) -> Result<usize> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(self.config.services.len());
+        };
+        let (change, triggers) = cluster.changes();
+        match change {
+            config::ClusterChange::Full(input) => self.apply_input(&input)?,
+            config::ClusterChange::Endpoints(updates) => {
+                for update in &updates {
+                    self.update_endpoints(update)?;
+                }
+            }
+        }
+        self.observe_programming(triggers);
+        Ok(self.config.services.len())
+    }
+
+    fn apply_input(&mut self, input: &config::ClusterInput) -> Result<()> {
+        let loaded = config::join(&self.files, input)?;
         self.set_warnings(loaded.warnings);
         self.reload(loaded.config)?;
-        // kube-proxy's network programming latency: from the change in the cluster (the
-        // slice's trigger time) to the tables that carry it being live.
+        self.metrics.forget_removed(&self.config);
+        Ok(())
+    }
+
+    /// kube-proxy's network programming latency: from the change in the cluster (the
+    /// slice's trigger time) to the tables that carry it being live.
+    fn observe_programming(&mut self, triggers: Vec<SystemTime>) {
         let now = SystemTime::now();
         for t in triggers {
             if let Ok(took) = now.duration_since(t) {
                 self.metrics.network_programming.observe(took.as_secs_f64());
             }
         }
-        self.metrics.forget_removed(&self.config);
-        Ok(self.config.services.len())
+    }
+
+    /// Gives one service the endpoints `update` carries (and their configured states),
+    /// as a full reload would: outlier state carried over by address and port, plan and
+    /// table recomputed, new backends added and gone ones removed, and no other service
+    /// looked at. Does nothing where the frontend is another source's (a file's service
+    /// took it). On error nothing changes.
+    pub fn update_endpoints(&mut self, update: &config::EndpointsUpdate) -> Result<()> {
+        let Some(&i) = self.index.get(&update.frontend) else {
+            return Ok(());
+        };
+        if self.config.services[i].source != update.source {
+            return Ok(());
+        }
+        let frontend = update.frontend;
+        let range = (frontend, std::net::Ipv4Addr::UNSPECIFIED, 0)
+            ..=(frontend, std::net::Ipv4Addr::BROADCAST, u16::MAX);
+        let old_states: Vec<_> = self
+            .config
+            .initial_states
+            .range(range.clone())
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (key, _) in &old_states {
+            self.config.initial_states.remove(key);
+        }
+        self.config.initial_states.extend(
+            update
+                .states
+                .iter()
+                .map(|&(addr, port, state)| ((frontend, addr, port), state)),
+        );
+        let old = &self.config.services[i];
+        let mut service = Service {
+            endpoints: update.endpoints.clone(),
+            ..old.clone_without_endpoints()
+        };
+        let detector = carried_over(
+            &self.services[i].detector,
+            &old.endpoints,
+            &service.endpoints,
+        );
+        let plan = plan_of(&self.config, &service, &detector);
+        let state = ServiceState { detector, plan };
+        let desired = desired_service(&self.config, &service, &state);
+        if let Err(e) = self.programmer.apply_service(&mut self.dataplane, &desired) {
+            // Back to what is in force.
+            let new_keys: Vec<_> = self
+                .config
+                .initial_states
+                .range(range)
+                .map(|(k, _)| *k)
+                .collect();
+            for key in new_keys {
+                self.config.initial_states.remove(&key);
+            }
+            self.config.initial_states.extend(old_states);
+            return Err(e.context(format!("updating the endpoints of {}", service.name)));
+        }
+        std::mem::swap(&mut self.config.services[i], &mut service);
+        self.services[i] = state;
+        let live = &self.config.services[i].endpoints;
+        self.metrics.forget_endpoints_of(frontend, |addr| {
+            live.iter()
+                .any(|e| e.address == *addr.ip() && e.port == addr.port())
+        });
+        Ok(())
     }
 }
 
@@ -906,7 +1015,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // A burst of changes is applied at once: whatever arrived while the last
                 // one was being applied is in this one.
                 let mut agent = lock(&agent);
-                if let Err(e) = agent.apply_sources() {
+                if let Err(e) = agent.apply_cluster_changes() {
                     error!("the cluster's change is not applied, the tables in force stay: {e:#}");
                 }
                 drop(agent);
@@ -1059,6 +1168,130 @@ mod tests {
         assert_eq!(s.max_us, Some(100));
         let one: std::collections::VecDeque<Duration> = [Duration::from_micros(7)].into();
         assert_eq!(ReactionSummary::of(&one).p99_us, Some(7));
+    }
+
+    /// The seed's service from a node in region1/zone1, with `endpoints` (address,
+    /// locality), and outlier detection.
+    fn seed(endpoints: &[(&str, &str)]) -> Config {
+        let endpoints: String = endpoints
+            .iter()
+            .map(|(a, l)| format!("  - {{ address: {a}, locality: {l} }}\n"))
+            .collect();
+        config::parse(&format!(
+            "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  locality: region1/zone1\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{ name: hw }}\n\
+             spec:\n  hosts: [hw.sample.svc.cluster.local]\n  addresses: [10.96.0.10]\n  \
+             ports: [{{ number: 5000, name: tcp, protocol: TCP, targetPort: 8080 }}]\n  \
+             resolution: STATIC\n  endpoints:\n{endpoints}---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{ name: hw }}\n\
+             spec:\n  host: hw.sample.svc.cluster.local\n  trafficPolicy:\n    \
+             loadBalancer:\n      localityLbSetting:\n        enabled: true\n        \
+             failover: [{{ from: region1, to: region2 }}]\n    outlierDetection:\n      \
+             consecutive5xxErrors: 1\n      interval: 1s\n      baseEjectionTime: 10m\n"
+        ))
+        .unwrap()
+    }
+
+    /// What the kernel holds for `frontend`: its table and failover list as backend
+    /// addresses, and every backend the service owns with its state.
+    fn programmed(
+        agent: &Agent,
+        frontend: &crate::dataplane::Frontend,
+    ) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let name = |id: &u32| {
+            let (_, addr, port) = agent.programmer.backend_key(*id).expect("a known id");
+            let state = BackendState::from_u8(agent.dataplane.backend(*id).unwrap().state);
+            format!("{addr}:{port} {state:?}")
+        };
+        let table = agent.dataplane.selection_table(frontend).unwrap();
+        let failover = agent.dataplane.failover_list(frontend).unwrap();
+        let service_id = agent.programmer.service_id(frontend).unwrap();
+        let mut owned: Vec<String> = (1..agent.dataplane.options().max_backends)
+            .filter(|&id| agent.dataplane.backend_service(id).unwrap() == service_id)
+            .map(|id| name(&id))
+            .collect();
+        owned.sort();
+        (
+            table.iter().map(name).collect(),
+            failover.iter().map(name).collect(),
+            owned,
+        )
+    }
+
+    /// An endpoint change applied to one service (the cluster's endpoint path) leaves
+    /// the data plane and the agent's state exactly as a full reload of the same
+    /// configuration does: endpoints gone, new, moved to another locality, drained by the
+    /// source, and an outlier ejection carried over. Needs root (it loads the programs).
+    #[test]
+    fn an_endpoint_update_programs_what_a_full_reload_does() {
+        let before = seed(&[
+            ("10.200.1.2", "region1/zone1"),
+            ("10.200.2.2", "region1/zone2"),
+            ("10.200.3.2", "region2/zone3"),
+            ("10.200.4.2", "region3/zone4"),
+        ]);
+        let mut after = seed(&[
+            ("10.200.1.2", "region1/zone1"),
+            ("10.200.5.2", "region1/zone1"),
+            ("10.200.3.2", "region2/zone3"),
+            ("10.200.4.2", "region2/zone3"),
+        ]);
+        let frontend = after.services[0].frontend;
+        let drained = std::net::Ipv4Addr::new(10, 200, 1, 2);
+        after
+            .initial_states
+            .insert((frontend, drained, 8080), BackendState::Draining);
+        let ejected: SocketAddrV4 = "10.200.3.2:8080".parse().unwrap();
+
+        let start = |config: &Config| {
+            let mut agent = Agent::start(config.clone(), &[], None).unwrap();
+            agent
+                .operator(ejected, None, OperatorAction::Eject)
+                .unwrap();
+            agent
+        };
+        let mut full = start(&before);
+        full.reload(after.clone()).unwrap();
+        let mut patched = start(&before);
+        patched
+            .update_endpoints(&config::EndpointsUpdate {
+                frontend,
+                source: after.services[0].source.clone(),
+                endpoints: after.services[0].endpoints.clone(),
+                states: vec![(drained, 8080, BackendState::Draining)],
+            })
+            .unwrap();
+
+        assert_eq!(patched.config, full.config);
+        let plans = |a: &Agent| {
+            a.services
+                .iter()
+                .map(|s| s.plan.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(plans(&patched), plans(&full));
+        let (table, failover, owned) = programmed(&patched, &frontend);
+        assert_eq!(
+            (table.clone(), failover, owned.clone()),
+            programmed(&full, &frontend)
+        );
+        // And it is the change asked for: 10.200.2.2 gone, 10.200.5.2 in, the drained
+        // and the ejected endpoints out of the table, which region2 (now with 10.200.4.2)
+        // shares with the half-healthy zone.
+        assert_eq!(
+            owned,
+            [
+                "10.200.1.2:8080 Draining",
+                "10.200.3.2:8080 Ejected",
+                "10.200.4.2:8080 Active",
+                "10.200.5.2:8080 Active",
+            ]
+        );
+        let in_table: std::collections::BTreeSet<&str> = table.iter().map(String::as_str).collect();
+        assert_eq!(
+            in_table,
+            ["10.200.4.2:8080 Active", "10.200.5.2:8080 Active"].into()
+        );
     }
 
     /// A backend configured `draining` (native format) stays draining in what the data

@@ -175,6 +175,40 @@ pub struct Service {
     pub source: Source,
 }
 
+impl Service {
+    /// A copy of everything but the endpoints (which are what changes most, and most).
+    pub fn clone_without_endpoints(&self) -> Service {
+        Service {
+            name: self.name.clone(),
+            frontend: self.frontend,
+            endpoints: Vec::new(),
+            policy: self.policy.clone(),
+            http: self.http,
+            session_affinity: self.session_affinity,
+            source: self.source.clone(),
+        }
+    }
+
+    /// Whether `other` is this service with other endpoints at most.
+    pub fn same_but_endpoints(&self, other: &Service) -> bool {
+        let Service {
+            name,
+            frontend,
+            endpoints: _,
+            policy,
+            http,
+            session_affinity,
+            source,
+        } = self;
+        *name == other.name
+            && *frontend == other.frontend
+            && *policy == other.policy
+            && *http == other.http
+            && *session_affinity == other.session_affinity
+            && *source == other.source
+    }
+}
+
 /// Where a service was defined: for views and messages.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {

@@ -111,14 +111,29 @@ impl AgentMetrics {
 
     /// Forgets the counts of endpoints `config` no longer has.
     pub fn forget_removed(&mut self, config: &Config) {
-        self.events.retain(|(frontend, endpoint), _| {
-            config.services.iter().any(|s| {
-                s.frontend == *frontend
-                    && s.endpoints
-                        .iter()
-                        .any(|e| e.address == *endpoint.ip() && e.port == endpoint.port())
+        if self.events.is_empty() {
+            return;
+        }
+        let live: std::collections::HashSet<(Frontend, SocketAddrV4)> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| (s.frontend, SocketAddrV4::new(e.address, e.port)))
             })
-        });
+            .collect();
+        self.events.retain(|key, _| live.contains(key));
+    }
+
+    /// Forgets the counts of `frontend`'s endpoints that `live` says are gone.
+    pub fn forget_endpoints_of(
+        &mut self,
+        frontend: Frontend,
+        live: impl Fn(&SocketAddrV4) -> bool,
+    ) {
+        self.events
+            .retain(|(f, endpoint), _| *f != frontend || live(endpoint));
     }
 
     fn events(&self, frontend: Frontend, endpoint: SocketAddrV4) -> EventCounts {

@@ -126,6 +126,31 @@ pub struct ClusterInput {
     pub states: Vec<((Frontend, Ipv4Addr, u16), BackendState)>,
 }
 
+/// What changed in a cluster since it was last read: everything, or only endpoints.
+#[derive(Debug)]
+pub enum ClusterChange {
+    /// The whole contribution, to be joined with the files again: the node, an Istio
+    /// resource, or the set, frontends or fields of a Service changed.
+    Full(ClusterInput),
+    /// Only the endpoints (and their states) of these services changed; every other field
+    /// of theirs, and everything else, is as in the contribution last joined. Applied
+    /// service by service, without joining again: what a cluster's endpoint churn costs
+    /// does not grow with the number of services.
+    Endpoints(Vec<EndpointsUpdate>),
+}
+
+/// The endpoints one service (frontend) has now.
+#[derive(Clone, Debug)]
+pub struct EndpointsUpdate {
+    pub frontend: Frontend,
+    /// The object that defines it: the update applies only where that object's service
+    /// is the one in force (not where a file's service took the frontend).
+    pub source: Source,
+    pub endpoints: Vec<crate::model::Endpoint>,
+    /// Endpoints that take no new connections, by address and port.
+    pub states: Vec<(Ipv4Addr, u16, BackendState)>,
+}
+
 /// The frontends of one cluster object, as one unit for DestinationRules to match.
 #[derive(Clone, Debug)]
 pub struct ClusterService {
@@ -138,6 +163,22 @@ pub struct ClusterService {
     /// The locality setting that applies when no DestinationRule sets one (a Service's
     /// `trafficDistribution`).
     pub default_locality_lb: Option<LocalityLbSetting>,
+}
+
+impl ClusterService {
+    /// Whether `other` differs from this one in its services' endpoints at most (the
+    /// change [`ClusterChange::Endpoints`] carries).
+    pub fn same_but_endpoints(&self, other: &ClusterService) -> bool {
+        self.label == other.label
+            && self.hosts == other.hosts
+            && self.default_locality_lb == other.default_locality_lb
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|((path_a, a), (path_b, b))| path_a == path_b && a.same_but_endpoints(b))
+    }
 }
 
 /// Merges the checked file documents with the cluster's contribution. Precedence, where

@@ -6,7 +6,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use lb_common::{
     maps::{FALLBACK_LEN, MAX_AFFINITY_TIMEOUT_SECS, SERVICE_HTTP},
     BackendState,
@@ -90,18 +90,22 @@ pub struct Programmer {
     written_tables: BTreeMap<u32, PublishedTable>,
     /// Service id last written per backend id in the backend → service map.
     written_owners: BTreeMap<u32, u32>,
+    /// Where the search for the next free backend id starts (after the last one taken).
+    backend_cursor: u32,
 }
 
-/// Allocates a free id in `1..limit`, searching from `cursor` (where the last one was
-/// found) and wrapping, so allocating many ids in a row costs O(1) each.
-fn allocate(used: &mut BTreeSet<u32>, cursor: &mut u32, limit: u32) -> Option<u32> {
+/// Finds a free id in `1..limit`, searching from `cursor` (where the last one was found)
+/// and wrapping, so allocating many ids in a row costs O(1) each.
+fn allocate(used: impl Fn(u32) -> bool, cursor: &mut u32, limit: u32) -> Option<u32> {
     let start = (*cursor).clamp(1, limit.max(2) - 1);
-    let id = (start..limit)
-        .chain(1..start)
-        .find(|id| !used.contains(id))?;
-    used.insert(id);
+    let id = (start..limit).chain(1..start).find(|&id| !used(id))?;
     *cursor = id + 1;
     Some(id)
+}
+
+/// Every backend of `frontend`, as a range of [`BackendKey`]s.
+fn backends_of(frontend: Frontend) -> std::ops::RangeInclusive<BackendKey> {
+    (frontend, Ipv4Addr::UNSPECIFIED, 0)..=(frontend, Ipv4Addr::BROADCAST, u16::MAX)
 }
 
 impl Programmer {
@@ -292,27 +296,8 @@ impl Programmer {
             .collect();
 
         // 1. Backends first, so every id a new table names is already valid.
-        let mut used: BTreeSet<u32> = self.backends.values().copied().collect();
-        let mut cursor = 1;
         for s in desired {
-            for b in &s.backends {
-                let key = (s.frontend, b.addr, b.port);
-                let id = match self.backends.get(&key) {
-                    Some(&id) => id,
-                    None => {
-                        let id = allocate(&mut used, &mut cursor, opts.max_backends)
-                            .expect("capacity checked above");
-                        self.backends.insert(key, id);
-                        self.backend_keys.insert(id, key);
-                        id
-                    }
-                };
-                let value = (b.addr, b.port, b.state);
-                if self.written_backends.get(&id) != Some(&value) {
-                    dp.set_backend(id, b.addr, b.port, b.state)?;
-                    self.written_backends.insert(id, value);
-                }
-            }
+            self.write_all_backends(dp, s)?;
         }
         // 2. Tables, each flipped in one step.
         let mut used: BTreeSet<u32> = self.services.values().copied().collect();
@@ -321,23 +306,14 @@ impl Programmer {
             let id = match self.services.get(&s.frontend) {
                 Some(&id) => id,
                 None => {
-                    let id = allocate(&mut used, &mut cursor, opts.max_services)
+                    let id = allocate(|id| used.contains(&id), &mut cursor, opts.max_services)
                         .expect("capacity checked above");
+                    used.insert(id);
                     self.services.insert(s.frontend, id);
                     id
                 }
             };
-            // Which service each backend belongs to, for `lb` commands and session
-            // affinity (which follows a client's backend only while it is the service's):
-            // before the table that names them.
-            for b in &s.backends {
-                let bid = self.backends[&(s.frontend, b.addr, b.port)];
-                if self.written_owners.get(&bid) != Some(&id) {
-                    dp.set_backend_service(bid, id)?;
-                    self.written_owners.insert(bid, id);
-                }
-            }
-            self.publish_table(dp, id, s)?;
+            self.write_owners_and_table(dp, id, s)?;
         }
         // 3. Then what is gone.
         for (frontend, id) in stale_services {
@@ -346,13 +322,116 @@ impl Programmer {
             self.written_tables.remove(&id);
         }
         for (key, id) in stale_backends {
-            dp.clear_backend(id)?;
-            dp.set_backend_service(id, 0)?;
-            self.written_owners.remove(&id);
-            self.backends.remove(&key);
-            self.backend_keys.remove(&id);
-            self.written_backends.remove(&id);
+            self.remove_backend(dp, key, id)?;
         }
+        Ok(())
+    }
+
+    /// Applies one service already applied whose backends may have changed (new ones,
+    /// gone ones, other weights and states), without looking at any other service: the
+    /// path of a cluster's endpoint changes, which costs the same however many services
+    /// there are. The order is `apply`'s: new backends, then the table, then the gone
+    /// backends cleared. Checks capacity first.
+    pub fn apply_service(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
+        let Some(&id) = self.services.get(&s.frontend) else {
+            bail!("service {} ({}) was never applied", s.name, s.frontend);
+        };
+        let wanted: std::collections::HashSet<(Ipv4Addr, u16)> =
+            s.backends.iter().map(|b| (b.addr, b.port)).collect();
+        if wanted.len() != s.backends.len() {
+            bail!(
+                "service {} ({}): a backend is listed twice",
+                s.name,
+                s.frontend
+            );
+        }
+        let stale: Vec<(BackendKey, u32)> = self
+            .backends
+            .range(backends_of(s.frontend))
+            .filter(|((_, addr, port), _)| !wanted.contains(&(*addr, *port)))
+            .map(|(k, id)| (*k, *id))
+            .collect();
+        let new = s
+            .backends
+            .iter()
+            .filter(|b| !self.backends.contains_key(&(s.frontend, b.addr, b.port)))
+            .count();
+        let max_backends = dp.options().max_backends;
+        if (self.backends.len() + new) as u32 >= max_backends {
+            bail!(
+                "service {}: {} more backends do not fit dataplane.max_backends = {} (id 0 \
+                 is reserved; {} are in use)",
+                s.name,
+                new,
+                max_backends,
+                self.backends.len()
+            );
+        }
+        self.write_all_backends(dp, s)?;
+        self.write_owners_and_table(dp, id, s)?;
+        for (key, bid) in stale {
+            self.remove_backend(dp, key, bid)?;
+        }
+        Ok(())
+    }
+
+    /// Gives every backend of `s` an id (new ones the next free id) and writes those
+    /// whose entry changed.
+    fn write_all_backends(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
+        let max_backends = dp.options().max_backends;
+        for b in &s.backends {
+            let key = (s.frontend, b.addr, b.port);
+            let id = match self.backends.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let keys = &self.backend_keys;
+                    let id = allocate(
+                        |id| keys.contains_key(&id),
+                        &mut self.backend_cursor,
+                        max_backends,
+                    )
+                    .context("no free backend id (capacity is checked before)")?;
+                    self.backends.insert(key, id);
+                    self.backend_keys.insert(id, key);
+                    id
+                }
+            };
+            let value = (b.addr, b.port, b.state);
+            if self.written_backends.get(&id) != Some(&value) {
+                dp.set_backend(id, b.addr, b.port, b.state)?;
+                self.written_backends.insert(id, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records which service each backend of `s` belongs to, for `lb` commands and
+    /// session affinity (which follows a client's backend only while it is the
+    /// service's), then publishes its table: the owners before the table that names them.
+    fn write_owners_and_table(
+        &mut self,
+        dp: &mut Dataplane,
+        id: u32,
+        s: &DesiredService,
+    ) -> Result<()> {
+        for b in &s.backends {
+            let bid = self.backends[&(s.frontend, b.addr, b.port)];
+            if self.written_owners.get(&bid) != Some(&id) {
+                dp.set_backend_service(bid, id)?;
+                self.written_owners.insert(bid, id);
+            }
+        }
+        self.publish_table(dp, id, s)
+    }
+
+    /// Clears backend `id` (`key`) in the data plane and forgets it; its id is free again.
+    fn remove_backend(&mut self, dp: &mut Dataplane, key: BackendKey, id: u32) -> Result<()> {
+        dp.clear_backend(id)?;
+        dp.set_backend_service(id, 0)?;
+        self.written_owners.remove(&id);
+        self.backends.remove(&key);
+        self.backend_keys.remove(&id);
+        self.written_backends.remove(&id);
         Ok(())
     }
 }

@@ -51,7 +51,7 @@ use self::{
     objects::ObjectKey,
     state::{ClusterState, Settings, Update},
 };
-use crate::config::ClusterInput;
+use crate::config::{ClusterChange, ClusterInput};
 
 /// Label a Service carries to be balanced by one proxy only (kube-proxy ignores it).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -278,6 +278,15 @@ impl Cluster {
         let mut state = self.lock();
         let triggers = std::mem::take(&mut state.pending_triggers);
         (state.input(&self.shared.settings), triggers)
+    }
+
+    /// What changed since the cluster was last read (by `input` or here): only some
+    /// Services' endpoints, or more (then the whole contribution); with the trigger times
+    /// of the slice changes it is the first to include.
+    pub fn changes(&self) -> (ClusterChange, Vec<SystemTime>) {
+        let mut state = self.lock();
+        let triggers = std::mem::take(&mut state.pending_triggers);
+        (state.changes(&self.shared.settings), triggers)
     }
 
     pub fn status(&self) -> ClusterStatus {

@@ -13,7 +13,7 @@ use super::{
     objects::{ObjectKey, ServiceRecord, SliceRecord},
     translate::{self, Context, Translated},
 };
-use crate::config::ClusterInput;
+use crate::config::{ClusterChange, ClusterInput, EndpointsUpdate};
 
 /// A kind the agent watches, for readiness and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,6 +82,9 @@ pub struct ClusterState {
     /// Services whose translation is stale; `all_dirty` marks every one.
     dirty: HashSet<ObjectKey>,
     all_dirty: bool,
+    /// Something every Service's configuration may depend on changed (a node's labels,
+    /// an Istio resource): the next change is a full one.
+    global_changed: bool,
     translated: BTreeMap<ObjectKey, Translated>,
     /// Problems reported last time, by object, so each is logged when it appears.
     reported: HashMap<ObjectKey, Vec<String>>,
@@ -168,6 +171,7 @@ impl ClusterState {
         };
         if changed {
             self.all_dirty = true;
+            self.global_changed = true;
             self.changes += 1;
         }
     }
@@ -335,11 +339,13 @@ impl ClusterState {
                 if self.istio.get(&(kind, key.clone())) != Some(&value) {
                     self.istio.insert((kind, key), value);
                     self.changes += 1;
+                    self.global_changed = true;
                 }
             }
             Update::Remove((key, _)) => {
                 if self.istio.remove(&(kind, key)).is_some() {
                     self.changes += 1;
+                    self.global_changed = true;
                 }
             }
             Update::Replace(all) => {
@@ -355,6 +361,7 @@ impl ClusterState {
                     self.istio.retain(|(k, _), _| *k != kind);
                     self.istio.extend(new);
                     self.changes += 1;
+                    self.global_changed = true;
                 }
             }
         }
@@ -408,12 +415,57 @@ impl ClusterState {
         };
         self.dirty.clear();
         self.all_dirty = false;
-        for key in dirty {
-            let translated = match self.services.get(&key) {
+        self.global_changed = false;
+        self.retranslate(&dirty, settings);
+        self.assemble(settings)
+    }
+
+    /// What changed since the last [`ClusterState::input`] or `changes`: only endpoints
+    /// of some Services (the common case: pods come and go, turn ready or not), or more,
+    /// and then the whole contribution.
+    pub fn changes(&mut self, settings: &Settings) -> ClusterChange {
+        if self.all_dirty || self.global_changed {
+            return ClusterChange::Full(self.input(settings));
+        }
+        let dirty: Vec<ObjectKey> = self.dirty.drain().collect();
+        if !self.retranslate(&dirty, settings) {
+            return ClusterChange::Full(self.assemble(settings));
+        }
+        let mut updates = Vec::new();
+        for key in &dirty {
+            let Some(translated) = self.translated.get(key) else {
+                continue;
+            };
+            let Some(service) = &translated.service else {
+                continue;
+            };
+            for (_, s) in &service.services {
+                updates.push(EndpointsUpdate {
+                    frontend: s.frontend,
+                    source: s.source.clone(),
+                    endpoints: s.endpoints.clone(),
+                    states: translated
+                        .states
+                        .iter()
+                        .filter(|((frontend, _, _), _)| *frontend == s.frontend)
+                        .map(|((_, addr, port), state)| (*addr, *port, *state))
+                        .collect(),
+                });
+            }
+        }
+        ClusterChange::Endpoints(updates)
+    }
+
+    /// Translates the Services `keys` again. Returns whether at most their endpoints
+    /// changed (no Service came or went, none changed otherwise).
+    fn retranslate(&mut self, keys: &[ObjectKey], settings: &Settings) -> bool {
+        let mut endpoints_only = true;
+        for key in keys {
+            let translated = match self.services.get(key) {
                 Some(service) => {
                     let slices: Vec<&SliceRecord> = self
                         .slices_by_service
-                        .get(&key)
+                        .get(key)
                         .into_iter()
                         .flatten()
                         .filter_map(|k| self.slices.get(k))
@@ -433,16 +485,29 @@ impl ClusterState {
                 .as_ref()
                 .map(|t| t.problems.clone())
                 .unwrap_or_default();
-            self.report(&key, problems, "Service");
+            self.report(key, problems, "Service");
+            let old = self.translated.get(key).map(|t| t.service.as_ref());
+            let new = translated.as_ref().map(|t| t.service.as_ref());
+            endpoints_only &= match (old, new) {
+                (Some(Some(old)), Some(Some(new))) => old.same_but_endpoints(new),
+                // Balanced neither before nor now.
+                (None | Some(None), None | Some(None)) => true,
+                _ => false,
+            };
             match translated {
                 Some(t) => {
-                    self.translated.insert(key, t);
+                    self.translated.insert(key.clone(), t);
                 }
                 None => {
-                    self.translated.remove(&key);
+                    self.translated.remove(key);
                 }
             }
         }
+        endpoints_only
+    }
+
+    /// The cluster's whole contribution, from the translations as they are.
+    fn assemble(&self, settings: &Settings) -> ClusterInput {
         let node = self
             .nodes
             .get(&settings.node_name)
@@ -472,6 +537,8 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use lb_common::BackendState;
 
     use super::*;
     use crate::{
@@ -536,6 +603,70 @@ mod tests {
             names(&state.input(&settings())),
             ["Kubernetes Service default/a"]
         );
+    }
+
+    fn slice(service: &str, ready: bool) -> SliceRecord {
+        use crate::sources::kubernetes::objects::{SliceEndpoint, SlicePort};
+        SliceRecord {
+            key: ObjectKey::new("default", &format!("{service}-x")),
+            service: Some(ObjectKey::new("default", service)),
+            ports: vec![SlicePort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: vec![SliceEndpoint {
+                address: Ipv4Addr::new(10, 200, 0, 1),
+                ready,
+                serving: ready,
+                terminating: false,
+                node_name: None,
+                zone: None,
+                pod: None,
+            }],
+            trigger_time: None,
+            problems: Vec::new(),
+        }
+    }
+
+    /// An endpoint turning not ready is an endpoint change of its Service alone; a
+    /// Service's port, a Service gone, or a node's labels make a full change.
+    #[test]
+    fn endpoint_changes_are_told_apart_from_the_rest() {
+        let mut state = ClusterState::new([Kind::Service]);
+        state.update_services(Update::Replace(vec![service("a", 1), service("b", 2)]));
+        state.update_slices(Update::Replace(vec![slice("a", true), slice("b", true)]));
+        assert!(matches!(state.changes(&settings()), ClusterChange::Full(_)));
+
+        state.update_slices(Update::Upsert(slice("a", false)));
+        let ClusterChange::Endpoints(updates) = state.changes(&settings()) else {
+            panic!("an endpoint's readiness is an endpoint change");
+        };
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].frontend.vip, Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(updates[0].endpoints.len(), 1);
+        assert_eq!(
+            updates[0].states,
+            [(Ipv4Addr::new(10, 200, 0, 1), 8080, BackendState::Draining)]
+        );
+        assert!(
+            matches!(state.changes(&settings()), ClusterChange::Endpoints(u) if u.is_empty()),
+            "nothing changed since"
+        );
+
+        let mut other_port = service("a", 1);
+        other_port.ports[0].port = 81;
+        state.update_services(Update::Upsert(other_port));
+        assert!(matches!(state.changes(&settings()), ClusterChange::Full(_)));
+
+        state.update_services(Update::Remove(service("b", 2)));
+        let ClusterChange::Full(input) = state.changes(&settings()) else {
+            panic!("a Service gone is a full change");
+        };
+        assert_eq!(names(&input), ["Kubernetes Service default/a"]);
+
+        state.update_nodes(Update::Upsert(("node-a".into(), BTreeMap::new())));
+        assert!(matches!(state.changes(&settings()), ClusterChange::Full(_)));
     }
 
     /// Pods come from two watches: the kind is listed once both have listed.

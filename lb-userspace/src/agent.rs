@@ -50,6 +50,8 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     /// How often counters are logged (None: never).
     pub stats_interval: Option<Duration>,
+    /// `GET /metrics` has per-endpoint series while there are at most this many endpoints.
+    pub metrics_endpoint_limit: usize,
     /// Directory in the BPF filesystem where the maps are pinned, so `lb` commands (and a
     /// restarted agent) can read them.
     pub pin_dir: PathBuf,
@@ -811,7 +813,7 @@ impl Agent {
         let Some(cluster) = &self.cluster else {
             return Ok(self.config.services.len());
         };
-        let (change, triggers) = cluster.changes();
+        let (change, triggers, seen) = cluster.changes();
         match change {
             config::ClusterChange::Full(input) => self.apply_input(&input)?,
             config::ClusterChange::Endpoints(updates) => {
@@ -821,6 +823,11 @@ impl Agent {
             }
         }
         self.observe_programming(triggers);
+        if let Some(seen) = seen {
+            self.metrics
+                .cluster_change_apply
+                .observe(seen.elapsed().as_secs_f64());
+        }
         Ok(self.config.services.len())
     }
 
@@ -974,6 +981,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     agent.logged_warnings = warnings.iter().cloned().collect();
     agent.warnings_in_order = warnings;
     agent.cluster = cluster.clone();
+    agent.metrics.endpoint_series_limit = opts.metrics_endpoint_limit;
     info!(
         "lb agent running: {} services, node at {}, on {}",
         agent.config.services.len(),

@@ -46,6 +46,12 @@ enum Command {
         /// Log the data-plane counters every this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         stats_interval: u64,
+        /// `GET /metrics` has per-endpoint series (about a dozen per endpoint) while the
+        /// agent balances at most this many endpoints; above it only the per-service ones,
+        /// and `lb_metrics_endpoints_omitted` says how many endpoints went unreported (per
+        /// endpoint figures stay in `/clusters` and `lb endpoints`). 0: never.
+        #[arg(long, default_value_t = lb::admin::metrics::DEFAULT_ENDPOINT_SERIES_LIMIT)]
+        metrics_endpoint_limit: usize,
         /// Directory in the BPF filesystem where the maps and links are pinned (a BPF
         /// filesystem is mounted at /sys/fs/bpf if none is); they stay after the agent
         /// exits, so the programs keep forwarding and `lb` commands keep reading, and the
@@ -135,6 +141,7 @@ async fn main() -> Result<()> {
             admin,
             watch_interval,
             stats_interval,
+            metrics_endpoint_limit,
             pin_dir,
             admin_token_file,
             cleanup,
@@ -149,6 +156,7 @@ async fn main() -> Result<()> {
                 admin,
                 watch_interval: Duration::from_secs(watch_interval.max(1)),
                 stats_interval: (stats_interval > 0).then(|| Duration::from_secs(stats_interval)),
+                metrics_endpoint_limit,
                 pin_dir,
                 admin_token_file,
                 kubernetes: kubernetes.options()?,

@@ -81,7 +81,9 @@ pub struct Endpoint {
     pub address: Ipv4Addr,
     pub port: u16,
     pub locality: Locality,
-    pub labels: BTreeMap<String, String>,
+    /// Shared: the endpoints on one node in one locality have the same ones, and a
+    /// cluster has many endpoints and few nodes.
+    pub labels: std::sync::Arc<BTreeMap<String, String>>,
     /// Istio's endpoint `weight` (default 1).
     pub weight: u32,
 }

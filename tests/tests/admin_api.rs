@@ -112,11 +112,24 @@ struct Scenario {
 
 impl Scenario {
     fn start(backends: &[String], config: &str, admin_bind: &str, serves: SocketAddr) -> Self {
+        Self::start_with(backends, config, admin_bind, serves, &[])
+    }
+
+    /// Like `start`, the agent with `args` too.
+    fn start_with(
+        backends: &[String],
+        config: &str,
+        admin_bind: &str,
+        serves: SocketAddr,
+        args: &[&str],
+    ) -> Self {
         let bed = TestBed::with_backends(AttachMode::Tc, backends).unwrap();
         let dir = TempDir::new("lbadmin").unwrap();
         let path = dir.0.join("lb.yaml");
         write_atomically(&path, config).unwrap();
-        let agent = AgentProcess::start_with(&bed, &path, &["--admin", admin_bind]).unwrap();
+        let mut all_args = vec!["--admin", admin_bind];
+        all_args.extend_from_slice(args);
+        let agent = AgentProcess::start_with(&bed, &path, &all_args).unwrap();
         wait_until(&bed.client, Duration::from_secs(20), || {
             http_get(serves, "/", Duration::from_millis(500))
         })
@@ -130,15 +143,20 @@ impl Scenario {
     }
 
     fn seed() -> Self {
+        Self::seed_with(&[])
+    }
+
+    fn seed_with(args: &[&str]) -> Self {
         let backends: Vec<String> = LOCALITIES
             .iter()
             .map(|(r, z, _)| format!("{r}.{z}"))
             .collect();
-        Self::start(
+        Self::start_with(
             &backends,
             &seed_config(),
             &loopback_admin().to_string(),
             hello_vip(),
+            args,
         )
     }
 
@@ -641,6 +659,40 @@ fn views_show_what_envoy_and_prometheus_users_read() {
         assert_eq!(e["weight"], 1, "{e}");
     }
     assert_eq!(config_dump_endpoint(&dump, endpoint(1))["share"], 0.0);
+}
+
+/// Above `--metrics-endpoint-limit` endpoints, `/metrics` keeps the per-service series,
+/// leaves out the per-endpoint ones and says how many endpoints it left out; at or under
+/// it, it has them all.
+#[test]
+fn metrics_leave_out_endpoint_series_above_the_limit() {
+    if !require_root() {
+        return;
+    }
+    for (limit, per_endpoint) in [("3", false), ("4", true)] {
+        let s = Scenario::seed_with(&["--metrics-endpoint-limit", limit]);
+        let m = s.metrics();
+        let endpoint_series =
+            m.0.iter()
+                .filter(|x| x.name.starts_with("lb_endpoint_"))
+                .count();
+        let omitted = m.value("lb_metrics_endpoints_omitted", &[]);
+        if per_endpoint {
+            assert_eq!(omitted, 0.0);
+            assert!(
+                endpoint_series >= 4 * 10,
+                "{endpoint_series} endpoint series"
+            );
+        } else {
+            assert_eq!(omitted, 4.0, "the seed's four endpoints are left out");
+            assert_eq!(endpoint_series, 0);
+        }
+        assert_eq!(
+            m.find("lb_service_new_connections_total", &[]).len(),
+            1,
+            "the service's series stay"
+        );
+    }
 }
 
 /// POST from `ns` to `admin` with optional headers: status and body.

@@ -62,7 +62,7 @@ fn service(svc: &ServiceSnapshot) -> Value {
             let mut v = json!({
                 "address": snap.address.to_string(),
                 "locality": locality(&e.locality),
-                "labels": e.labels,
+                "labels": &*e.labels,
                 "weight": e.weight,
                 "priority": svc.plan.priorities.get(i).copied().flatten(),
                 "share": svc.plan.shares.get(i).copied().unwrap_or(0.0),

@@ -45,6 +45,11 @@ pub struct AgentMetrics {
     /// (an EndpointSlice's `endpoints.kubernetes.io/last-change-trigger-time`) to the
     /// tables that carry it being live.
     pub network_programming: Histogram,
+    /// From the agent receiving a change from the cluster (a watch event) to the tables
+    /// that carry it being live: the agent's own part of `network_programming`.
+    pub cluster_change_apply: Histogram,
+    /// Per-endpoint series are rendered while there are at most this many endpoints.
+    pub endpoint_series_limit: usize,
     /// Health changes per service frontend and endpoint.
     events: BTreeMap<(Frontend, SocketAddrV4), EventCounts>,
 }
@@ -71,6 +76,10 @@ impl EventCounts {
     }
 }
 
+/// Per-endpoint series of `GET /metrics` while the agent balances at most this many
+/// endpoints: about 150,000 series, as much as one target should give a Prometheus.
+pub const DEFAULT_ENDPOINT_SERIES_LIMIT: usize = 10_000;
+
 /// 25 µs to about 0.8 s, doubling.
 fn latency_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(25e-6, 2.0, 16)
@@ -84,6 +93,8 @@ impl Default for AgentMetrics {
             // 1 ms to about 65 s, doubling: the trigger time is set by a controller
             // elsewhere, so this includes the API server and the watch.
             network_programming: Histogram::new(exponential_buckets(1e-3, 2.0, 17)),
+            cluster_change_apply: Histogram::new(latency_buckets()),
+            endpoint_series_limit: DEFAULT_ENDPOINT_SERIES_LIMIT,
             events: BTreeMap::new(),
         }
     }
@@ -267,6 +278,8 @@ pub fn render(snapshot: &Snapshot) -> String {
     let endpoint_share = FloatGauges::default();
     let endpoint_connect_failures = Counters::default();
     let endpoint_events = Counters::default();
+    let endpoints: usize = snapshot.services.iter().map(|s| s.endpoints.len()).sum();
+    let per_endpoint = endpoints <= snapshot.metrics.endpoint_series_limit;
     for svc in &snapshot.services {
         let labels = service_labels(svc);
         // The data plane counts handshakes and HTTP responses per backend only.
@@ -292,6 +305,9 @@ pub fn render(snapshot: &Snapshot) -> String {
         ejections_overflow
             .get_or_create(&labels)
             .inc_by(svc.detector.ejections_overflow);
+        if !per_endpoint {
+            continue;
+        }
         for (i, e) in svc.endpoints.iter().enumerate() {
             let labels = endpoint_labels(svc, i, e);
             endpoint_traffic.add(&labels, &e.stats);
@@ -346,6 +362,14 @@ pub fn render(snapshot: &Snapshot) -> String {
         "service_outlier_ejections_overflow",
         "Outlier ejections refused by maxEjectionPercent (Envoy's outlier_detection.ejections_overflow)",
         ejections_overflow,
+    );
+    let omitted = Gauge::<i64>::default();
+    omitted.set(if per_endpoint { 0 } else { endpoints as i64 });
+    registry.register(
+        "metrics_endpoints_omitted",
+        "Endpoints without per-endpoint series here: all of them while there are more than \
+         `lb agent --metrics-endpoint-limit` (their figures are in /clusters)",
+        omitted,
     );
     endpoint_traffic.register(&mut registry, "endpoint", "endpoint", "");
     registry.register(
@@ -409,6 +433,12 @@ pub fn render(snapshot: &Snapshot) -> String {
         "From a change in the cluster (an EndpointSlice's last-change-trigger-time) to the \
          tables that carry it being live (kube-proxy's metric of the same name)",
         snapshot.metrics.network_programming.clone(),
+    );
+    registry.register(
+        "kubernetes_change_apply_seconds",
+        "From the agent receiving a change from the cluster (a watch event) to the tables \
+         that carry it being live: the agent's own part of network programming",
+        snapshot.metrics.cluster_change_apply.clone(),
     );
     if let Some(cluster) = &snapshot.cluster {
         let objects = Gauges::default();

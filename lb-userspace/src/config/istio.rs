@@ -328,7 +328,7 @@ fn endpoints_per_port(
                 address: e.address,
                 port: target,
                 locality: e.locality.clone(),
-                labels: e.labels.clone(),
+                labels: e.labels.clone().into(),
                 weight: e.weight,
             });
         }

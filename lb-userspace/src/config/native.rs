@@ -269,7 +269,7 @@ fn read_backend(doc: &mut Doc, at: &str, value: &Value) -> Option<(Endpoint, Bac
             address: address?,
             port: port?,
             locality: Locality::default(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             weight,
         },
         state,

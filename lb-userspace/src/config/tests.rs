@@ -175,7 +175,7 @@ fn endpoint(address: [u8; 4], port: u16, locality: &str) -> Endpoint {
         address: address.into(),
         port,
         locality: Locality::parse(locality),
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         weight: 1,
     }
 }

@@ -239,10 +239,12 @@ pub(crate) mod tests {
             address: Ipv4Addr::new(10, 0, 0, 1),
             port: 8080,
             locality: Locality::parse(locality),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            labels: std::sync::Arc::new(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             weight: 1,
         }
     }

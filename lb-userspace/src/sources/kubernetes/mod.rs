@@ -277,16 +277,19 @@ impl Cluster {
     pub fn input(&self) -> (ClusterInput, Vec<SystemTime>) {
         let mut state = self.lock();
         let triggers = std::mem::take(&mut state.pending_triggers);
+        state.pending_since = None;
         (state.input(&self.shared.settings), triggers)
     }
 
     /// What changed since the cluster was last read (by `input` or here): only some
     /// Services' endpoints, or more (then the whole contribution); with the trigger times
     /// of the slice changes it is the first to include.
-    pub fn changes(&self) -> (ClusterChange, Vec<SystemTime>) {
+    /// Also when the agent received the first of those changes.
+    pub fn changes(&self) -> (ClusterChange, Vec<SystemTime>, Option<std::time::Instant>) {
         let mut state = self.lock();
         let triggers = std::mem::take(&mut state.pending_triggers);
-        (state.changes(&self.shared.settings), triggers)
+        let seen = state.pending_since.take();
+        (state.changes(&self.shared.settings), triggers, seen)
     }
 
     pub fn status(&self) -> ClusterStatus {
@@ -337,7 +340,13 @@ impl Cluster {
 
     /// Applies `f` to the state and wakes whoever waits for a change.
     fn update(&self, f: impl FnOnce(&mut ClusterState)) {
-        f(&mut self.lock());
+        let mut state = self.lock();
+        let before = state.changes;
+        f(&mut state);
+        if state.changes != before && state.pending_since.is_none() {
+            state.pending_since = Some(std::time::Instant::now());
+        }
+        drop(state);
         // Wakes the waiter, or (while nobody waits) leaves a permit, so a change that
         // lands while the last one is being applied is not lost. Only one: waking a waiter
         // and leaving a permit too would apply every change twice.

@@ -86,10 +86,14 @@ pub struct ClusterState {
     /// an Istio resource): the next change is a full one.
     global_changed: bool,
     translated: BTreeMap<ObjectKey, Translated>,
+    /// The endpoints' label sets, shared.
+    label_sets: translate::LabelSets,
     /// Problems reported last time, by object, so each is logged when it appears.
     reported: HashMap<ObjectKey, Vec<String>>,
     /// Trigger times of the slices changed since the last build.
     pub pending_triggers: Vec<SystemTime>,
+    /// When the first change not applied yet arrived.
+    pub pending_since: Option<std::time::Instant>,
     /// Changes seen since the start (any kind).
     pub changes: u64,
 }
@@ -417,6 +421,7 @@ impl ClusterState {
         self.all_dirty = false;
         self.global_changed = false;
         self.retranslate(&dirty, settings);
+        self.label_sets.prune();
         self.assemble(settings)
     }
 
@@ -476,6 +481,7 @@ impl ClusterState {
                         pod_localities: &self.pod_localities,
                         external_ips: settings.external_ips,
                         cluster_domain: &settings.cluster_domain,
+                        label_sets: &self.label_sets,
                     };
                     Some(translate::translate(service, &slices, &context))
                 }

@@ -16,8 +16,10 @@
 //! `trafficDistribution` becomes the `failoverPriority` Istio gives it, with `Force`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    cell::RefCell,
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use lb_common::BackendState;
@@ -45,6 +47,31 @@ pub struct Context<'a> {
     pub external_ips: bool,
     /// The cluster's DNS domain (`cluster.local`).
     pub cluster_domain: &'a str,
+    /// Endpoint label sets already in use, shared by the endpoints that have them.
+    pub label_sets: &'a LabelSets,
+}
+
+/// Endpoint label sets, each held once: there are as many as nodes and localities, and
+/// a hundred thousand endpoints carry them.
+#[derive(Default)]
+pub struct LabelSets(RefCell<HashSet<Arc<BTreeMap<String, String>>>>);
+
+impl LabelSets {
+    /// The shared copy of `labels`.
+    pub fn get(&self, labels: BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
+        let mut sets = self.0.borrow_mut();
+        if let Some(shared) = sets.get(&labels) {
+            return shared.clone();
+        }
+        let shared = Arc::new(labels);
+        sets.insert(shared.clone());
+        shared
+    }
+
+    /// Forgets the sets no endpoint has any more.
+    pub fn prune(&self) {
+        self.0.borrow_mut().retain(|set| Arc::strong_count(set) > 1);
+    }
 }
 
 /// A translated Service.
@@ -287,7 +314,7 @@ fn endpoint(e: &SliceEndpoint, port: u16, context: &Context<'_>) -> Endpoint {
         address: e.address,
         port,
         locality,
-        labels,
+        labels: context.label_sets.get(labels),
         weight: 1,
     }
 }
@@ -312,6 +339,7 @@ mod tests {
             pod_localities: pods,
             external_ips: false,
             cluster_domain: "cluster.local",
+            label_sets: Box::leak(Box::default()),
         }
     }
 

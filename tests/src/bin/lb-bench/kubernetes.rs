@@ -406,6 +406,19 @@ fn histogram(metrics: &str, name: &str) -> Option<(u64, f64)> {
     Some((value("_count")? as u64, value("_sum")?))
 }
 
+/// The upper bound of the bucket a histogram's `q` quantile falls in (what
+/// `histogram_quantile` would interpolate within), from the `/metrics` text.
+fn histogram_bound(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let (count, _) = histogram(metrics, name)?;
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(&prefix)?;
+        let (le, value) = rest.split_once("\"}")?;
+        let cumulative: f64 = value.trim().parse().ok()?;
+        (cumulative >= q * count as f64).then(|| le.parse::<f64>().ok())?
+    })
+}
+
 /// What the section measured.
 struct Figures {
     services: usize,
@@ -426,6 +439,11 @@ struct Figures {
     maps: Vec<(String, u64, bool)>,
     /// Change to live, sorted.
     changes: Vec<Duration>,
+    /// The API server's answer to each change's write, sorted.
+    writes: Vec<Duration>,
+    /// The agent's own part (`lb_kubernetes_change_apply_seconds`): count, sum and the
+    /// bucket bound of its 99th percentile.
+    agent_part: Option<(u64, f64, Option<f64>)>,
     /// The agent's `lb_network_programming_duration_seconds` (count, sum), or why not.
     programming: Result<Option<(u64, f64)>, String>,
     /// How long `GET /metrics` took.
@@ -525,6 +543,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
 
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), NAMESPACE);
     let mut changes = Vec::with_capacity(o.changes);
+    let mut writes = Vec::with_capacity(o.changes);
     let cpu_before = cpu_time(agent.pid())?;
     for k in 0..o.changes {
         let i = targets[k / 2];
@@ -548,9 +567,10 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
         let name = slice_name(i);
         let t = Instant::now();
         let write = rt.spawn(async move {
-            slices
+            let result = slices
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
+                .await;
+            (result, t.elapsed())
         });
         let took = loop {
             let b = backends.get(&id, 0)?;
@@ -567,9 +587,10 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
             }
             std::thread::sleep(POLL_INTERVAL);
         };
-        rt.block_on(write)?
-            .with_context(|| format!("patching {}", slice_name(i)))?;
+        let (written, write_took) = rt.block_on(write)?;
+        written.with_context(|| format!("patching {}", slice_name(i)))?;
         changes.push(took);
+        writes.push(write_took);
         if (k + 1) % 20 == 0 && k + 1 < o.changes {
             println!(
                 "kubernetes: {} of {} changes live, the last in {}",
@@ -582,6 +603,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
     let cpu_per_change = cpu_time(agent.pid())?.saturating_sub(cpu_before) / o.changes as u32;
     let after_changes = status(agent.pid())?;
     changes.sort_unstable();
+    writes.sort_unstable();
     println!(
         "kubernetes: {} changes live: p50 {}, p99 {}, max {}",
         changes.len(),
@@ -591,9 +613,16 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
     );
     // /metrics carries every service's and backend's series: long at this size.
     let t = Instant::now();
-    let programming = lb_tests::http_get(admin, "/metrics", METRICS_TIMEOUT)
-        .map(|m| histogram(&m, "lb_network_programming_duration_seconds"))
+    let metrics = lb_tests::http_get(admin, "/metrics", METRICS_TIMEOUT);
+    let programming = metrics
+        .as_ref()
+        .map(|m| histogram(m, "lb_network_programming_duration_seconds"))
         .map_err(|e| format!("{e:#}"));
+    let agent_part = metrics.as_ref().ok().and_then(|m| {
+        let name = "lb_kubernetes_change_apply_seconds";
+        let (count, sum) = histogram(m, name)?;
+        Some((count, sum, histogram_bound(m, name, 0.99)))
+    });
     let metrics_took = t.elapsed();
     agent.check_running()?;
     let at_end = status(agent.pid())?;
@@ -610,6 +639,8 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
         cpu_per_change,
         maps,
         changes,
+        writes,
+        agent_part,
         programming,
         metrics_took,
     })
@@ -782,6 +813,25 @@ pub fn run(o: &Options) -> Result<String> {
     emit!(md, "| the same, max of {n} | {} | |", ms(f.changes[n - 1]));
     emit!(
         md,
+        "| of which the API server: the write answered, p50 / p99 | {} / {} | |",
+        ms(rank(&f.writes, 50)),
+        ms(rank(&f.writes, 99))
+    );
+    emit!(
+        md,
+        "| of which the agent: watch event received to tables live \
+         (`lb_kubernetes_change_apply_seconds`), mean / p99 bucket | {} | |",
+        match f.agent_part {
+            Some((count, sum, bound)) if count > 0 => format!(
+                "{} / ≤ {} (count {count})",
+                ms(Duration::from_secs_f64(sum / count as f64)),
+                bound.map_or("?".into(), |b| ms(Duration::from_secs_f64(b)))
+            ),
+            _ => "not in /metrics".into(),
+        }
+    );
+    emit!(
+        md,
         "| the agent's `lb_network_programming_duration_seconds`: mean (sum / count) | {} | |",
         match &f.programming {
             Ok(Some((count, sum))) if *count > 0 => format!(
@@ -795,7 +845,8 @@ pub fn run(o: &Options) -> Result<String> {
     );
     emit!(
         md,
-        "| `GET /metrics` answered in (every service's and backend's series) | {} | |",
+        "| `GET /metrics` answered in (per-service series; per-endpoint ones are left out \
+         above `--metrics-endpoint-limit`, 10,000 endpoints by default) | {} | |",
         secs(f.metrics_took)
     );
     emit!(
@@ -856,5 +907,21 @@ mod tests {
             Some((3, 1.5))
         );
         assert_eq!(histogram(text, "lb_missing_seconds"), None);
+    }
+
+    #[test]
+    fn reads_a_quantile_bucket_from_metrics() {
+        let text = "lb_x_seconds_sum 1.5\n\
+                    lb_x_seconds_count 100\n\
+                    lb_x_seconds_bucket{le=\"0.001\"} 50\n\
+                    lb_x_seconds_bucket{le=\"0.002\"} 98\n\
+                    lb_x_seconds_bucket{le=\"0.004\"} 99\n\
+                    lb_x_seconds_bucket{le=\"+Inf\"} 100\n";
+        assert_eq!(histogram_bound(text, "lb_x_seconds", 0.5), Some(0.001));
+        assert_eq!(histogram_bound(text, "lb_x_seconds", 0.99), Some(0.004));
+        assert_eq!(
+            histogram_bound(text, "lb_x_seconds", 1.0),
+            Some(f64::INFINITY)
+        );
     }
 }

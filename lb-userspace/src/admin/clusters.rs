@@ -344,6 +344,12 @@ spec:
                     detector: detector.stats(),
                     plan,
                     stats: Default::default(),
+                    endpoint_count: svc.endpoints.len(),
+                    backend_totals: lb_common::TrafficStats {
+                        new_connections: cx * svc.endpoints.len() as u64,
+                        handshakes: cx * svc.endpoints.len() as u64,
+                        ..Default::default()
+                    },
                     endpoints: svc
                         .endpoints
                         .iter()

@@ -278,20 +278,17 @@ pub fn render(snapshot: &Snapshot) -> String {
     let endpoint_share = FloatGauges::default();
     let endpoint_connect_failures = Counters::default();
     let endpoint_events = Counters::default();
-    let endpoints: usize = snapshot.services.iter().map(|s| s.endpoints.len()).sum();
+    let endpoints: usize = snapshot.services.iter().map(|s| s.endpoint_count).sum();
     let per_endpoint = endpoints <= snapshot.metrics.endpoint_series_limit;
     for svc in &snapshot.services {
         let labels = service_labels(svc);
         // The data plane counts handshakes and HTTP responses per backend only.
         let mut stats = svc.stats;
-        (stats.handshakes, stats.http_ok, stats.http_5xx) =
-            svc.endpoints.iter().fold((0, 0, 0), |(h, ok, e5), e| {
-                (
-                    h + e.stats.handshakes,
-                    ok + e.stats.http_ok,
-                    e5 + e.stats.http_5xx,
-                )
-            });
+        (stats.handshakes, stats.http_ok, stats.http_5xx) = (
+            svc.backend_totals.handshakes,
+            svc.backend_totals.http_ok,
+            svc.backend_totals.http_5xx,
+        );
         service_traffic.add(&labels, &stats);
         for (p, load) in svc.plan.loads.load.iter().enumerate() {
             let l = with(labels.clone(), "priority", p.to_string());

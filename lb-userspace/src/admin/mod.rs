@@ -197,7 +197,7 @@ async fn clusters(
 }
 
 async fn metrics(State(admin): Admin) -> Result<Response, (StatusCode, String)> {
-    let snapshot = Snapshot::take(admin.agent()?, true);
+    let snapshot = Snapshot::take_for_metrics(admin.agent()?);
     Ok((
         [(
             header::CONTENT_TYPE,

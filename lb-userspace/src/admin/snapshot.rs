@@ -55,6 +55,12 @@ pub struct ServiceSnapshot {
     pub plan: Plan,
     /// The data plane's traffic counters for the service.
     pub stats: TrafficStats,
+    /// How many endpoints it has (also when `endpoints` was not copied).
+    pub endpoint_count: usize,
+    /// Its backends' traffic counters, summed (the data plane counts handshakes and
+    /// HTTP responses per backend only).
+    pub backend_totals: TrafficStats,
+    /// Each endpoint (empty in a snapshot for `GET /metrics` above its limit).
     pub endpoints: Vec<EndpointSnapshot>,
 }
 
@@ -88,14 +94,36 @@ impl EndpointSnapshot {
 /// Which data-plane ids a snapshot's counters are read from.
 struct Ids {
     service: Option<u32>,
-    backends: Vec<Option<u32>>,
+    /// Each endpoint's backend id, with the endpoint.
+    backends: Vec<Option<(u32, SocketAddrV4)>>,
 }
 
 impl Snapshot {
     /// Copies the agent's state; with `traffic`, also reads the data plane's counters.
     pub fn take(agent: &Mutex<Agent>, traffic: bool) -> Self {
+        Self::take_with(agent, traffic, |_| true)
+    }
+
+    /// For `GET /metrics`: with traffic counters, and with each endpoint only while the
+    /// agent has at most `metrics.endpoint_series_limit` endpoints (above it only the
+    /// per-service figures are rendered, and copying the endpoints would cost more
+    /// memory than the rest).
+    pub fn take_for_metrics(agent: &Mutex<Agent>) -> Self {
+        Self::take_with(agent, true, |agent| {
+            let endpoints: usize = agent
+                .config
+                .services
+                .iter()
+                .map(|s| s.endpoints.len())
+                .sum();
+            endpoints <= agent.metrics.endpoint_series_limit
+        })
+    }
+
+    fn take_with(agent: &Mutex<Agent>, traffic: bool, endpoints: impl Fn(&Agent) -> bool) -> Self {
         let (mut snapshot, ids) = {
             let agent = lock(agent);
+            let with_endpoints = endpoints(&agent);
             let mut ids = Vec::new();
             let services = agent
                 .service_states()
@@ -109,11 +137,26 @@ impl Snapshot {
                                 agent
                                     .programmer
                                     .backend_id(&svc.frontend, e.address, e.port)
+                                    .map(|id| (id, SocketAddrV4::new(e.address, e.port)))
                             })
                             .collect(),
                     });
+                    if !with_endpoints {
+                        return ServiceSnapshot {
+                            service: svc.clone_without_endpoints(),
+                            outlier: detector.config().clone(),
+                            detector: detector.stats(),
+                            plan: plan.clone(),
+                            stats: TrafficStats::default(),
+                            endpoint_count: svc.endpoints.len(),
+                            backend_totals: TrafficStats::default(),
+                            endpoints: Vec::new(),
+                        };
+                    }
                     ServiceSnapshot {
                         service: svc.clone(),
+                        endpoint_count: svc.endpoints.len(),
+                        backend_totals: TrafficStats::default(),
                         outlier: detector.config().clone(),
                         detector: detector.stats(),
                         plan: plan.clone(),
@@ -185,7 +228,7 @@ impl Snapshot {
                 lookups.push((Slot::Service(si), id));
             }
             for (ei, id) in ids.backends.iter().enumerate() {
-                if let Some(id) = id {
+                if let Some((id, _)) = id {
                     lookups.push((Slot::Backend(si, ei), *id));
                 }
             }
@@ -205,11 +248,17 @@ impl Snapshot {
                     Slot::Backend(si, ei) => {
                         let svc = &mut self.services[si];
                         let frontend = svc.service.frontend;
-                        let e = &mut svc.endpoints[ei];
+                        let Some((_, address)) = ids[si].backends[ei] else {
+                            continue;
+                        };
                         let same = agent.programmer.backend_key(*id)
-                            == Some((frontend, *e.address.ip(), e.address.port()));
-                        if same {
-                            if let Ok(stats) = agent.dataplane.backend_stats(*id) {
+                            == Some((frontend, *address.ip(), address.port()));
+                        if !same {
+                            continue;
+                        }
+                        if let Ok(stats) = agent.dataplane.backend_stats(*id) {
+                            svc.backend_totals.add(&stats);
+                            if let Some(e) = svc.endpoints.get_mut(ei) {
                                 e.stats = stats;
                             }
                         }

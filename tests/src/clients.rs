@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 
 /// From inside `ns`, `n` times `GET /` on a new connection each: the bodies (the names of
 /// the servers that answered), in order. The error names the request that failed.
@@ -298,6 +298,7 @@ pub fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, S
         .and_then(|s| s.parse::<u16>().ok())
         .with_context(|| format!("bad status line {status_line:?}"))?;
     let mut content_length = None;
+    let mut chunked = false;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).context("reading headers")? == 0 {
@@ -312,10 +313,16 @@ pub fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, S
                 let len = value.trim().parse::<usize>();
                 content_length = Some(len.with_context(|| format!("bad header {header:?}"))?);
             }
+            if key.eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+            {
+                chunked = true;
+            }
         }
     }
     let mut body = Vec::new();
     match content_length {
+        _ if chunked => read_chunked(reader, &mut body)?,
         Some(len) => {
             body.resize(len, 0);
             reader
@@ -328,4 +335,44 @@ pub fn read_status_and_body(reader: &mut BufReader<TcpStream>) -> Result<(u16, S
         }
     }
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Reads a chunked body (RFC 9112, section 7.1) into `body`: each chunk is its size in
+/// hex (maybe with extensions after `;`), CRLF, the data, CRLF; a size of 0 ends it, after
+/// optional trailer fields and an empty line.
+fn read_chunked(reader: &mut BufReader<TcpStream>, body: &mut Vec<u8>) -> Result<()> {
+    loop {
+        let mut line = String::new();
+        if reader
+            .read_line(&mut line)
+            .context("reading a chunk size")?
+            == 0
+        {
+            bail!("connection closed inside a chunked body");
+        }
+        let size = line.trim_end().split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16)
+            .with_context(|| format!("bad chunk size line {line:?}"))?;
+        if size == 0 {
+            // Trailer fields, up to the empty line.
+            loop {
+                let mut trailer = String::new();
+                if reader.read_line(&mut trailer).context("reading trailers")? == 0
+                    || trailer.trim_end().is_empty()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader
+            .read_exact(&mut body[start..])
+            .with_context(|| format!("reading a {size}-byte chunk"))?;
+        let mut crlf = [0u8; 2];
+        reader
+            .read_exact(&mut crlf)
+            .context("reading a chunk's end")?;
+        ensure!(&crlf == b"\r\n", "a chunk does not end with CRLF");
+    }
 }

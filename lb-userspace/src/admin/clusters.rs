@@ -441,7 +441,7 @@ spec:
 
     #[test]
     fn metrics_exposition_is_well_formed() {
-        let text = crate::admin::metrics::render(&snapshot(7));
+        let text = crate::admin::metrics::render(snapshot(7));
         assert!(text.ends_with("# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').unwrap();

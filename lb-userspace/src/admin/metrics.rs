@@ -10,11 +10,17 @@
 //! (`region/zone/subzone`), `priority` (from this node; `none` when `distribute` gives the
 //! endpoint no traffic).
 
-use std::{collections::BTreeMap, net::SocketAddrV4, sync::atomic::AtomicU64};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddrV4,
+    sync::{atomic::AtomicU64, Arc},
+};
 
 use lb_common::TrafficStats;
 use prometheus_client::{
-    encoding::text::encode,
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, NoLabelSet},
+    metrics::MetricType,
     metrics::{
         counter::Counter,
         family::Family,
@@ -158,90 +164,57 @@ impl AgentMetrics {
 type Labels = Vec<(&'static str, String)>;
 type Counters = Family<Labels, Counter>;
 type Gauges = Family<Labels, Gauge>;
-type FloatGauges = Family<Labels, Gauge<f64, AtomicU64>>;
 
-/// The families of one kind of traffic counter (`TrafficStats`), for services or backends.
-struct Traffic {
-    packets: Counters,
-    bytes: Counters,
-    new_connections: Counters,
-    handshakes: Counters,
-    http_ok: Counters,
-    http_5xx: Counters,
-}
+/// Reads one counter of a `TrafficStats`.
+type TrafficField = fn(&TrafficStats) -> u64;
 
-impl Traffic {
-    fn new() -> Self {
-        Self {
-            packets: Counters::default(),
-            bytes: Counters::default(),
-            new_connections: Counters::default(),
-            handshakes: Counters::default(),
-            http_ok: Counters::default(),
-            http_5xx: Counters::default(),
-        }
-    }
+/// The traffic counters of `TrafficStats`: name, what it counts (`{of}`: service or
+/// endpoint), and its value.
+const TRAFFIC: [(&str, &str, TrafficField); 6] = [
+    (
+        "packets",
+        "Packets of the {of}'s connections, both directions, seen by the data plane",
+        |s| s.packets,
+    ),
+    (
+        "bytes",
+        "Bytes (IP packets) of the {of}'s connections, both directions",
+        |s| s.bytes,
+    ),
+    (
+        "new_connections",
+        "New connections (TCP SYN, first UDP datagram of a flow) sent to the {of}",
+        |s| s.new_connections,
+    ),
+    (
+        "handshakes",
+        "Completed TCP handshakes (SYN-ACK from the backend): connect successes of the {of}{summed}",
+        |s| s.handshakes,
+    ),
+    (
+        "http_ok",
+        "HTTP/1.x responses below 500 from the {of} (HTTP services){summed}",
+        |s| s.http_ok,
+    ),
+    (
+        "http_5xx",
+        "HTTP/1.x 5xx responses from the {of} (HTTP services){summed}",
+        |s| s.http_5xx,
+    ),
+];
 
-    fn add(&self, labels: &Labels, s: &TrafficStats) {
-        for (family, value) in [
-            (&self.packets, s.packets),
-            (&self.bytes, s.bytes),
-            (&self.new_connections, s.new_connections),
-            (&self.handshakes, s.handshakes),
-            (&self.http_ok, s.http_ok),
-            (&self.http_5xx, s.http_5xx),
-        ] {
-            family.get_or_create(labels).inc_by(value);
-        }
-    }
-
-    /// `summed`: what the help says of handshakes and HTTP responses (the data plane
-    /// counts them per backend only).
-    fn register(self, registry: &mut Registry, prefix: &str, of: &str, summed: &str) {
-        registry.register(
-            format!("{prefix}_packets"),
-            format!("Packets of the {of}'s connections, both directions, seen by the data plane"),
-            self.packets,
-        );
-        registry.register(
-            format!("{prefix}_bytes"),
-            format!("Bytes (IP packets) of the {of}'s connections, both directions"),
-            self.bytes,
-        );
-        registry.register(
-            format!("{prefix}_new_connections"),
-            format!("New connections (TCP SYN, first UDP datagram of a flow) sent to the {of}"),
-            self.new_connections,
-        );
-        registry.register(
-            format!("{prefix}_handshakes"),
-            format!(
-                "Completed TCP handshakes (SYN-ACK from the backend): connect successes of the {of}{summed}"
-            ),
-            self.handshakes,
-        );
-        registry.register(
-            format!("{prefix}_http_ok"),
-            format!("HTTP/1.x responses below 500 from the {of} (HTTP services){summed}"),
-            self.http_ok,
-        );
-        registry.register(
-            format!("{prefix}_http_5xx"),
-            format!("HTTP/1.x 5xx responses from the {of} (HTTP services){summed}"),
-            self.http_5xx,
-        );
-    }
-}
-
-fn service_labels(svc: &ServiceSnapshot) -> Labels {
-    vec![
-        ("service", svc.service.name.clone()),
-        ("frontend", svc.service.frontend.to_string()),
+fn service_labels<'a>(svc: &'a ServiceSnapshot, frontend: &'a str) -> [(&'static str, &'a str); 2] {
+    [
+        ("service", svc.service.name.as_str()),
+        ("frontend", frontend),
     ]
 }
 
 fn endpoint_labels(svc: &ServiceSnapshot, i: usize, e: &EndpointSnapshot) -> Labels {
-    let mut labels = service_labels(svc);
+    let mut labels = vec![
+        ("service", svc.service.name.clone()),
+        ("frontend", svc.service.frontend.to_string()),
+    ];
     labels.push(("endpoint", e.address.to_string()));
     // As written in a ServiceEntry: `region1/zone1`, no empty trailing parts.
     let locality = svc.service.endpoints[i].locality.to_string();
@@ -263,132 +236,244 @@ fn with(mut labels: Labels, key: &'static str, value: impl Into<String>) -> Labe
     labels
 }
 
-/// The exposition of `snapshot` (taken with traffic counters).
-pub fn render(snapshot: &Snapshot) -> String {
-    let mut registry = Registry::with_prefix("lb");
+/// One value of a series.
+enum Value {
+    Counter(u64),
+    Gauge(i64),
+    Ratio(f64),
+}
 
-    // Per service and per endpoint.
-    let service_traffic = Traffic::new();
-    let endpoint_traffic = Traffic::new();
-    let priority_load = Gauges::default();
-    let priority_panic = Gauges::default();
-    let ejections_enforced = Counters::default();
-    let ejections_overflow = Counters::default();
-    let endpoint_state = Gauges::default();
-    let endpoint_share = FloatGauges::default();
-    let endpoint_connect_failures = Counters::default();
-    let endpoint_events = Counters::default();
-    let endpoints: usize = snapshot.services.iter().map(|s| s.endpoint_count).sum();
-    let per_endpoint = endpoints <= snapshot.metrics.endpoint_series_limit;
-    for svc in &snapshot.services {
-        let labels = service_labels(svc);
-        // The data plane counts handshakes and HTTP responses per backend only.
-        let mut stats = svc.stats;
-        (stats.handshakes, stats.http_ok, stats.http_5xx) = (
-            svc.backend_totals.handshakes,
-            svc.backend_totals.http_ok,
-            svc.backend_totals.http_5xx,
-        );
-        service_traffic.add(&labels, &stats);
-        for (p, load) in svc.plan.loads.load.iter().enumerate() {
-            let l = with(labels.clone(), "priority", p.to_string());
-            priority_load.get_or_create(&l).set(i64::from(*load));
-            let panic = svc.plan.loads.panic.get(p).copied().unwrap_or(false);
-            priority_panic.get_or_create(&l).set(i64::from(panic));
-        }
-        ejections_enforced
-            .get_or_create(&labels)
-            .inc_by(svc.detector.ejections_enforced_total);
-        ejections_overflow
-            .get_or_create(&labels)
-            .inc_by(svc.detector.ejections_overflow);
-        if !per_endpoint {
-            continue;
-        }
-        for (i, e) in svc.endpoints.iter().enumerate() {
-            let labels = endpoint_labels(svc, i, e);
-            endpoint_traffic.add(&labels, &e.stats);
-            let (outlier, operator, draining) =
-                (e.outlier_ejected(), e.operator_ejected(), e.draining());
-            for (state, on) in [
-                ("active", !outlier && !operator && !draining),
-                ("outlier_ejected", outlier),
-                ("operator_ejected", operator),
-                ("draining", draining),
-            ] {
-                endpoint_state
-                    .get_or_create(&with(labels.clone(), "state", state))
-                    .set(i64::from(on));
-            }
-            endpoint_share
-                .get_or_create(&labels)
-                .set(svc.plan.shares.get(i).copied().unwrap_or(0.0));
-            endpoint_connect_failures
-                .get_or_create(&labels)
-                .inc_by(e.status.totals.cx_connect_fail);
-            let events = snapshot.metrics.events(svc.service.frontend, e.address);
-            for (event, n) in events.by_name() {
-                endpoint_events
-                    .get_or_create(&with(labels.clone(), "event", event))
-                    .inc_by(n);
-            }
+/// Writes one family: its descriptor, then each series as `series` yields it.
+fn family<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    series: impl Iterator<Item = (L, Value)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in series {
+        let mut encoder = metric.encode_family(&labels)?;
+        match value {
+            Value::Counter(v) => encoder.encode_counter::<NoLabelSet, _, u64>(&v, None)?,
+            Value::Gauge(v) => encoder.encode_gauge(&v)?,
+            Value::Ratio(v) => encoder.encode_gauge(&v)?,
         }
     }
-    service_traffic.register(
-        &mut registry,
-        "service",
-        "service",
-        ", summed over its current endpoints",
-    );
-    registry.register(
-        "service_priority_load_percent",
-        "Percent of the service's new connections each priority level gets (Envoy's priority load)",
-        priority_load,
-    );
-    registry.register(
-        "service_priority_panic",
-        "1 while a priority level is in panic (balances over all its endpoints, healthy or not)",
-        priority_panic,
-    );
-    registry.register(
-        "service_outlier_ejections_enforced",
-        "Outlier ejections that happened (Envoy's outlier_detection.ejections_enforced_total)",
-        ejections_enforced,
-    );
-    registry.register(
-        "service_outlier_ejections_overflow",
-        "Outlier ejections refused by maxEjectionPercent (Envoy's outlier_detection.ejections_overflow)",
-        ejections_overflow,
-    );
+    Ok(())
+}
+
+/// The per-service and per-endpoint families, written straight from the snapshot while
+/// the exposition is encoded: a registry of families would first hold every series'
+/// labels and value at once (tens of MiB at 10,000 services) only to print them.
+struct ServiceSeries(Arc<Snapshot>);
+
+impl std::fmt::Debug for ServiceSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceSeries({} services)", self.0.services.len())
+    }
+}
+
+impl Collector for ServiceSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let snapshot = &*self.0;
+        let services = &snapshot.services;
+        let frontends: Vec<String> = services
+            .iter()
+            .map(|s| s.service.frontend.to_string())
+            .collect();
+        let by_service = || services.iter().zip(&frontends);
+        for (name, help, value) in TRAFFIC {
+            let help = help
+                .replace("{of}", "service")
+                .replace("{summed}", ", summed over its current endpoints");
+            family(
+                &mut encoder,
+                &format!("service_{name}"),
+                &help,
+                MetricType::Counter,
+                by_service().map(|(svc, f)| {
+                    // The data plane counts handshakes and HTTP responses per backend only.
+                    let mut stats = svc.stats;
+                    (stats.handshakes, stats.http_ok, stats.http_5xx) = (
+                        svc.backend_totals.handshakes,
+                        svc.backend_totals.http_ok,
+                        svc.backend_totals.http_5xx,
+                    );
+                    (service_labels(svc, f), Value::Counter(value(&stats)))
+                }),
+            )?;
+        }
+        let per_priority = |of: fn(&ServiceSnapshot, usize) -> i64| {
+            by_service().flat_map(move |(svc, f)| {
+                (0..svc.plan.loads.load.len()).map(move |p| {
+                    let [service, frontend] = service_labels(svc, f);
+                    (
+                        [
+                            service,
+                            frontend,
+                            (
+                                "priority",
+                                &*PRIORITY_NAMES[p.min(PRIORITY_NAMES.len() - 1)],
+                            ),
+                        ],
+                        Value::Gauge(of(svc, p)),
+                    )
+                })
+            })
+        };
+        family(
+            &mut encoder,
+            "service_priority_load_percent",
+            "Percent of the service's new connections each priority level gets (Envoy's priority load)",
+            MetricType::Gauge,
+            per_priority(|svc, p| i64::from(svc.plan.loads.load[p])),
+        )?;
+        family(
+            &mut encoder,
+            "service_priority_panic",
+            "1 while a priority level is in panic (balances over all its endpoints, healthy or not)",
+            MetricType::Gauge,
+            per_priority(|svc, p| i64::from(svc.plan.loads.panic.get(p).copied().unwrap_or(false))),
+        )?;
+        family(
+            &mut encoder,
+            "service_outlier_ejections_enforced",
+            "Outlier ejections that happened (Envoy's outlier_detection.ejections_enforced_total)",
+            MetricType::Counter,
+            by_service().map(|(svc, f)| {
+                (
+                    service_labels(svc, f),
+                    Value::Counter(svc.detector.ejections_enforced_total),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "service_outlier_ejections_overflow",
+            "Outlier ejections refused by maxEjectionPercent (Envoy's outlier_detection.ejections_overflow)",
+            MetricType::Counter,
+            by_service().map(|(svc, f)| {
+                (
+                    service_labels(svc, f),
+                    Value::Counter(svc.detector.ejections_overflow),
+                )
+            }),
+        )?;
+
+        let endpoints: usize = services.iter().map(|s| s.endpoint_count).sum();
+        let per_endpoint = endpoints <= snapshot.metrics.endpoint_series_limit;
+        if !per_endpoint {
+            return Ok(());
+        }
+        // Every endpoint with its labels, once per scrape (at most the limit of them).
+        let all: Vec<(&ServiceSnapshot, usize, &EndpointSnapshot, Labels)> = services
+            .iter()
+            .flat_map(|svc| {
+                svc.endpoints
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, e)| (svc, i, e, endpoint_labels(svc, i, e)))
+            })
+            .collect();
+        for (name, help, value) in TRAFFIC {
+            let help = help.replace("{of}", "endpoint").replace("{summed}", "");
+            family(
+                &mut encoder,
+                &format!("endpoint_{name}"),
+                &help,
+                MetricType::Counter,
+                all.iter()
+                    .map(|(_, _, e, l)| (l.as_slice(), Value::Counter(value(&e.stats)))),
+            )?;
+        }
+        family(
+            &mut encoder,
+            "endpoint_state",
+            "1 for each state the endpoint is in: active (takes new connections), outlier_ejected, \
+             operator_ejected, draining",
+            MetricType::Gauge,
+            all.iter().flat_map(|(_, _, e, l)| {
+                let (outlier, operator, draining) =
+                    (e.outlier_ejected(), e.operator_ejected(), e.draining());
+                [
+                    ("active", !outlier && !operator && !draining),
+                    ("outlier_ejected", outlier),
+                    ("operator_ejected", operator),
+                    ("draining", draining),
+                ]
+                .map(|(state, on)| (with(l.clone(), "state", state), Value::Gauge(i64::from(on))))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "endpoint_share_ratio",
+            "Share of the service's new connections the endpoint gets now (0 to 1)",
+            MetricType::Gauge,
+            all.iter().map(|(svc, i, _, l)| {
+                (
+                    l.as_slice(),
+                    Value::Ratio(svc.plan.shares.get(*i).copied().unwrap_or(0.0)),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "endpoint_connect_failures",
+            "Connect failures of the endpoint (refused, unreachable) reported to outlier detection",
+            MetricType::Counter,
+            all.iter().map(|(_, _, e, l)| {
+                (
+                    l.as_slice(),
+                    Value::Counter(e.status.totals.cx_connect_fail),
+                )
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "endpoint_failover_events",
+            "Health changes of the endpoint: outlier_ejected, operator_ejected, unejected, drained, undrained",
+            MetricType::Counter,
+            all.iter().flat_map(|(svc, _, e, l)| {
+                let events = snapshot.metrics.events(svc.service.frontend, e.address);
+                events
+                    .by_name()
+                    .map(|(event, n)| (with(l.clone(), "event", event), Value::Counter(n)))
+            }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Priority levels as label values (`0`, `1`, ...), made once.
+static PRIORITY_NAMES: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0..64).map(|p| p.to_string()).collect());
+
+/// The exposition of `snapshot` (taken with traffic counters).
+pub fn render(snapshot: Snapshot) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = render_into(snapshot, &mut out);
+    out
+}
+
+/// Writes the exposition of `snapshot` to `out` as it is encoded (for a response sent in
+/// chunks: at 10,000 services the text is about 10 MiB, which need not be held at once).
+/// Stops at `out`'s first error.
+pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::fmt::Result {
+    let snapshot = Arc::new(snapshot);
+    let mut registry = Registry::with_prefix("lb");
+    registry.register_collector(Box::new(ServiceSeries(snapshot.clone())));
+    let endpoints: usize = snapshot.services.iter().map(|s| s.endpoint_count).sum();
     let omitted = Gauge::<i64>::default();
-    omitted.set(if per_endpoint { 0 } else { endpoints as i64 });
+    if endpoints > snapshot.metrics.endpoint_series_limit {
+        omitted.set(endpoints as i64);
+    }
     registry.register(
         "metrics_endpoints_omitted",
         "Endpoints without per-endpoint series here: all of them while there are more than \
          `lb agent --metrics-endpoint-limit` (their figures are in /clusters)",
         omitted,
-    );
-    endpoint_traffic.register(&mut registry, "endpoint", "endpoint", "");
-    registry.register(
-        "endpoint_state",
-        "1 for each state the endpoint is in: active (takes new connections), outlier_ejected, \
-         operator_ejected, draining",
-        endpoint_state,
-    );
-    registry.register(
-        "endpoint_share_ratio",
-        "Share of the service's new connections the endpoint gets now (0 to 1)",
-        endpoint_share,
-    );
-    registry.register(
-        "endpoint_connect_failures",
-        "Connect failures of the endpoint (refused, unreachable) reported to outlier detection",
-        endpoint_connect_failures,
-    );
-    registry.register(
-        "endpoint_failover_events",
-        "Health changes of the endpoint: outlier_ejected, operator_ejected, unejected, drained, undrained",
-        endpoint_events,
     );
 
     // The data plane's verdicts (one per packet) and events (on top).
@@ -520,8 +605,5 @@ pub fn render(snapshot: &Snapshot) -> String {
         loaded_at,
     );
 
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = encode(&mut out, &registry);
-    out
+    encode(out, &registry)
 }

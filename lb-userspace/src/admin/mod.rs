@@ -198,14 +198,52 @@ async fn clusters(
 
 async fn metrics(State(admin): Admin) -> Result<Response, (StatusCode, String)> {
     let snapshot = Snapshot::take_for_metrics(admin.agent()?);
+    // Encoded on a blocking thread and sent as it is written, a chunk at a time, so the
+    // whole text (10 MiB at 10,000 services) is never held at once; a client that goes
+    // away stops the encoding.
+    let (tx, rx) = tokio::sync::mpsc::channel::<String>(2);
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChunkWriter {
+            tx,
+            chunk: String::with_capacity(CHUNK),
+        };
+        if metrics::render_into(snapshot, &mut out).is_ok() && !out.chunk.is_empty() {
+            let _ = out.tx.blocking_send(out.chunk);
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), rx))
+    });
     Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        metrics::render(&snapshot),
+        axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Bytes of exposition text per chunk of a `/metrics` response.
+const CHUNK: usize = 64 * 1024;
+
+/// Hands the text written to it to a response body, `CHUNK` bytes at a time.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<String>,
+    chunk: String,
+}
+
+impl std::fmt::Write for ChunkWriter {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.chunk.push_str(s);
+        if self.chunk.len() >= CHUNK {
+            let full = std::mem::replace(&mut self.chunk, String::with_capacity(CHUNK));
+            // The client went away: stop encoding.
+            self.tx.blocking_send(full).map_err(|_| std::fmt::Error)?;
+        }
+        Ok(())
+    }
 }
 
 async fn config_dump(State(admin): Admin) -> Result<Response, (StatusCode, String)> {

@@ -146,7 +146,11 @@ impl Snapshot {
                             service: svc.clone_without_endpoints(),
                             outlier: detector.config().clone(),
                             detector: detector.stats(),
-                            plan: plan.clone(),
+                            // The per-level loads only: the rest is per endpoint.
+                            plan: Plan {
+                                loads: plan.loads.clone(),
+                                ..Default::default()
+                            },
                             stats: TrafficStats::default(),
                             endpoint_count: svc.endpoints.len(),
                             backend_totals: TrafficStats::default(),
@@ -222,20 +226,24 @@ impl Snapshot {
             Service(usize),
             Backend(usize, usize),
         }
-        let mut lookups = Vec::new();
-        for (si, ids) in ids.iter().enumerate() {
-            if let Some(id) = ids.service {
-                lookups.push((Slot::Service(si), id));
+        // Every lookup in order, without listing them first (a list of every backend is
+        // megabytes at 100,000 backends).
+        let mut lookups = ids.iter().enumerate().flat_map(|(si, ids)| {
+            let service = ids.service.map(|id| (Slot::Service(si), id));
+            let backends = ids
+                .backends
+                .iter()
+                .enumerate()
+                .filter_map(move |(ei, id)| id.map(|(id, _)| (Slot::Backend(si, ei), id)));
+            service.into_iter().chain(backends)
+        });
+        loop {
+            let chunk: Vec<(Slot, u32)> = lookups.by_ref().take(LOOKUPS_PER_LOCK).collect();
+            if chunk.is_empty() {
+                break;
             }
-            for (ei, id) in ids.backends.iter().enumerate() {
-                if let Some((id, _)) = id {
-                    lookups.push((Slot::Backend(si, ei), *id));
-                }
-            }
-        }
-        for chunk in lookups.chunks(LOOKUPS_PER_LOCK) {
             let agent = lock(agent);
-            for (slot, id) in chunk {
+            for (slot, id) in &chunk {
                 match *slot {
                     Slot::Service(si) => {
                         let svc = &mut self.services[si];

@@ -448,6 +448,8 @@ struct Figures {
     programming: Result<Option<(u64, f64)>, String>,
     /// How long `GET /metrics` took.
     metrics_took: Duration,
+    /// How long its text was (bytes).
+    metrics_len: usize,
 }
 
 /// Nearest-rank percentile of sorted `v`.
@@ -624,6 +626,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
         Some((count, sum, histogram_bound(m, name, 0.99)))
     });
     let metrics_took = t.elapsed();
+    let metrics_len = metrics.as_ref().map_or(0, String::len);
     agent.check_running()?;
     let at_end = status(agent.pid())?;
     Ok(Figures {
@@ -643,6 +646,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
         agent_part,
         programming,
         metrics_took,
+        metrics_len,
     })
 }
 
@@ -846,8 +850,9 @@ pub fn run(o: &Options) -> Result<String> {
     emit!(
         md,
         "| `GET /metrics` answered in (per-service series; per-endpoint ones are left out \
-         above `--metrics-endpoint-limit`, 10,000 endpoints by default) | {} | |",
-        secs(f.metrics_took)
+         above `--metrics-endpoint-limit`, 10,000 endpoints by default) | {} ({} of text) | |",
+        secs(f.metrics_took),
+        mib(f.metrics_len as u64)
     );
     emit!(
         md,

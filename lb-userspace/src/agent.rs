@@ -156,7 +156,7 @@ fn new_state(service: &Service, config: &Config, now: Duration) -> ServiceState 
 fn plan_of(config: &Config, service: &Service, detector: &OutlierDetector) -> Plan {
     let mut healthy = detector.healthy();
     if !config.initial_states.is_empty() {
-        for (h, e) in healthy.iter_mut().zip(&service.endpoints) {
+        for (h, e) in healthy.iter_mut().zip(service.endpoints.iter()) {
             if config
                 .initial_states
                 .contains_key(&(service.frontend, e.address, e.port))

@@ -163,7 +163,7 @@ pub struct Service {
     /// Host name (Istio) or configured name, for messages and views.
     pub name: String,
     pub frontend: Frontend,
-    pub endpoints: Vec<Endpoint>,
+    pub endpoints: std::sync::Arc<[Endpoint]>,
     pub policy: TrafficPolicy,
     /// Cleartext HTTP/1.x (Istio protocol `HTTP` or `HTTP_PROXY`): the data plane reads
     /// response statuses, and a completed connect alone is not a success (as for Envoy's
@@ -183,7 +183,7 @@ impl Service {
         Service {
             name: self.name.clone(),
             frontend: self.frontend,
-            endpoints: Vec::new(),
+            endpoints: Default::default(),
             policy: self.policy.clone(),
             http: self.http,
             session_affinity: self.session_affinity,

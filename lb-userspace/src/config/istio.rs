@@ -245,7 +245,7 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
                         port: port.number,
                         protocol: port.protocol,
                     },
-                    endpoints: endpoints.clone(),
+                    endpoints: endpoints.clone().into(),
                     policy: TrafficPolicy::default(),
                     http: port.http,
                     session_affinity: None,

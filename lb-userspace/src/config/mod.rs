@@ -146,7 +146,7 @@ pub struct EndpointsUpdate {
     /// The object that defines it: the update applies only where that object's service
     /// is the one in force (not where a file's service took the frontend).
     pub source: Source,
-    pub endpoints: Vec<crate::model::Endpoint>,
+    pub endpoints: std::sync::Arc<[crate::model::Endpoint]>,
     /// Endpoints that take no new connections, by address and port.
     pub states: Vec<(Ipv4Addr, u16, BackendState)>,
 }

@@ -215,7 +215,7 @@ fn seed_task_resources_become_the_expected_model() {
         "protocol HTTP: response statuses feed outlier detection"
     );
     assert_eq!(
-        s.endpoints,
+        *s.endpoints,
         [
             endpoint([10, 200, 1, 2], 5000, "region1/zone1"),
             endpoint([10, 200, 2, 2], 5000, "region1/zone2"),
@@ -335,7 +335,7 @@ fn blog_external_service_with_failover() {
     assert_eq!(s.frontend.to_string(), "240.0.0.10:80/TCP");
     // The endpoints' own `ports` win over the service port.
     assert_eq!(
-        s.endpoints,
+        *s.endpoints,
         [
             endpoint([52, 119, 226, 80], 81, "us-east1"),
             endpoint([52, 94, 12, 144], 80, "us-west"),
@@ -759,7 +759,7 @@ fn cluster_web(vip: [u8; 4], distribution: Option<LocalityLbSetting>) -> Cluster
             Service {
                 name: "web.default.svc.cluster.local".into(),
                 frontend,
-                endpoints: Vec::new(),
+                endpoints: Default::default(),
                 policy: TrafficPolicy::default(),
                 http: false,
                 session_affinity: None,

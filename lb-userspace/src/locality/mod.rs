@@ -275,7 +275,7 @@ pub(crate) mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
-            endpoints,
+            endpoints: endpoints.into(),
             policy,
             http: false,
             session_affinity: None,

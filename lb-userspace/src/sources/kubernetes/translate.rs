@@ -173,6 +173,8 @@ pub fn translate(
     let mut services = Vec::new();
     for port in &service.ports {
         let (endpoints, states) = port_endpoints(service, port, slices, context);
+        // One copy, shared by the port's frontends (ClusterIP, external IPs).
+        let endpoints: Arc<[Endpoint]> = endpoints.into();
         for vip in &vips {
             let frontend = Frontend {
                 vip: *vip,

@@ -92,6 +92,11 @@ pub struct Agent {
     services: Vec<ServiceState>,
     /// Where each frontend is in `config.services` (and `services`).
     index: std::collections::HashMap<crate::dataplane::Frontend, usize>,
+    /// An endpoint update of the cluster failed: the configuration in force may differ
+    /// from the cluster's, and only a full apply brings them together.
+    cluster_diverged: bool,
+    /// Why the cluster's latest state is not in force, while it is not (for the views).
+    pub cluster_apply_error: Option<String>,
     started: Instant,
     /// Time from the last health decision to its table being live.
     pub last_publish: Option<Duration>,
@@ -236,6 +241,8 @@ impl Agent {
             node_locality,
             services: Vec::new(),
             index: Default::default(),
+            cluster_diverged: false,
+            cluster_apply_error: None,
             started: Instant::now(),
             last_publish: None,
             successes_seen: Default::default(),
@@ -815,12 +822,24 @@ impl Agent {
         };
         let (change, triggers, seen) = cluster.changes();
         match change {
-            config::ClusterChange::Full(input) => self.apply_input(&input)?,
-            config::ClusterChange::Endpoints(updates) => {
+            config::ClusterChange::Endpoints(updates) if !self.cluster_diverged => {
                 for update in &updates {
-                    self.update_endpoints(update)?;
+                    if let Err(e) = self.update_endpoints(update) {
+                        // What is in force no longer follows the cluster's translation:
+                        // the full path, until it succeeds, brings them together again
+                        // (and reports why it cannot, with the running state kept).
+                        warn!("{e:#}; applying the whole cluster instead");
+                        self.cluster_diverged = true;
+                        break;
+                    }
+                }
+                if self.cluster_diverged {
+                    self.apply_sources()?;
                 }
             }
+            // After an update that failed, everything goes through the full path.
+            config::ClusterChange::Endpoints(_) => self.apply_sources().map(drop)?,
+            config::ClusterChange::Full(input) => self.apply_input(&input)?,
         }
         self.observe_programming(triggers);
         if let Some(seen) = seen {
@@ -835,6 +854,7 @@ impl Agent {
         let loaded = config::join(&self.files, input)?;
         self.set_warnings(loaded.warnings);
         self.reload(loaded.config)?;
+        self.cluster_diverged = false;
         self.metrics.forget_removed(&self.config);
         Ok(())
     }
@@ -1023,8 +1043,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 // A burst of changes is applied at once: whatever arrived while the last
                 // one was being applied is in this one.
                 let mut agent = lock(&agent);
-                if let Err(e) = agent.apply_cluster_changes() {
-                    error!("the cluster's change is not applied, the tables in force stay: {e:#}");
+                match agent.apply_cluster_changes() {
+                    Ok(_) => agent.cluster_apply_error = None,
+                    Err(e) => {
+                        error!(
+                            "the cluster's change is not applied, the tables in force stay: \
+                             {e:#}"
+                        );
+                        agent.cluster_apply_error = Some(format!("{e:#}"));
+                    }
                 }
                 drop(agent);
                 cluster_changed.set(next_cluster_change(cluster.clone()));
@@ -1299,6 +1326,47 @@ mod tests {
         assert_eq!(
             in_table,
             ["10.200.4.2:8080 Active", "10.200.5.2:8080 Active"].into()
+        );
+    }
+
+    /// At the data plane's capacity, a configuration in which one service grows while
+    /// another shrinks is applied (the one that gives ids back first), and one that does
+    /// not fit is refused before anything changes. Needs root (it loads the programs).
+    #[test]
+    fn a_reload_that_fits_also_fits_on_the_way() {
+        let native = |a: &[u8], b: &[u8]| {
+            let backends = |last: &[u8]| -> String {
+                last.iter()
+                    .map(|l| format!("{{ address: 10.200.0.{l}, port: 8080 }}, "))
+                    .collect()
+            };
+            config::parse(&format!(
+                "dataplane: {{ max_backends: 8 }}\nservices:\n  \
+                 - {{ name: a, vip: 10.96.0.51, port: 80, backends: [{}] }}\n  \
+                 - {{ name: b, vip: 10.96.0.52, port: 80, backends: [{}] }}\n",
+                backends(a),
+                backends(b)
+            ))
+            .unwrap()
+        };
+        let mut agent = Agent::start(native(&[1, 2], &[3, 4, 5, 6]), &[], None).unwrap();
+        agent.reload(native(&[1, 2, 7, 8], &[3])).unwrap();
+        let a = agent.config.services[0].frontend;
+        for last in [1, 2, 7, 8] {
+            let addr = std::net::Ipv4Addr::new(10, 200, 0, last);
+            assert!(
+                agent.programmer.backend_id(&a, addr, 8080).is_some(),
+                "{addr}"
+            );
+        }
+        let err = agent
+            .reload(native(&[1, 2, 7, 8, 9, 10], &[3, 4]))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("max_backends"), "{err:#}");
+        assert_eq!(
+            agent.config.services[0].endpoints.len(),
+            4,
+            "the running state stays"
         );
     }
 

@@ -166,6 +166,11 @@ impl Cluster {
 
     /// Like `start`; `istio` says whether Istio's CRDs are installed first.
     fn start_with(objects: &str, istio: bool) -> Option<Self> {
+        Self::start_with_files(objects, istio, &[])
+    }
+
+    /// Like `start_with`, the agent also reading configuration `files` (name, text).
+    fn start_with_files(objects: &str, istio: bool, files: &[(&str, &str)]) -> Option<Self> {
         if !require_root() {
             return None;
         }
@@ -188,6 +193,9 @@ impl Cluster {
         api.apply_yaml(&all).unwrap();
         api.apply_yaml(objects).unwrap();
         let dir = TempDir::new("lbk8s").unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.0.join(name), text).unwrap();
+        }
         let kubeconfig = api.kubeconfig_path().to_string_lossy().into_owned();
         let agent = AgentProcess::start_with(
             &bed,
@@ -730,6 +738,92 @@ endpoints:
         warnings.contains("rejected: DestinationRule sample/broken")
             && warnings.contains("outlierDetection.interval"),
         "{warnings}"
+    );
+}
+
+/// The endpoints of one Service in /config_dump, by address.
+fn dumped_endpoints(dump: &serde_json::Value, vip: &str) -> Vec<String> {
+    let services = dump["services"].as_array().cloned().unwrap_or_default();
+    let Some(service) = services.iter().find(|s| s["frontend"]["vip"] == vip) else {
+        return Vec::new();
+    };
+    let mut addresses: Vec<String> = service["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["address"].as_str().map(str::to_string))
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+/// An endpoint change that does not fit the data plane is refused (the view says why,
+/// the service keeps what it had); once it fits, because another Service shrank, the
+/// cluster's state is applied whole, the refused change included.
+#[test]
+fn a_change_that_does_not_fit_waits_until_it_does() {
+    // Backend ids 1 to 7.
+    let node = "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  dataplane: { max_backends: 8 }\n";
+    let a = |pods: &[usize]| {
+        let eps: Vec<Ep> = pods.iter().map(|&p| Ep::ready(p)).collect();
+        slice_yaml("a-1", "a", &[("", 8080)], &eps)
+    };
+    let b = |pods: &[usize]| {
+        let eps: Vec<Ep> = pods.iter().map(|&p| Ep::ready(p)).collect();
+        slice_yaml("b-1", "b", &[("", 8080)], &eps)
+    };
+    let objects = [
+        service_yaml("a", "10.96.0.51", &[("", 80, "8080")], ""),
+        a(&[1, 2]),
+        service_yaml("b", "10.96.0.52", &[("", 80, "8080")], ""),
+        b(&[3, 4, 5, 6]),
+    ]
+    .join("---\n");
+    let Some(c) = Cluster::start_with_files(&objects, false, &[("node.yaml", node)]) else {
+        return;
+    };
+    let endpoints = |vip: &str| dumped_endpoints(&c.config_dump(), vip);
+    let addresses = |pods: &[usize]| -> Vec<String> {
+        let mut v: Vec<String> = pods.iter().map(|p| format!("10.200.{p}.2:8080")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(endpoints("10.96.0.51"), addresses(&[1, 2]));
+
+    // Four for `a` and four for `b` are eight backends: one too many.
+    c.apply(&a(&[1, 2, 7, 8]));
+    let started = Instant::now();
+    let error = loop {
+        let dump = c.config_dump();
+        if let Some(e) = dump["kubernetes"]["apply_error"].as_str() {
+            break e.to_string();
+        }
+        assert!(started.elapsed() < FOLLOW, "no apply error in /config_dump");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(error.contains("max_backends"), "{error}");
+    assert_eq!(
+        endpoints("10.96.0.51"),
+        addresses(&[1, 2]),
+        "a keeps what it had"
+    );
+    assert_eq!(endpoints("10.96.0.52"), addresses(&[3, 4, 5, 6]));
+
+    // `b` shrinks: the whole cluster fits, `a`'s refused change comes with it.
+    c.apply(&b(&[3]));
+    let started = Instant::now();
+    while endpoints("10.96.0.51") != addresses(&[1, 2, 7, 8]) {
+        assert!(
+            started.elapsed() < FOLLOW,
+            "a's endpoints are {:?}",
+            endpoints("10.96.0.51")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(endpoints("10.96.0.52"), addresses(&[3]));
+    assert_eq!(
+        c.config_dump()["kubernetes"]["apply_error"],
+        serde_json::Value::Null
     );
 }
 

@@ -385,6 +385,7 @@ spec:
             counters: Vec::new(),
             interfaces: Vec::new(),
             cluster: None,
+            cluster_apply_error: None,
             warnings: Vec::new(),
         }
     }

@@ -135,6 +135,10 @@ pub fn json(snapshot: &Snapshot) -> Value {
         // What the sources said: objects left out, fields not acted on (each once).
         "warnings": snapshot.warnings,
         // The cluster source: sync, objects per kind, watch restarts, objects' problems.
-        "kubernetes": snapshot.cluster.as_ref().map(|c| c.status()),
+        "kubernetes": snapshot.cluster.as_ref().map(|c| {
+            let mut status = serde_json::to_value(c.status()).unwrap_or_default();
+            status["apply_error"] = json!(snapshot.cluster_apply_error);
+            status
+        }),
     })
 }

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub interfaces: Vec<(String, crate::dataplane::AttachMode)>,
     /// The cluster, when it is a source.
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
+    /// Why the cluster's latest state is not in force, while it is not.
+    pub cluster_apply_error: Option<String>,
     /// The sources' warnings in force (fields not acted on, cluster objects left out).
     pub warnings: Vec<String>,
 }
@@ -208,6 +210,7 @@ impl Snapshot {
                     .map(|(name, a)| (name.clone(), a.mode))
                     .collect(),
                 cluster: agent.cluster.clone(),
+                cluster_apply_error: agent.cluster_apply_error.clone(),
                 warnings: agent.warnings().to_vec(),
             };
             (snapshot, ids)

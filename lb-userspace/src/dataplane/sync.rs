@@ -62,6 +62,9 @@ fn failover_list(s: &DesiredService, ids: impl Fn(&DesiredBackend) -> u32) -> Ve
 /// A backend of one service: the service's frontend, the backend's address and port.
 pub type BackendKey = (Frontend, Ipv4Addr, u16);
 
+/// A backend and the id it has.
+type IdOf = (BackendKey, u32);
+
 /// What a published table was built from: backends, size, failover list, HTTP flag,
 /// session-affinity timeout (seconds).
 type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool, u32);
@@ -277,32 +280,59 @@ impl Programmer {
             );
         }
 
-        // Forget what is no longer wanted (ids are freed after the kernel stops using them).
-        let wanted_keys: BTreeSet<BackendKey> = desired
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| (s.frontend, b.addr, b.port)))
-            .collect();
+        // Services no longer wanted go first: their ids and their backends' are then free
+        // for the others. Each wanted service is then brought up on its own (its new
+        // backends, its table in one step, then its gone backends cleared), those that
+        // give ids back before those that need more, so that a configuration that fits
+        // also fits on the way (a service that grows while another shrinks).
         let stale_services: Vec<(Frontend, u32)> = self
             .services
             .iter()
             .filter(|(f, _)| !frontends.contains(f))
             .map(|(f, id)| (*f, *id))
             .collect();
-        let stale_backends: Vec<(BackendKey, u32)> = self
-            .backends
+        let mut steps: Vec<(&DesiredService, usize, Vec<IdOf>)> = desired
             .iter()
-            .filter(|(k, _)| !wanted_keys.contains(k))
-            .map(|(k, id)| (*k, *id))
+            .map(|s| {
+                let (new, stale) = self.changes_of(s);
+                (s, new, stale)
+            })
             .collect();
-
-        // 1. Backends first, so every id a new table names is already valid.
-        for s in desired {
-            self.write_all_backends(dp, s)?;
+        steps.sort_by_key(|(_, new, stale)| *new as i64 - stale.len() as i64);
+        let freed: usize = stale_services
+            .iter()
+            .map(|(f, _)| self.backends.range(backends_of(*f)).count())
+            .sum();
+        let mut in_use = self.backends.len() - freed;
+        for (s, new, stale) in &steps {
+            if (in_use + new) as u32 >= opts.max_backends {
+                bail!(
+                    "service {}: {new} more backends do not fit dataplane.max_backends = {} \
+                     while the configuration is applied ({in_use} in use at that point; id 0 \
+                     is reserved)",
+                    s.name,
+                    opts.max_backends
+                );
+            }
+            in_use = in_use + new - stale.len();
         }
-        // 2. Tables, each flipped in one step.
+
+        for (frontend, id) in stale_services {
+            dp.remove_service(id, &frontend)?;
+            self.services.remove(&frontend);
+            self.written_tables.remove(&id);
+            let gone: Vec<(BackendKey, u32)> = self
+                .backends
+                .range(backends_of(frontend))
+                .map(|(k, id)| (*k, *id))
+                .collect();
+            for (key, id) in gone {
+                self.remove_backend(dp, key, id)?;
+            }
+        }
         let mut used: BTreeSet<u32> = self.services.values().copied().collect();
         let mut cursor = 1;
-        for s in desired {
+        for (s, _, stale) in steps {
             let id = match self.services.get(&s.frontend) {
                 Some(&id) => id,
                 None => {
@@ -313,39 +343,17 @@ impl Programmer {
                     id
                 }
             };
-            self.write_owners_and_table(dp, id, s)?;
-        }
-        // 3. Then what is gone.
-        for (frontend, id) in stale_services {
-            dp.remove_service(id, &frontend)?;
-            self.services.remove(&frontend);
-            self.written_tables.remove(&id);
-        }
-        for (key, id) in stale_backends {
-            self.remove_backend(dp, key, id)?;
+            self.bring_up(dp, id, s, stale)?;
         }
         Ok(())
     }
 
-    /// Applies one service already applied whose backends may have changed (new ones,
-    /// gone ones, other weights and states), without looking at any other service: the
-    /// path of a cluster's endpoint changes, which costs the same however many services
-    /// there are. The order is `apply`'s: new backends, then the table, then the gone
-    /// backends cleared. Checks capacity first.
-    pub fn apply_service(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
-        let Some(&id) = self.services.get(&s.frontend) else {
-            bail!("service {} ({}) was never applied", s.name, s.frontend);
-        };
+    /// How many backends of `s` are new (need an id), and which of the backends applied
+    /// for its frontend it no longer has.
+    fn changes_of(&self, s: &DesiredService) -> (usize, Vec<(BackendKey, u32)>) {
         let wanted: std::collections::HashSet<(Ipv4Addr, u16)> =
             s.backends.iter().map(|b| (b.addr, b.port)).collect();
-        if wanted.len() != s.backends.len() {
-            bail!(
-                "service {} ({}): a backend is listed twice",
-                s.name,
-                s.frontend
-            );
-        }
-        let stale: Vec<(BackendKey, u32)> = self
+        let stale = self
             .backends
             .range(backends_of(s.frontend))
             .filter(|((_, addr, port), _)| !wanted.contains(&(*addr, *port)))
@@ -356,6 +364,44 @@ impl Programmer {
             .iter()
             .filter(|b| !self.backends.contains_key(&(s.frontend, b.addr, b.port)))
             .count();
+        (new, stale)
+    }
+
+    /// Brings service `id` to `s`: its new backends first (every id its table names is
+    /// valid before the table), its table in one step, then its `stale` backends cleared.
+    fn bring_up(
+        &mut self,
+        dp: &mut Dataplane,
+        id: u32,
+        s: &DesiredService,
+        stale: Vec<(BackendKey, u32)>,
+    ) -> Result<()> {
+        self.write_all_backends(dp, s)?;
+        self.write_owners_and_table(dp, id, s)?;
+        for (key, bid) in stale {
+            self.remove_backend(dp, key, bid)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one service already applied whose backends may have changed (new ones,
+    /// gone ones, other weights and states), without looking at any other service: the
+    /// path of a cluster's endpoint changes, which costs the same however many services
+    /// there are. Checks capacity first.
+    pub fn apply_service(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
+        let Some(&id) = self.services.get(&s.frontend) else {
+            bail!("service {} ({}) was never applied", s.name, s.frontend);
+        };
+        let distinct: std::collections::HashSet<(Ipv4Addr, u16)> =
+            s.backends.iter().map(|b| (b.addr, b.port)).collect();
+        if distinct.len() != s.backends.len() {
+            bail!(
+                "service {} ({}): a backend is listed twice",
+                s.name,
+                s.frontend
+            );
+        }
+        let (new, stale) = self.changes_of(s);
         let max_backends = dp.options().max_backends;
         if (self.backends.len() + new) as u32 >= max_backends {
             bail!(
@@ -367,12 +413,7 @@ impl Programmer {
                 self.backends.len()
             );
         }
-        self.write_all_backends(dp, s)?;
-        self.write_owners_and_table(dp, id, s)?;
-        for (key, bid) in stale {
-            self.remove_backend(dp, key, bid)?;
-        }
-        Ok(())
+        self.bring_up(dp, id, s, stale)
     }
 
     /// Gives every backend of `s` an id (new ones the next free id) and writes those

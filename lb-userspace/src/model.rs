@@ -3,7 +3,7 @@
 //!
 //! Config parsing produces these; the locality and outlier logic consume them.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc, time::Duration};
 
 use crate::dataplane::Frontend;
 
@@ -83,9 +83,25 @@ pub struct Endpoint {
     pub locality: Locality,
     /// Shared: the endpoints on one node in one locality have the same ones, and a
     /// cluster has many endpoints and few nodes.
-    pub labels: std::sync::Arc<BTreeMap<String, String>>,
+    pub labels: Arc<BTreeMap<String, String>>,
     /// Istio's endpoint `weight` (default 1).
     pub weight: u32,
+    /// The name it was resolved from (a ServiceEntry endpoint with `resolution: DNS`):
+    /// Envoy's `hostname`.
+    pub hostname: Option<Arc<str>>,
+}
+
+/// An endpoint known by name (`resolution: DNS`): the agent resolves it, and each
+/// address the name has becomes an [`Endpoint`] with these fields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedEndpoint {
+    pub hostname: Arc<str>,
+    pub port: u16,
+    pub locality: Locality,
+    pub labels: Arc<BTreeMap<String, String>>,
+    pub weight: u32,
+    /// `DNS_ROUND_ROBIN`: one of the name's addresses at a time, not all of them.
+    pub one_at_a_time: bool,
 }
 
 /// `localityLbSetting.failover[]`.
@@ -163,7 +179,10 @@ pub struct Service {
     /// Host name (Istio) or configured name, for messages and views.
     pub name: String,
     pub frontend: Frontend,
-    pub endpoints: std::sync::Arc<[Endpoint]>,
+    pub endpoints: Arc<[Endpoint]>,
+    /// Its endpoints known by name; `endpoints` holds what they resolved to (after the
+    /// endpoints given by address).
+    pub named: Arc<[NamedEndpoint]>,
     pub policy: TrafficPolicy,
     /// Cleartext HTTP/1.x (Istio protocol `HTTP` or `HTTP_PROXY`): the data plane reads
     /// response statuses, and a completed connect alone is not a success (as for Envoy's
@@ -184,6 +203,7 @@ impl Service {
             name: self.name.clone(),
             frontend: self.frontend,
             endpoints: Default::default(),
+            named: self.named.clone(),
             policy: self.policy.clone(),
             http: self.http,
             session_affinity: self.session_affinity,
@@ -197,6 +217,7 @@ impl Service {
             name,
             frontend,
             endpoints: _,
+            named,
             policy,
             http,
             session_affinity,
@@ -204,6 +225,7 @@ impl Service {
         } = self;
         *name == other.name
             && *frontend == other.frontend
+            && *named == other.named
             && *policy == other.policy
             && *http == other.http
             && *session_affinity == other.session_affinity

@@ -2,9 +2,10 @@
 //! (`networking.istio.io/v1`, `v1beta1` and `v1alpha3` share one schema).
 //!
 //! What lb does with them:
-//! - a ServiceEntry becomes one [`Service`] per (address, port): lb balances connections to a
-//!   VIP, so `spec.addresses` is required; endpoints must be IP addresses, as lb does not
-//!   resolve names yet;
+//! - a ServiceEntry becomes one [`Service`] per (address, port). Without `spec.addresses`
+//!   it gets a VIP allocated from Istio's auto-allocation range (see [`auto_vip`]); with
+//!   `resolution: DNS` (or `DNS_ROUND_ROBIN`) an endpoint address may be a name, which the
+//!   agent resolves (`sources::dns`), and without endpoints the hosts themselves are;
 //! - a DestinationRule gives its `trafficPolicy` (locality load balancing and outlier
 //!   detection) to the ServiceEntry whose host it names, chosen as Istio chooses: the exact
 //!   host first, then the most specific wildcard (`*.example.com`, `*`); a short name
@@ -27,8 +28,8 @@ use super::diagnostics::{describe, field, item, Doc, Report};
 use crate::{
     dataplane::{Frontend, Protocol},
     model::{
-        Distribute, Endpoint, Failover, Locality, LocalityLbSetting, OutlierDetection, Service,
-        Source, TrafficPolicy,
+        Distribute, Endpoint, Failover, Locality, LocalityLbSetting, NamedEndpoint,
+        OutlierDetection, Service, Source, TrafficPolicy,
     },
 };
 
@@ -107,12 +108,45 @@ pub(super) struct ServiceEntry {
     pub hosts: Vec<String>,
     /// Each service with the fields that made it (`spec.addresses[0], spec.ports[1]`).
     pub services: Vec<(String, Service)>,
+    /// No `spec.addresses`: the services' VIP is [`auto_vip`]'s for the first host, given
+    /// when every resource is read (two hosts may want the same one).
+    pub auto_vip: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Resolution {
     Static,
     Dns,
+    /// One of a name's addresses at a time.
+    DnsRoundRobin,
+}
+
+/// The range Istio allocates ServiceEntry VIPs from (its DNS proxy's auto-allocation).
+pub const AUTO_VIP_RANGE: (Ipv4Addr, u8) = (Ipv4Addr::new(240, 240, 0, 0), 16);
+
+/// The VIP `host` gets when its ServiceEntry has no `spec.addresses`, the `attempt`-th
+/// choice (0 first; the next is taken when an earlier host has it): a hash of the host
+/// into [`AUTO_VIP_RANGE`], without its network and broadcast addresses. The same host
+/// gets the same VIP across reloads and restarts, whatever other hosts exist, unless its
+/// hash meets another's.
+pub fn auto_vip(host: &str, attempt: u32) -> Ipv4Addr {
+    // FNV-1a: small, stable across versions and platforms (unlike std's hasher).
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in host.to_ascii_lowercase().bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let (base, prefix) = AUTO_VIP_RANGE;
+    let size = 1u32 << (32 - prefix);
+    let usable = size - 2;
+    let offset = 1 + (hash.wrapping_add(attempt)) % usable;
+    Ipv4Addr::from(u32::from(base) + offset)
+}
+
+/// Where an endpoint is: an address, or a name the agent resolves.
+enum EntryAddress {
+    Ip(Ipv4Addr),
+    Name(String),
 }
 
 struct Port {
@@ -129,7 +163,7 @@ struct Port {
 
 struct EntryEndpoint {
     path: String,
-    address: Ipv4Addr,
+    address: EntryAddress,
     ports: BTreeMap<String, u16>,
     locality: Locality,
     labels: BTreeMap<String, String>,
@@ -179,12 +213,10 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
         doc.missing("spec.hosts", "a ServiceEntry names at least one host");
     }
     let resolution = read_resolution(doc, resolution_text.as_deref());
-    if vips.is_empty() && !spec.contains_key("addresses") {
-        doc.missing(
-            "spec.addresses",
-            "lb balances connections to a VIP, so a ServiceEntry needs at least one IPv4 \
-             address (lb has no automatic address allocation)",
-        );
+    let auto_vip = vips.is_empty() && !spec.contains_key("addresses");
+    if auto_vip {
+        // A placeholder: `Reader::finish` gives the VIP, knowing every other one.
+        vips.push(("an allocated VIP".to_string(), Ipv4Addr::UNSPECIFIED));
     } else if vips.is_empty() {
         doc.error(
             "spec.addresses",
@@ -215,11 +247,29 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
     }
     if endpoint_values.is_empty() {
         match resolution {
-            Some(Resolution::Dns) => doc.missing(
-                "spec.endpoints",
-                "with resolution DNS and no endpoints Istio resolves the hosts; lb does not \
-                 resolve names yet, so list the endpoints' IP addresses",
-            ),
+            // Istio resolves the hosts themselves.
+            Some(Resolution::Dns | Resolution::DnsRoundRobin) => {
+                for (i, host) in hosts.iter().enumerate() {
+                    if host.starts_with("*.") {
+                        doc.error(
+                            &item("spec.hosts", i),
+                            format!(
+                                "{host:?} is a wildcard: with resolution DNS and no endpoints \
+                                 the hosts are resolved, and a wildcard cannot be"
+                            ),
+                        );
+                        continue;
+                    }
+                    endpoints.push(EntryEndpoint {
+                        path: item("spec.hosts", i),
+                        address: EntryAddress::Name(host.clone()),
+                        ports: BTreeMap::new(),
+                        locality: Locality::default(),
+                        labels: BTreeMap::new(),
+                        weight: 1,
+                    });
+                }
+            }
             Some(Resolution::Static) if !workload_selector => doc.warn(
                 "spec.endpoints",
                 "none listed: new connections to this service are dropped",
@@ -228,14 +278,15 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
         }
     }
 
-    let per_port = endpoints_per_port(doc, &ports, &endpoints);
+    let one_at_a_time = resolution == Some(Resolution::DnsRoundRobin);
+    let per_port = endpoints_per_port(doc, &ports, &endpoints, one_at_a_time);
     if doc.error_count() > errors_before {
         return None;
     }
     let name = hosts.first().cloned().unwrap_or_default();
     let mut services = Vec::with_capacity(vips.len() * ports.len());
     for (vip_path, vip) in &vips {
-        for (port, endpoints) in ports.iter().zip(&per_port) {
+        for (port, (endpoints, named)) in ports.iter().zip(&per_port) {
             services.push((
                 format!("{vip_path}, {}", port.path),
                 Service {
@@ -246,6 +297,7 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
                         protocol: port.protocol,
                     },
                     endpoints: endpoints.clone().into(),
+                    named: named.clone().into(),
                     policy: TrafficPolicy::default(),
                     http: port.http,
                     session_affinity: None,
@@ -254,7 +306,11 @@ pub(super) fn read_service_entry(doc: &mut Doc, spec: &Map<String, Value>) -> Op
             ));
         }
     }
-    Some(ServiceEntry { hosts, services })
+    Some(ServiceEntry {
+        hosts,
+        services,
+        auto_vip,
+    })
 }
 
 fn read_resolution(doc: &mut Doc, text: Option<&str>) -> Option<Resolution> {
@@ -276,16 +332,8 @@ fn read_resolution(doc: &mut Doc, text: Option<&str>) -> Option<Resolution> {
             None
         }
         Some("STATIC") => Some(Resolution::Static),
-        Some(r @ ("DNS" | "DNS_ROUND_ROBIN")) => {
-            doc.warn(
-                "spec.resolution",
-                format!(
-                    "{r}: lb does not resolve names yet, endpoint addresses must be IP \
-                     addresses and are used as written"
-                ),
-            );
-            Some(Resolution::Dns)
-        }
+        Some("DNS") => Some(Resolution::Dns),
+        Some("DNS_ROUND_ROBIN") => Some(Resolution::DnsRoundRobin),
         Some(other) => {
             doc.error(
                 "spec.resolution",
@@ -298,15 +346,19 @@ fn read_resolution(doc: &mut Doc, text: Option<&str>) -> Option<Resolution> {
 
 /// The endpoints of each service port. An endpoint's port for service port P is its own
 /// `ports[P.name]`, else P's `targetPort`, else P's number.
+/// Of each port: the endpoints given by address, and those given by name.
+type PortEndpoints = (Vec<Endpoint>, Vec<NamedEndpoint>);
+
 fn endpoints_per_port(
     doc: &mut Doc,
     ports: &[Port],
     endpoints: &[EntryEndpoint],
-) -> Vec<Vec<Endpoint>> {
+    one_at_a_time: bool,
+) -> Vec<PortEndpoints> {
     let mut per_port = Vec::with_capacity(ports.len());
     for port in ports {
-        let mut seen: BTreeMap<(Ipv4Addr, u16), &str> = BTreeMap::new();
-        let mut list = Vec::with_capacity(endpoints.len());
+        let mut seen: BTreeMap<(String, u16), &str> = BTreeMap::new();
+        let (mut list, mut named) = (Vec::new(), Vec::new());
         for e in endpoints {
             let target = e
                 .ports
@@ -314,25 +366,41 @@ fn endpoints_per_port(
                 .copied()
                 .or(port.target_port)
                 .unwrap_or(port.number);
+            let shown = match &e.address {
+                EntryAddress::Ip(a) => a.to_string(),
+                EntryAddress::Name(n) => n.clone(),
+            };
             // Two entries for one backend would collapse into one in the data plane.
-            if let Some(first) = seen.insert((e.address, target), &e.path) {
+            if let Some(first) = seen.insert((shown.clone(), target), &e.path) {
                 doc.error(
                     &e.path,
                     format!(
-                        "{}:{target} (port {}) is already {first}: list each endpoint once",
-                        e.address, port.name
+                        "{shown}:{target} (port {}) is already {first}: list each endpoint once",
+                        port.name
                     ),
                 );
             }
-            list.push(Endpoint {
-                address: e.address,
-                port: target,
-                locality: e.locality.clone(),
-                labels: e.labels.clone().into(),
-                weight: e.weight,
-            });
+            let labels: std::sync::Arc<BTreeMap<String, String>> = e.labels.clone().into();
+            match &e.address {
+                EntryAddress::Ip(address) => list.push(Endpoint {
+                    address: *address,
+                    port: target,
+                    locality: e.locality.clone(),
+                    labels,
+                    weight: e.weight,
+                    hostname: None,
+                }),
+                EntryAddress::Name(name) => named.push(NamedEndpoint {
+                    hostname: name.as_str().into(),
+                    port: target,
+                    locality: e.locality.clone(),
+                    labels,
+                    weight: e.weight,
+                    one_at_a_time,
+                }),
+            }
         }
-        per_port.push(list);
+        per_port.push((list, named));
     }
     per_port
 }
@@ -529,10 +597,10 @@ fn endpoint_address(
     path: &str,
     value: &Value,
     resolution: Option<Resolution>,
-) -> Option<Ipv4Addr> {
+) -> Option<EntryAddress> {
     let text = doc.string(path, value)?;
     match text.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Some(a),
+        Ok(IpAddr::V4(a)) => Some(EntryAddress::Ip(a)),
         Ok(IpAddr::V6(_)) => {
             doc.error(
                 path,
@@ -549,15 +617,19 @@ fn endpoint_address(
             );
             None
         }
-        Err(_) if resolution == Some(Resolution::Dns) => {
-            doc.error(
-                path,
-                format!(
-                    "{text:?} is a name: lb does not resolve names yet, give the endpoint's \
-                     IPv4 address"
-                ),
-            );
-            None
+        Err(_)
+            if matches!(
+                resolution,
+                Some(Resolution::Dns | Resolution::DnsRoundRobin)
+            ) =>
+        {
+            match dns_name_problem(&text) {
+                None => Some(EntryAddress::Name(text.trim_end_matches('.').to_string())),
+                Some(why) => {
+                    doc.error(path, format!("{text:?} is not a DNS name: {why}"));
+                    None
+                }
+            }
         }
         Err(_) => {
             doc.error(
@@ -567,6 +639,30 @@ fn endpoint_address(
             None
         }
     }
+}
+
+/// Why `name` cannot be looked up, if it cannot (RFC 1035 lengths, letters, digits,
+/// hyphens and underscores in labels).
+fn dns_name_problem(name: &str) -> Option<&'static str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Some("a name has 1 to 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("each dot-separated label has 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Some("labels hold letters, digits, hyphens and underscores");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("a label neither starts nor ends with a hyphen");
+        }
+    }
+    None
 }
 
 /// What one DestinationRule contributes.

@@ -46,7 +46,7 @@ mod istio;
 mod native;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -214,6 +214,7 @@ pub fn join(files: &FileDocuments, cluster: &ClusterInput) -> Result<Loaded> {
             services: service.services.clone(),
             from_cluster: true,
             default_locality_lb: service.default_locality_lb.clone(),
+            auto_vip: false,
         });
     }
     // Cluster ServiceEntries came after the files' origins too: every origin past the
@@ -272,6 +273,8 @@ struct Origin {
     from_cluster: bool,
     /// The locality setting when no DestinationRule gives one (`trafficDistribution`).
     default_locality_lb: Option<LocalityLbSetting>,
+    /// A ServiceEntry without addresses: its services' VIP is allocated in `finish`.
+    auto_vip: bool,
 }
 
 /// Collects documents from every source, then joins and checks them in [`Reader::finish`].
@@ -430,6 +433,7 @@ impl Reader {
             services: native.services,
             from_cluster: false,
             default_locality_lb: None,
+            auto_vip: false,
         });
     }
 
@@ -461,6 +465,7 @@ impl Reader {
                 services: entry.services,
                 from_cluster: false,
                 default_locality_lb: None,
+                auto_vip: entry.auto_vip,
             });
         }
     }
@@ -492,6 +497,7 @@ impl Reader {
         let mut matched = vec![false; self.rules.len()];
         let mut services = Vec::new();
         let mut defined_by: BTreeMap<Frontend, String> = BTreeMap::new();
+        allocate_vips(&mut self.origins);
         // The files' services first, so that they win over the cluster's.
         self.origins.sort_by_key(|o| o.from_cluster);
         for origin in self.origins {
@@ -559,6 +565,32 @@ impl Reader {
             },
             warnings,
         })
+    }
+}
+
+/// Gives the ServiceEntries without addresses their VIPs: each its first host's
+/// [`istio::auto_vip`], the next choice where a VIP is taken (by a configured address, or
+/// by a host that sorts first), so that a host keeps its VIP across reloads and restarts.
+fn allocate_vips(origins: &mut [Origin]) {
+    let mut taken: BTreeSet<Ipv4Addr> = origins
+        .iter()
+        .filter(|o| !o.auto_vip)
+        .flat_map(|o| o.services.iter().map(|(_, s)| s.frontend.vip))
+        .collect();
+    let mut auto: Vec<&mut Origin> = origins.iter_mut().filter(|o| o.auto_vip).collect();
+    auto.sort_by(|a, b| a.hosts.first().cmp(&b.hosts.first()));
+    for origin in auto {
+        let host = origin.hosts.first().cloned().unwrap_or_default();
+        // Terminates: the range has 65,534 addresses, more than any configuration's VIPs.
+        let vip = (0..)
+            .map(|attempt| istio::auto_vip(&host, attempt))
+            .find(|vip| !taken.contains(vip))
+            .expect("a free address in the range");
+        taken.insert(vip);
+        for (path, service) in &mut origin.services {
+            service.frontend.vip = vip;
+            *path = path.replacen("an allocated VIP", &format!("allocated VIP {vip}"), 1);
+        }
     }
 }
 

@@ -223,6 +223,7 @@ fn read_service(
             name: name.to_string(),
             frontend,
             endpoints,
+            named: Default::default(),
             policy: TrafficPolicy::default(),
             http,
             session_affinity: None,
@@ -271,6 +272,7 @@ fn read_backend(doc: &mut Doc, at: &str, value: &Value) -> Option<(Endpoint, Bac
             locality: Locality::default(),
             labels: Default::default(),
             weight,
+            hostname: None,
         },
         state,
     ))

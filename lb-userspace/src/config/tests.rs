@@ -177,6 +177,7 @@ fn endpoint(address: [u8; 4], port: u16, locality: &str) -> Endpoint {
         locality: Locality::parse(locality),
         labels: Default::default(),
         weight: 1,
+        hostname: None,
     }
 }
 
@@ -272,8 +273,8 @@ fn every_istio_api_version_is_read_alike() {
     }
 }
 
-/// The blog post "Configuring failover for external services", with IP addresses for the
-/// DynamoDB names (lb does not resolve names yet).
+/// The blog post "Configuring failover for external services", with an address and IP
+/// addresses for the DynamoDB names (`BLOG_ENTRY_AS_WRITTEN` is the blog's own).
 const BLOG_ENTRY: &str = r#"
 apiVersion: networking.istio.io/v1beta1
 kind: ServiceEntry
@@ -357,15 +358,107 @@ fn blog_external_service_with_failover() {
     let warnings = &loaded.warnings;
     assert_has(
         warnings,
-        "lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.resolution: DNS: lb \
-         does not resolve names yet, endpoint addresses must be IP addresses and are used as \
-         written",
-    );
-    assert_has(
-        warnings,
         "lb.yaml document 2 (DestinationRule default/mydynamodb): spec.trafficPolicy.tls: \
          ignored, lb forwards connections as they are and does not originate TLS",
     );
+}
+
+/// The blog's ServiceEntry exactly as written: no addresses, endpoints by name.
+const BLOG_ENTRY_AS_WRITTEN: &str = r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: external-svc-dns
+spec:
+  hosts:
+  - mydb.com
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  endpoints:
+  - address: dynamodb.us-east-1.amazonaws.com
+    locality: us-east1
+    ports:
+      http: 80
+  - address: dynamodb.us-west-1.amazonaws.com
+    locality: us-west
+    ports:
+      http: 80
+"#;
+
+/// The blog's YAML as written loads: the host gets a VIP from Istio's auto-allocation
+/// range, the same each time; the endpoints are names for the agent to resolve, with
+/// their localities and ports.
+#[test]
+fn the_blogs_service_entry_loads_as_written() {
+    let loaded = load_text(&format!("{BLOG_ENTRY_AS_WRITTEN}---{BLOG_RULE}"));
+    let s = &loaded.config.services[0];
+    let vip = istio::auto_vip("mydb.com", 0);
+    assert_eq!(s.frontend.to_string(), format!("{vip}:80/TCP"));
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    assert!(s.endpoints.is_empty(), "names are resolved by the agent");
+    let named: Vec<(String, u16, String)> = s
+        .named
+        .iter()
+        .map(|n| (n.hostname.to_string(), n.port, n.locality.to_string()))
+        .collect();
+    assert_eq!(
+        named,
+        [
+            (
+                "dynamodb.us-east-1.amazonaws.com".into(),
+                80,
+                "us-east1//".into()
+            ),
+            (
+                "dynamodb.us-west-1.amazonaws.com".into(),
+                80,
+                "us-west//".into()
+            ),
+        ]
+    );
+    assert!(s.named.iter().all(|n| !n.one_at_a_time));
+    // The same VIP on the next load, and with another entry loaded before it.
+    let again = load_text(&format!("{HELLOWORLD_ENTRY}---\n{BLOG_ENTRY_AS_WRITTEN}"));
+    let mydb = again
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "mydb.com")
+        .unwrap();
+    assert_eq!(mydb.frontend.vip, vip);
+    // Where its VIP is another's configured address, it takes the next choice.
+    let taken = BLOG_ENTRY
+        .replace("240.0.0.10/32", &vip.to_string())
+        .replace("mydb.com", "other.com");
+    let moved = load_text(&format!("{taken}---\n{BLOG_ENTRY_AS_WRITTEN}"));
+    let mydb = moved
+        .config
+        .services
+        .iter()
+        .find(|s| s.name == "mydb.com")
+        .unwrap();
+    assert_eq!(mydb.frontend.vip, istio::auto_vip("mydb.com", 1));
+    assert_ne!(istio::auto_vip("mydb.com", 1), vip);
+    // DNS_ROUND_ROBIN: one address at a time; no endpoints: the host itself is resolved.
+    let round_robin =
+        BLOG_ENTRY_AS_WRITTEN.replace("resolution: DNS", "resolution: DNS_ROUND_ROBIN");
+    assert!(load_text(&round_robin).config.services[0]
+        .named
+        .iter()
+        .all(|n| n.one_at_a_time));
+    let hosts_only = BLOG_ENTRY_AS_WRITTEN
+        .split("  endpoints:")
+        .next()
+        .unwrap()
+        .to_string();
+    let s = &load_text(&hosts_only).config.services[0];
+    assert_eq!(s.named.len(), 1);
+    assert_eq!(&*s.named[0].hostname, "mydb.com");
+    assert_eq!(s.named[0].port, 80);
 }
 
 #[test]
@@ -505,21 +598,34 @@ fn invalid_values_are_errors_naming_document_field_and_reason() {
           1.5s, 500ms, 10m, 1h)"]
     );
 
-    let named_endpoint = BLOG_ENTRY.replace("52.119.226.80", "dynamodb.us-east-1.amazonaws.com");
+    let static_name = BLOG_ENTRY
+        .replace("52.119.226.80", "dynamodb.us-east-1.amazonaws.com")
+        .replace("resolution: DNS", "resolution: STATIC");
     assert_eq!(
-        errors(&named_endpoint),
+        errors(&static_name),
         ["lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.endpoints[0].address: \
-          \"dynamodb.us-east-1.amazonaws.com\" is a name: lb does not resolve names yet, give \
-          the endpoint's IPv4 address"]
+          \"dynamodb.us-east-1.amazonaws.com\" is not an IP address (resolution STATIC takes IP \
+          addresses)"]
     );
-
-    let no_addresses = BLOG_ENTRY.replace("  addresses:\n  - 240.0.0.10/32\n", "");
+    let bad_name = BLOG_ENTRY.replace("52.119.226.80", "dynamodb..amazonaws.com");
     assert_eq!(
-        errors(&no_addresses),
+        errors(&bad_name),
+        ["lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.endpoints[0].address: \
+          \"dynamodb..amazonaws.com\" is not a DNS name: each dot-separated label has 1 to 63 \
+          characters"]
+    );
+    let wildcard = BLOG_ENTRY_AS_WRITTEN
+        .replace("  - mydb.com\n", "  - \"*.mydb.com\"\n")
+        .replace(
+            "  endpoints:\n  - address: dynamodb.us-east-1.amazonaws.com\n    locality: us-east1\n    ports:\n      http: 80\n  - address: dynamodb.us-west-1.amazonaws.com\n    locality: us-west\n    ports:\n      http: 80\n",
+            "",
+        );
+    assert_eq!(
+        errors(&wildcard),
         [
-            "lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.addresses: missing: \
-          lb balances connections to a VIP, so a ServiceEntry needs at least one IPv4 address \
-          (lb has no automatic address allocation)"
+            "lb.yaml document 1 (ServiceEntry default/external-svc-dns): spec.hosts[0]: \
+          \"*.mydb.com\" is a wildcard: with resolution DNS and no endpoints the hosts are \
+          resolved, and a wildcard cannot be"
         ]
     );
 
@@ -760,6 +866,7 @@ fn cluster_web(vip: [u8; 4], distribution: Option<LocalityLbSetting>) -> Cluster
                 name: "web.default.svc.cluster.local".into(),
                 frontend,
                 endpoints: Default::default(),
+                named: Default::default(),
                 policy: TrafficPolicy::default(),
                 http: false,
                 session_affinity: None,

@@ -246,6 +246,7 @@ pub(crate) mod tests {
                     .collect(),
             ),
             weight: 1,
+            hostname: None,
         }
     }
 
@@ -276,6 +277,7 @@ pub(crate) mod tests {
                 protocol: Protocol::Tcp,
             },
             endpoints: endpoints.into(),
+            named: Default::default(),
             policy,
             http: false,
             session_affinity: None,

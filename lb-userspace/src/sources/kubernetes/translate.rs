@@ -192,6 +192,7 @@ pub fn translate(
                     name: service_host(&service.key, context.cluster_domain),
                     frontend,
                     endpoints: endpoints.clone(),
+                    named: Default::default(),
                     policy: Default::default(),
                     http: port.http,
                     session_affinity: service.session_affinity,
@@ -318,6 +319,7 @@ fn endpoint(e: &SliceEndpoint, port: u16, context: &Context<'_>) -> Endpoint {
         locality,
         labels: context.label_sets.get(labels),
         weight: 1,
+        hostname: None,
     }
 }
 

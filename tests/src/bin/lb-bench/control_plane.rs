@@ -203,8 +203,10 @@ fn services_of(services: usize, endpoints: usize) -> Vec<lb::model::Service> {
                     locality: localities[j % localities.len()].clone(),
                     labels: Default::default(),
                     weight: 1,
+                    hostname: None,
                 })
                 .collect(),
+            named: Default::default(),
             policy: policy.clone(),
             http: false,
             session_affinity: None,

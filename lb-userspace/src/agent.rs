@@ -59,6 +59,8 @@ pub struct AgentOptions {
     pub admin_token_file: PathBuf,
     /// Services, endpoints, localities and Istio resources from the cluster too.
     pub kubernetes: Option<KubernetesOptions>,
+    /// How endpoints known by name are resolved.
+    pub dns: crate::sources::dns::DnsOptions,
 }
 
 /// Where the agent pins its maps unless told otherwise.
@@ -117,6 +119,8 @@ pub struct Agent {
     pub files: config::FileDocuments,
     /// The cluster, when it is a source too.
     pub cluster: Option<Cluster>,
+    /// The resolver of endpoints known by name (`resolution: DNS`).
+    pub dns: Option<crate::sources::dns::Dns>,
     /// Warnings about the sources in force, each logged once while it holds.
     logged_warnings: std::collections::BTreeSet<String>,
     warnings_in_order: Vec<String>,
@@ -252,6 +256,7 @@ impl Agent {
             config_paths: Vec::new(),
             files: Default::default(),
             cluster: None,
+            dns: None,
             logged_warnings: Default::default(),
             warnings_in_order: Vec::new(),
             reloads: ReloadStatus {
@@ -851,12 +856,50 @@ impl Agent {
     }
 
     fn apply_input(&mut self, input: &config::ClusterInput) -> Result<()> {
-        let loaded = config::join(&self.files, input)?;
+        let mut loaded = config::join(&self.files, input)?;
+        if let Some(dns) = &self.dns {
+            resolve_names(dns, &mut loaded.config);
+        }
         self.set_warnings(loaded.warnings);
         self.reload(loaded.config)?;
         self.cluster_diverged = false;
         self.metrics.forget_removed(&self.config);
         Ok(())
+    }
+
+    /// Applies the answers of names that changed: each service with endpoints known by
+    /// name gets what they resolve to now, as an endpoint update (new connections follow,
+    /// established ones keep their backend). Returns how many services changed.
+    pub fn apply_dns_answers(&mut self) -> Result<usize> {
+        let Some(dns) = &self.dns else {
+            return Ok(0);
+        };
+        let answers = dns.answers();
+        let updates: Vec<config::EndpointsUpdate> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| !s.named.is_empty())
+            .filter_map(|s| {
+                let endpoints = crate::sources::dns::resolved(s, &answers);
+                (endpoints != s.endpoints).then(|| config::EndpointsUpdate {
+                    frontend: s.frontend,
+                    source: s.source.clone(),
+                    endpoints,
+                    states: self
+                        .config
+                        .initial_states
+                        .iter()
+                        .filter(|((f, _, _), _)| *f == s.frontend)
+                        .map(|((_, addr, port), state)| (*addr, *port, *state))
+                        .collect(),
+                })
+            })
+            .collect();
+        for update in &updates {
+            self.update_endpoints(update)?;
+        }
+        Ok(updates.len())
     }
 
     /// kube-proxy's network programming latency: from the change in the cluster (the
@@ -980,12 +1023,26 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
         None => None,
     };
-    let (config, warnings) = match &cluster {
+    let (mut config, warnings) = match &cluster {
         Some(cluster) => {
             let joined = config::join(&files, &cluster.input().0)?;
             (joined.config, joined.warnings)
         }
         None => (loaded.config, loaded.warnings),
+    };
+    // Endpoints known by name: looked up before the first publish (for a few seconds at
+    // most; a name that does not answer by then gets its endpoints when it does).
+    let dns = match crate::sources::dns::Dns::start(opts.dns.clone()) {
+        Ok(dns) => {
+            dns.want(crate::sources::dns::names_of(&config.services));
+            dns.resolve_unanswered(Duration::from_secs(3)).await;
+            resolve_names(&dns, &mut config);
+            Some(dns)
+        }
+        Err(e) => {
+            warn!("endpoints known by name will not be resolved: {e:#}");
+            None
+        }
     };
     for w in &warnings {
         warn!("{w}");
@@ -1001,6 +1058,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     agent.logged_warnings = warnings.iter().cloned().collect();
     agent.warnings_in_order = warnings;
     agent.cluster = cluster.clone();
+    agent.dns = dns.clone();
     agent.metrics.endpoint_series_limit = opts.metrics_endpoint_limit;
     info!(
         "lb agent running: {} services, node at {}, on {}",
@@ -1034,6 +1092,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut stats = tokio::time::interval(opts.stats_interval.unwrap_or(Duration::from_secs(3600)));
     let cluster_changed = next_cluster_change(cluster.clone());
     tokio::pin!(cluster_changed);
+    let dns_changed = next_dns_change(dns.clone());
+    tokio::pin!(dns_changed);
     loop {
         let reload = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -1055,6 +1115,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 }
                 drop(agent);
                 cluster_changed.set(next_cluster_change(cluster.clone()));
+                false
+            }
+            _ = &mut dns_changed => {
+                if let Err(e) = lock(&agent).apply_dns_answers() {
+                    error!("a name's new answer is not applied, the tables in force stay: {e:#}");
+                }
+                dns_changed.set(next_dns_change(dns.clone()));
                 false
             }
             _ = watch.tick() => {
@@ -1087,6 +1154,26 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     );
     drop(token_file);
     Ok(())
+}
+
+/// Gives `config`'s services the endpoints their names resolve to now, and tells `dns`
+/// which names the configuration has.
+fn resolve_names(dns: &crate::sources::dns::Dns, config: &mut Config) {
+    dns.want(crate::sources::dns::names_of(&config.services));
+    let answers = dns.answers();
+    for service in &mut config.services {
+        if !service.named.is_empty() {
+            service.endpoints = crate::sources::dns::resolved(service, &answers);
+        }
+    }
+}
+
+/// Resolves at the next change of a name's answer; never without a resolver.
+async fn next_dns_change(dns: Option<crate::sources::dns::Dns>) {
+    match dns {
+        Some(d) => d.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves at the cluster's next change; never without a cluster.

@@ -16,6 +16,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the agent's many options make one variant large, which costs
+// nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: load the data plane, attach it and program it from the configuration.
@@ -52,6 +55,17 @@ enum Command {
         /// endpoint figures stay in `/clusters` and `lb endpoints`). 0: never.
         #[arg(long, default_value_t = lb::admin::metrics::DEFAULT_ENDPOINT_SERIES_LIMIT)]
         metrics_endpoint_limit: usize,
+        /// The DNS server that resolves endpoints known by name (ServiceEntry `resolution:
+        /// DNS`), as IP or IP:PORT; without it, the system's resolver configuration
+        /// (/etc/resolv.conf).
+        #[arg(long, value_name = "ADDR", value_parser = parse_resolver)]
+        resolver: Option<std::net::SocketAddr>,
+        /// An answer for an endpoint's name holds at least this many seconds, whatever its TTL.
+        #[arg(long, default_value_t = 5)]
+        dns_min_ttl: u64,
+        /// And at most this many.
+        #[arg(long, default_value_t = 300)]
+        dns_max_ttl: u64,
         /// Directory in the BPF filesystem where the maps and links are pinned (a BPF
         /// filesystem is mounted at /sys/fs/bpf if none is); they stay after the agent
         /// exits, so the programs keep forwarding and `lb` commands keep reading, and the
@@ -129,6 +143,16 @@ impl KubernetesArgs {
     }
 }
 
+/// `--resolver`: IP:PORT, or an IP (port 53).
+fn parse_resolver(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse::<std::net::SocketAddr>()
+        .or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, 53))
+        })
+        .map_err(|_| format!("{text:?} is not an IP address or IP:PORT"))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -142,6 +166,9 @@ async fn main() -> Result<()> {
             watch_interval,
             stats_interval,
             metrics_endpoint_limit,
+            resolver,
+            dns_min_ttl,
+            dns_max_ttl,
             pin_dir,
             admin_token_file,
             cleanup,
@@ -160,6 +187,11 @@ async fn main() -> Result<()> {
                 pin_dir,
                 admin_token_file,
                 kubernetes: kubernetes.options()?,
+                dns: lb::sources::dns::DnsOptions {
+                    resolver,
+                    min_ttl: Duration::from_secs(dns_min_ttl),
+                    max_ttl: Duration::from_secs(dns_max_ttl.max(dns_min_ttl)),
+                },
             })
             .await
         }

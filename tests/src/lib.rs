@@ -25,6 +25,7 @@ pub mod agent_process;
 pub mod apiserver;
 pub mod clients;
 pub mod cmd;
+pub mod dns_server;
 pub mod fixture_services;
 pub mod names;
 pub mod netns;

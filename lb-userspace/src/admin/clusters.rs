@@ -41,6 +41,10 @@ use super::snapshot::{EndpointSnapshot, ServiceSnapshot, Snapshot};
 /// One endpoint of a cluster, merged over the services that share the cluster.
 struct Host {
     address: std::net::SocketAddrV4,
+    /// The name it was resolved from (empty for an endpoint given by address), and
+    /// whether that name's last lookup failed (its address is from an earlier answer).
+    hostname: String,
+    stale: bool,
     region: String,
     zone: String,
     sub_zone: String,
@@ -60,6 +64,8 @@ impl Host {
         let e = &svc.service.endpoints[i];
         Self {
             address: std::net::SocketAddrV4::new(e.address, e.port),
+            hostname: e.hostname.as_deref().unwrap_or_default().to_string(),
+            stale: false,
             region: e.locality.region.clone(),
             zone: e.locality.zone.clone(),
             sub_zone: e.locality.subzone.clone(),
@@ -153,7 +159,9 @@ fn clusters(snapshot: &Snapshot) -> Vec<Cluster> {
             let host = match cluster.hosts.iter().position(|h| h.address == e.address) {
                 Some(h) => &mut cluster.hosts[h],
                 None => {
-                    cluster.hosts.push(Host::new(svc, i, priority));
+                    let mut host = Host::new(svc, i, priority);
+                    host.stale = snapshot.dns.get(&host.hostname).is_some_and(|a| a.stale);
+                    cluster.hosts.push(host);
                     cluster.hosts.last_mut().expect("just pushed")
                 }
             };
@@ -188,7 +196,10 @@ pub fn text(snapshot: &Snapshot) -> String {
             for (stat, value) in h.stats() {
                 let _ = writeln!(out, "{n}::{a}::{stat}::{value}");
             }
-            let _ = writeln!(out, "{n}::{a}::hostname::");
+            let _ = writeln!(out, "{n}::{a}::hostname::{}", h.hostname);
+            if h.stale {
+                let _ = writeln!(out, "{n}::{a}::dns_stale::true");
+            }
             let _ = writeln!(out, "{n}::{a}::health_flags::{}", h.health_flags());
             let _ = writeln!(out, "{n}::{a}::weight::{}", h.weight);
             let _ = writeln!(out, "{n}::{a}::region::{}", h.region);
@@ -263,6 +274,9 @@ fn host_json(h: &Host) -> Value {
             "port_value": h.address.port(),
         }}),
     );
+    if !h.hostname.is_empty() {
+        host.insert("hostname".into(), h.hostname.as_str().into());
+    }
     host.insert("stats".into(), stats.into());
     host.insert("health_status".into(), health.into());
     if h.weight != 0 {
@@ -386,6 +400,7 @@ spec:
             interfaces: Vec::new(),
             cluster: None,
             cluster_apply_error: None,
+            dns: Default::default(),
             warnings: Vec::new(),
         }
     }

@@ -63,6 +63,7 @@ fn service(svc: &ServiceSnapshot) -> Value {
                 "address": snap.address.to_string(),
                 "locality": locality(&e.locality),
                 "labels": &*e.labels,
+                "hostname": e.hostname.as_deref(),
                 "weight": e.weight,
                 "priority": svc.plan.priorities.get(i).copied().flatten(),
                 "share": svc.plan.shares.get(i).copied().unwrap_or(0.0),
@@ -135,6 +136,9 @@ pub fn json(snapshot: &Snapshot) -> Value {
         // What the sources said: objects left out, fields not acted on (each once).
         "warnings": snapshot.warnings,
         // The cluster source: sync, objects per kind, watch restarts, objects' problems.
+        // Each name endpoints are known by: its addresses, when it was last resolved, and
+        // whether its last lookup failed (the addresses are then an earlier answer's).
+        "dns": snapshot.dns,
         "kubernetes": snapshot.cluster.as_ref().map(|c| {
             let mut status = serde_json::to_value(c.status()).unwrap_or_default();
             status["apply_error"] = json!(snapshot.cluster_apply_error);

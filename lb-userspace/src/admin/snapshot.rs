@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
     /// Why the cluster's latest state is not in force, while it is not.
     pub cluster_apply_error: Option<String>,
+    /// The answers for the endpoints known by name.
+    pub dns: std::collections::BTreeMap<String, crate::sources::dns::Answer>,
     /// The sources' warnings in force (fields not acted on, cluster objects left out).
     pub warnings: Vec<String>,
 }
@@ -211,6 +213,7 @@ impl Snapshot {
                     .collect(),
                 cluster: agent.cluster.clone(),
                 cluster_apply_error: agent.cluster_apply_error.clone(),
+                dns: agent.dns.as_ref().map(|d| d.answers()).unwrap_or_default(),
                 warnings: agent.warnings().to_vec(),
             };
             (snapshot, ids)

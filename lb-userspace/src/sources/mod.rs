@@ -5,5 +5,8 @@
 //!
 //! - `kubernetes`: Services, EndpointSlices, Nodes, Pods' locality labels and Istio's
 //!   resources, watched from the API server.
+//! - `dns`: the addresses of endpoints known by name (`resolution: DNS`), resolved by the
+//!   agent; they fill in the services' endpoints after the join (`dns::resolved`).
 
+pub mod dns;
 pub mod kubernetes;

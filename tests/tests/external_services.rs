@@ -1,0 +1,236 @@
+//! External services known by DNS name, as Istio's blog "Configuring failover for
+//! external services" writes them: a ServiceEntry with no addresses and endpoints by name.
+//! The names are served by the test's own DNS server (in the node's namespace, given to
+//! the agent with `--resolver`), and point at backend namespaces.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use lb::dataplane::AttachMode;
+use lb_tests::{
+    agent_process::{write_atomically, AgentProcess, TempDir},
+    dns_server::TestDnsServer,
+    names_from, require_root,
+    topology::{backend_addr, TestBed},
+    HttpNameServer, KeepAliveClient, DEFAULT_TIMEOUT,
+};
+
+const ADMIN: &str = "127.0.0.1:15000";
+const EAST: &str = "dynamodb.us-east-1.amazonaws.com";
+const WEST: &str = "dynamodb.us-west-1.amazonaws.com";
+/// How long a change of answer may take to reach new connections here: the TTL (1 s)
+/// plus a lookup; the bound only catches a broken refresh.
+const FOLLOW: Duration = Duration::from_secs(10);
+
+/// The blog's resources as written (its DestinationRule's outlier detection; locality
+/// load balancing is on by default with it), and this node in us-east1.
+const CONFIG: &str = "apiVersion: lb/v1alpha1
+kind: Node
+spec:
+  locality: us-east1
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: external-svc-dns
+spec:
+  hosts:
+  - mydb.com
+  location: MESH_EXTERNAL
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: DNS
+  endpoints:
+  - address: dynamodb.us-east-1.amazonaws.com
+    locality: us-east1
+    ports:
+      http: 80
+  - address: dynamodb.us-west-1.amazonaws.com
+    locality: us-west
+    ports:
+      http: 80
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: mydynamodb
+spec:
+  host: mydb.com
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 15s
+      baseEjectionTime: 1m
+";
+
+struct Scenario {
+    bed: TestBed,
+    dns: TestDnsServer,
+    /// Each backend's server on port 80, named after the host it stands for.
+    _servers: Vec<HttpNameServer>,
+    _dir: TempDir,
+    _agent: AgentProcess,
+}
+
+impl Scenario {
+    fn start() -> Option<Self> {
+        if !require_root() {
+            return None;
+        }
+        let names = ["us-east-1", "us-west-1", "us-east-1-moved"].map(String::from);
+        let bed = TestBed::with_backends(AttachMode::Tc, &names).unwrap();
+        let servers = bed
+            .backends
+            .iter()
+            .zip(1u8..)
+            .zip(&names)
+            .map(|((b, i), name)| {
+                HttpNameServer::start(&b.ns, SocketAddr::from((backend_addr(i), 80)), name).unwrap()
+            })
+            .collect();
+        let dns = TestDnsServer::start(&bed.node, "127.0.0.53:0".parse().unwrap()).unwrap();
+        dns.set(EAST, &[backend_addr(1)], 1);
+        dns.set(WEST, &[backend_addr(2)], 1);
+        let dir = TempDir::new("lbext").unwrap();
+        let config = dir.0.join("lb.yaml");
+        write_atomically(&config, CONFIG).unwrap();
+        let resolver = dns.addr().to_string();
+        let agent = AgentProcess::start_with(
+            &bed,
+            &config,
+            &[
+                "--admin",
+                ADMIN,
+                "--resolver",
+                &resolver,
+                "--dns-min-ttl",
+                "1",
+            ],
+        )
+        .unwrap();
+        Some(Self {
+            bed,
+            dns,
+            _servers: servers,
+            _dir: dir,
+            _agent: agent,
+        })
+    }
+
+    fn admin_get(&self, path: &str) -> String {
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        self.bed
+            .node
+            .run(|| lb_tests::http_get(admin, path, DEFAULT_TIMEOUT))
+            .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/config_dump")).unwrap()
+    }
+
+    /// mydb.com's VIP and port, as `/config_dump` shows them (allocated by lb).
+    fn vip(&self) -> SocketAddr {
+        let dump = self.config_dump();
+        let f = &dump["services"][0]["frontend"];
+        let vip: Ipv4Addr = f["vip"].as_str().unwrap().parse().unwrap();
+        SocketAddr::from((vip, f["port"].as_u64().unwrap() as u16))
+    }
+
+    /// Waits until every one of 10 new connections to `to` is answered by `name`.
+    fn wait_all_from(&self, to: SocketAddr, name: &str) -> Duration {
+        let started = Instant::now();
+        loop {
+            let got = names_from(&self.bed.client, to, 10);
+            match &got {
+                Ok(names) if names.iter().all(|n| n == name) => return started.elapsed(),
+                _ if started.elapsed() > FOLLOW => {
+                    panic!(
+                        "after {FOLLOW:?}, calls to {to} are not all answered by {name}: {got:?}"
+                    )
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+/// The blog's YAML as written: mydb.com gets a VIP in Istio's auto-allocation range, its
+/// endpoint names resolve, and calls go to the endpoint in this node's region; when the
+/// us-east name moves to another address, new connections follow and an established one
+/// stays; when the resolver stops answering, the last answer keeps the traffic flowing
+/// (marked stale in the views).
+#[test]
+fn names_resolve_and_traffic_follows_their_answers() {
+    let Some(s) = Scenario::start() else {
+        return;
+    };
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+    })
+    .expect("the agent gets ready");
+    let to = s.vip();
+    assert_eq!(to.ip().to_string()[..8], *"240.240.", "{to}");
+    assert_eq!(to.port(), 80);
+    s.wait_all_from(to, "us-east-1");
+
+    // Envoy's hostname, per endpoint.
+    let clusters = s.admin_get("/clusters");
+    let host = format!(
+        "outbound|80||mydb.com::{}:80::hostname::{EAST}",
+        backend_addr(1)
+    );
+    assert!(clusters.contains(&host), "{clusters}");
+    let host = format!(
+        "outbound|80||mydb.com::{}:80::hostname::{WEST}",
+        backend_addr(2)
+    );
+    assert!(clusters.contains(&host), "{clusters}");
+
+    // An established connection, then the us-east name moves.
+    let mut kept = s
+        .bed
+        .client
+        .run(|| KeepAliveClient::connect(to, DEFAULT_TIMEOUT))
+        .unwrap();
+    assert_eq!(kept.get("/").unwrap(), "us-east-1");
+    s.dns.set(EAST, &[backend_addr(3)], 1);
+    println!(
+        "moved answer → followed in {:?}",
+        s.wait_all_from(to, "us-east-1-moved")
+    );
+    assert_eq!(
+        kept.get("/").unwrap(),
+        "us-east-1",
+        "an established connection keeps its backend"
+    );
+
+    // The resolver goes silent: the last answer stays, marked stale.
+    s.dns.set_silent(true);
+    let started = Instant::now();
+    loop {
+        let dump = s.config_dump();
+        if dump["dns"][EAST]["stale"] == true {
+            assert_eq!(
+                dump["dns"][EAST]["addresses"][0],
+                backend_addr(3).to_string()
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < FOLLOW,
+            "no lookup failed: {}",
+            dump["dns"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.wait_all_from(to, "us-east-1-moved");
+    let clusters = s.admin_get("/clusters");
+    assert!(clusters.contains("::dns_stale::true"), "{clusters}");
+    s.dns.set_silent(false);
+}

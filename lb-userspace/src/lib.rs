@@ -9,10 +9,13 @@
 //! - `interfaces`: which interfaces it attaches to (`--interface` names and patterns),
 //!   followed as they come and go;
 //! - `clock`: the kernel's clocks, to compare with the data plane's timestamps;
-//! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...).
+//! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...);
+//! - `check`: `lb check`, what a configuration does (with endpoints taken as unhealthy);
+//! - `sources`: where services come from besides the files (the cluster, DNS names).
 
 pub mod admin;
 pub mod agent;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;

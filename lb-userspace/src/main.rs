@@ -85,6 +85,13 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Take this endpoint as unhealthy (ADDR, every port, or ADDR:PORT); repeatable:
+        /// what happens to the traffic if these go down.
+        #[arg(long, value_name = "ADDR[:PORT]")]
+        unhealthy: Vec<lb::check::Unhealthy>,
+        /// Output: text (default) or json.
+        #[arg(short = 'o', long = "output", default_value = "text", value_parser = ["text", "json"])]
+        output: String,
     },
     /// Operator commands: read the pinned maps and the admin endpoint, act on endpoints.
     #[command(flatten)]
@@ -196,27 +203,20 @@ async fn main() -> Result<()> {
             .await
         }
         Command::Operate(command) => std::process::exit(lb::cli::run(command)),
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            unhealthy,
+            output,
+        } => {
             let c = lb::config::load(&config)?;
-            println!("node locality: {}", c.node.locality);
-            for s in &c.services {
-                // What lb would do with every endpoint healthy.
-                let plan = lb::locality::plan(&c.node, s, &vec![true; s.endpoints.len()]);
-                println!("\n{}  {}", s.name, s.frontend);
+            let plans = lb::check::plans(&c, &unhealthy)?;
+            if output == "json" {
                 println!(
-                    "  {:<22} {:<24} {:>8} {:>7}",
-                    "ENDPOINT", "LOCALITY", "PRIORITY", "SHARE"
+                    "{}",
+                    serde_json::to_string_pretty(&lb::check::json(&c, &plans, &unhealthy))?
                 );
-                for (i, e) in s.endpoints.iter().enumerate() {
-                    let priority = plan.priorities[i].map_or("-".to_string(), |p| p.to_string());
-                    println!(
-                        "  {:<22} {:<24} {:>8} {:>6.1}%",
-                        format!("{}:{}", e.address, e.port),
-                        e.locality.to_string(),
-                        priority,
-                        plan.shares[i] * 100.0
-                    );
-                }
+            } else {
+                print!("{}", lb::check::text(&c, &plans, &unhealthy));
             }
             Ok(())
         }

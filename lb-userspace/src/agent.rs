@@ -59,8 +59,10 @@ pub struct AgentOptions {
     pub admin_token_file: PathBuf,
     /// Services, endpoints, localities and Istio resources from the cluster too.
     pub kubernetes: Option<KubernetesOptions>,
-    /// How endpoints known by name are resolved.
+    /// How endpoints known by name are resolved (and where the DNS responder forwards).
     pub dns: crate::sources::dns::DnsOptions,
+    /// Where the DNS responder listens (UDP and TCP), if it runs.
+    pub dns_listen: Option<std::net::SocketAddr>,
 }
 
 /// Where the agent pins its maps unless told otherwise.
@@ -121,6 +123,10 @@ pub struct Agent {
     pub cluster: Option<Cluster>,
     /// The resolver of endpoints known by name (`resolution: DNS`).
     pub dns: Option<crate::sources::dns::Dns>,
+    /// The names the DNS responder answers for, when it runs; follows the configuration.
+    pub responder_names: Option<crate::dns_responder::SharedNames>,
+    /// What the DNS responder did.
+    pub responder_counts: Option<Arc<crate::dns_responder::ResponderCounts>>,
     /// Warnings about the sources in force, each logged once while it holds.
     logged_warnings: std::collections::BTreeSet<String>,
     warnings_in_order: Vec<String>,
@@ -257,6 +263,8 @@ impl Agent {
             files: Default::default(),
             cluster: None,
             dns: None,
+            responder_names: None,
+            responder_counts: None,
             logged_warnings: Default::default(),
             warnings_in_order: Vec::new(),
             reloads: ReloadStatus {
@@ -344,6 +352,10 @@ impl Agent {
         self.config = new;
         self.services = states;
         self.reloads.loaded_at = SystemTime::now();
+        if let Some(names) = &self.responder_names {
+            let table = Arc::new(crate::dns_responder::NameTable::from_config(&self.config));
+            *names.write().unwrap_or_else(|p| p.into_inner()) = table;
+        }
         Ok(())
     }
 
@@ -1059,6 +1071,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     agent.warnings_in_order = warnings;
     agent.cluster = cluster.clone();
     agent.dns = dns.clone();
+    if let Some(addr) = opts.dns_listen {
+        let names: crate::dns_responder::SharedNames = Arc::new(std::sync::RwLock::new(Arc::new(
+            crate::dns_responder::NameTable::from_config(&agent.config),
+        )));
+        let counts = Arc::new(crate::dns_responder::ResponderCounts::default());
+        crate::dns_responder::serve(addr, names.clone(), opts.dns.resolver, counts.clone()).await?;
+        agent.responder_names = Some(names);
+        agent.responder_counts = Some(counts);
+    }
     agent.metrics.endpoint_series_limit = opts.metrics_endpoint_limit;
     info!(
         "lb agent running: {} services, node at {}, on {}",

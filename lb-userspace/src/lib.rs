@@ -11,7 +11,8 @@
 //! - `clock`: the kernel's clocks, to compare with the data plane's timestamps;
 //! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...);
 //! - `check`: `lb check`, what a configuration does (with endpoints taken as unhealthy);
-//! - `sources`: where services come from besides the files (the cluster, DNS names).
+//! - `sources`: where services come from besides the files (the cluster, DNS names);
+//! - `dns_responder`: `--dns-listen`, answers pods' queries for lb's hosts with their VIPs.
 
 pub mod admin;
 pub mod agent;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dataplane;
+pub mod dns_responder;
 pub mod interfaces;
 pub mod locality;
 pub mod model;

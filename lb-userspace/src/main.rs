@@ -66,6 +66,12 @@ enum Command {
         /// And at most this many.
         #[arg(long, default_value_t = 300)]
         dns_max_ttl: u64,
+        /// Answer DNS queries on ADDR:PORT (UDP and TCP): the configuration's hosts
+        /// (ServiceEntry hosts, Kubernetes Service names) with their VIPs, every other name
+        /// forwarded to the upstream resolvers (--resolver, else /etc/resolv.conf). Give
+        /// it to the node's pods as their nameserver.
+        #[arg(long, value_name = "ADDR:PORT")]
+        dns_listen: Option<std::net::SocketAddr>,
         /// Directory in the BPF filesystem where the maps and links are pinned (a BPF
         /// filesystem is mounted at /sys/fs/bpf if none is); they stay after the agent
         /// exits, so the programs keep forwarding and `lb` commands keep reading, and the
@@ -176,6 +182,7 @@ async fn main() -> Result<()> {
             resolver,
             dns_min_ttl,
             dns_max_ttl,
+            dns_listen,
             pin_dir,
             admin_token_file,
             cleanup,
@@ -199,6 +206,7 @@ async fn main() -> Result<()> {
                     min_ttl: Duration::from_secs(dns_min_ttl),
                     max_ttl: Duration::from_secs(dns_max_ttl.max(dns_min_ttl)),
                 },
+                dns_listen,
             })
             .await
         }

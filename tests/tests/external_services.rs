@@ -78,6 +78,11 @@ struct Scenario {
 
 impl Scenario {
     fn start() -> Option<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, the agent with `extra` arguments too.
+    fn start_with(extra: &[&str]) -> Option<Self> {
         if !require_root() {
             return None;
         }
@@ -99,19 +104,16 @@ impl Scenario {
         let config = dir.0.join("lb.yaml");
         write_atomically(&config, CONFIG).unwrap();
         let resolver = dns.addr().to_string();
-        let agent = AgentProcess::start_with(
-            &bed,
-            &config,
-            &[
-                "--admin",
-                ADMIN,
-                "--resolver",
-                &resolver,
-                "--dns-min-ttl",
-                "1",
-            ],
-        )
-        .unwrap();
+        let mut args = vec![
+            "--admin",
+            ADMIN,
+            "--resolver",
+            &resolver,
+            "--dns-min-ttl",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let agent = AgentProcess::start_with(&bed, &config, &args).unwrap();
         Some(Self {
             bed,
             dns,
@@ -233,4 +235,110 @@ fn names_resolve_and_traffic_follows_their_answers() {
     let clusters = s.admin_get("/clusters");
     assert!(clusters.contains("::dns_stale::true"), "{clusters}");
     s.dns.set_silent(false);
+}
+
+/// The client namespace's resolver configuration (`ip netns exec` binds
+/// `/etc/netns/NAME/resolv.conf` over `/etc/resolv.conf`), removed when dropped.
+struct ResolvConf(std::path::PathBuf);
+
+impl ResolvConf {
+    fn point(ns: &lb_tests::Netns, nameserver: Ipv4Addr) -> Self {
+        let dir = std::path::Path::new("/etc/netns").join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\noptions timeout:2 attempts:2\n"),
+        )
+        .unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for ResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `ip netns exec NS ARGS...`: its standard output, or the failure.
+fn exec_in(ns: &lb_tests::Netns, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// `--dns-listen` on the node: a client whose resolver is the node finds mydb.com's VIP
+/// (`getent hosts`) and calls `http://mydb.com/` with curl; other names still resolve
+/// through it (forwarded upstream); a malformed query gets FORMERR and leaves the agent
+/// answering.
+#[test]
+fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
+    let Some(s) = Scenario::start_with(&["--dns-listen", "10.200.0.1:53"]) else {
+        return;
+    };
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+    })
+    .expect("the agent gets ready");
+    let vip = s.vip();
+    s.dns
+        .set("elsewhere.example", &[Ipv4Addr::new(192, 0, 2, 7)], 60);
+    let _conf = ResolvConf::point(&s.bed.client, Ipv4Addr::new(10, 200, 0, 1));
+
+    let hosts = exec_in(&s.bed.client, &["getent", "hosts", "mydb.com"]).unwrap();
+    assert_eq!(
+        hosts.split_whitespace().next(),
+        Some(vip.ip().to_string().as_str()),
+        "{hosts}"
+    );
+    let body = exec_in(
+        &s.bed.client,
+        &["curl", "-sS", "--max-time", "5", "http://mydb.com/"],
+    )
+    .unwrap();
+    assert_eq!(body, "us-east-1");
+    let other = exec_in(&s.bed.client, &["getent", "hosts", "elsewhere.example"]).unwrap();
+    assert!(other.starts_with("192.0.2.7"), "{other}");
+    assert!(
+        exec_in(&s.bed.client, &["getent", "hosts", "nowhere.example"]).is_err(),
+        "an unknown name does not resolve"
+    );
+
+    // A malformed query: an ID and garbage.
+    let reply = s
+        .bed
+        .client
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("10.200.0.2:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(&[0x12, 0x34, 0xff, 0xff, 0x00, 0x07, 0x01], "10.200.0.1:53")?;
+            let mut buf = [0u8; 512];
+            let (len, _) = socket.recv_from(&mut buf)?;
+            Ok::<_, std::io::Error>(buf[..len].to_vec())
+        })
+        .unwrap();
+    assert_eq!(
+        &reply[..2],
+        &[0x12, 0x34],
+        "the reply carries the query's ID"
+    );
+    assert_eq!(reply[3] & 0x0f, 1, "FORMERR");
+    let hosts = exec_in(&s.bed.client, &["getent", "hosts", "mydb.com"]).unwrap();
+    assert!(hosts.starts_with(&vip.ip().to_string()), "{hosts}");
+    let counts = &s.config_dump()["dns_responder"];
+    assert!(counts["own"].as_u64().unwrap() >= 3, "{counts}");
+    assert!(counts["forwarded"].as_u64().unwrap() >= 2, "{counts}");
+    assert_eq!(counts["malformed"], 1, "{counts}");
 }

@@ -401,6 +401,7 @@ spec:
             cluster: None,
             cluster_apply_error: None,
             dns: Default::default(),
+            dns_responder: None,
             warnings: Vec::new(),
         }
     }

@@ -139,6 +139,8 @@ pub fn json(snapshot: &Snapshot) -> Value {
         // Each name endpoints are known by: its addresses, when it was last resolved, and
         // whether its last lookup failed (the addresses are then an earlier answer's).
         "dns": snapshot.dns,
+        // `--dns-listen`: queries answered from lb's names, forwarded, malformed, dropped.
+        "dns_responder": snapshot.dns_responder.as_deref(),
         "kubernetes": snapshot.cluster.as_ref().map(|c| {
             let mut status = serde_json::to_value(c.status()).unwrap_or_default();
             status["apply_error"] = json!(snapshot.cluster_apply_error);

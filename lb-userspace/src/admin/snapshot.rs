@@ -44,6 +44,8 @@ pub struct Snapshot {
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
     /// Why the cluster's latest state is not in force, while it is not.
     pub cluster_apply_error: Option<String>,
+    /// What the DNS responder did, when it runs.
+    pub dns_responder: Option<std::sync::Arc<crate::dns_responder::ResponderCounts>>,
     /// The answers for the endpoints known by name.
     pub dns: std::collections::BTreeMap<String, crate::sources::dns::Answer>,
     /// The sources' warnings in force (fields not acted on, cluster objects left out).
@@ -214,6 +216,7 @@ impl Snapshot {
                 cluster: agent.cluster.clone(),
                 cluster_apply_error: agent.cluster_apply_error.clone(),
                 dns: agent.dns.as_ref().map(|d| d.answers()).unwrap_or_default(),
+                dns_responder: agent.responder_counts.clone(),
                 warnings: agent.warnings().to_vec(),
             };
             (snapshot, ids)

@@ -72,6 +72,9 @@ pub struct Config {
     /// Backends that the original format configures `draining` or `ejected`, by service
     /// frontend, address and port; every other endpoint starts active.
     pub initial_states: BTreeMap<(Frontend, Ipv4Addr, u16), BackendState>,
+    /// The VIPs of each host name (a ServiceEntry's hosts, a Kubernetes Service's name),
+    /// for the DNS responder.
+    pub hosts: BTreeMap<String, BTreeSet<Ipv4Addr>>,
 }
 
 /// A configuration and what was said about it.
@@ -496,6 +499,7 @@ impl Reader {
     fn finish(mut self) -> Result<Loaded> {
         let mut matched = vec![false; self.rules.len()];
         let mut services = Vec::new();
+        let mut hosts: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         let mut defined_by: BTreeMap<Frontend, String> = BTreeMap::new();
         allocate_vips(&mut self.origins);
         // The files' services first, so that they win over the cluster's.
@@ -548,6 +552,12 @@ impl Reader {
                 } else if service.source == Source::Unknown {
                     service.source = Source::Cluster(origin.label.clone());
                 }
+                for host in &origin.hosts {
+                    hosts
+                        .entry(host.to_ascii_lowercase())
+                        .or_default()
+                        .insert(service.frontend.vip);
+                }
                 services.push(service);
             }
         }
@@ -562,6 +572,7 @@ impl Reader {
                 node: self.node.map(|(_, n)| n).unwrap_or_default(),
                 services,
                 initial_states: self.initial_states,
+                hosts,
             },
             warnings,
         })

@@ -72,6 +72,7 @@ struct Scenario {
     dns: TestDnsServer,
     /// Each backend's server on port 80, named after the host it stands for.
     _servers: Vec<HttpNameServer>,
+    config: std::path::PathBuf,
     _dir: TempDir,
     _agent: AgentProcess,
 }
@@ -118,6 +119,7 @@ impl Scenario {
             bed,
             dns,
             _servers: servers,
+            config,
             _dir: dir,
             _agent: agent,
         })
@@ -341,4 +343,49 @@ fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
     assert!(counts["own"].as_u64().unwrap() >= 3, "{counts}");
     assert!(counts["forwarded"].as_u64().unwrap() >= 2, "{counts}");
     assert_eq!(counts["malformed"], 1, "{counts}");
+}
+
+/// The blog's failure: the us-east endpoint's port made wrong (81, where nothing listens).
+/// Calls fail over to us-west with no failed call (the blog shows one), and the us-east
+/// endpoint shows as failed by outlier detection, as `istioctl pc endpoints` shows it.
+#[test]
+fn a_wrong_port_fails_over_with_no_failed_call() {
+    let Some(s) = Scenario::start() else {
+        return;
+    };
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+    })
+    .expect("the agent gets ready");
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+
+    let wrong = CONFIG.replacen(
+        "    locality: us-east1\n    ports:\n      http: 80",
+        "    locality: us-east1\n    ports:\n      http: 81 # INVALID - This is purposefully wrong to trigger failover",
+        1,
+    );
+    assert_ne!(wrong, CONFIG);
+    write_atomically(&s.config, &wrong).unwrap();
+    let east_81 = format!("{}:81", backend_addr(1));
+    let started = Instant::now();
+    while !s.config_dump()["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["address"] == east_81.as_str())
+    {
+        assert!(
+            started.elapsed() < FOLLOW,
+            "the changed port is not applied"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every call answered, by us-west.
+    let names = names_from(&s.bed.client, to, 20).expect("no failed call");
+    assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
+    let clusters = s.admin_get("/clusters");
+    let flags = format!("outbound|80||mydb.com::{east_81}::health_flags::/failed_outlier_check");
+    assert!(clusters.contains(&flags), "{clusters}");
 }

@@ -643,7 +643,7 @@ fn endpoint_address(
 
 /// Why `name` cannot be looked up, if it cannot (RFC 1035 lengths, letters, digits,
 /// hyphens and underscores in labels).
-fn dns_name_problem(name: &str) -> Option<&'static str> {
+pub fn dns_name_problem(name: &str) -> Option<&'static str> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > 253 {
         return Some("a name has 1 to 253 characters");

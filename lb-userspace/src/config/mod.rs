@@ -55,8 +55,11 @@ use anyhow::Result;
 use lb_common::BackendState;
 use serde_json::{Map, Value};
 
-pub use self::diagnostics::InvalidConfig;
 use self::diagnostics::{describe, Doc, Report, UnknownFields};
+pub use self::{
+    diagnostics::InvalidConfig,
+    istio::{auto_vip, dns_name_problem},
+};
 use crate::{
     dataplane::{DataplaneOptions, Frontend},
     model::{LocalityLbSetting, Node, Service, Source},
@@ -166,6 +169,9 @@ pub struct ClusterService {
     /// The locality setting that applies when no DestinationRule sets one (a Service's
     /// `trafficDistribution`).
     pub default_locality_lb: Option<LocalityLbSetting>,
+    /// No VIP of its own (an ExternalName Service): one is allocated for its first host,
+    /// as for a ServiceEntry without addresses.
+    pub auto_vip: bool,
 }
 
 impl ClusterService {
@@ -173,6 +179,7 @@ impl ClusterService {
     /// change [`ClusterChange::Endpoints`] carries).
     pub fn same_but_endpoints(&self, other: &ClusterService) -> bool {
         self.label == other.label
+            && self.auto_vip == other.auto_vip
             && self.hosts == other.hosts
             && self.default_locality_lb == other.default_locality_lb
             && self.services.len() == other.services.len()
@@ -217,7 +224,7 @@ pub fn join(files: &FileDocuments, cluster: &ClusterInput) -> Result<Loaded> {
             services: service.services.clone(),
             from_cluster: true,
             default_locality_lb: service.default_locality_lb.clone(),
-            auto_vip: false,
+            auto_vip: service.auto_vip,
         });
     }
     // Cluster ServiceEntries came after the files' origins too: every origin past the

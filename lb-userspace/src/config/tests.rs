@@ -877,6 +877,7 @@ fn cluster_web(vip: [u8; 4], distribution: Option<LocalityLbSetting>) -> Cluster
             },
         )],
         default_locality_lb: distribution,
+        auto_vip: false,
     }
 }
 

@@ -66,8 +66,9 @@ pub enum ServiceKind {
     Virtual,
     /// `clusterIP: None`: clients resolve the pods themselves; nothing to balance.
     Headless,
-    /// `type: ExternalName`: a DNS alias.
-    ExternalName,
+    /// `type: ExternalName`: a DNS alias of `spec.externalName`, balanced as a
+    /// ServiceEntry with `resolution: DNS` is (a VIP allocated, the name resolved).
+    ExternalName(String),
 }
 
 /// A port of a Service.
@@ -199,7 +200,14 @@ pub fn service_record(service: &Service) -> ServiceRecord {
         _ => Vec::new(),
     };
     let kind = if spec.type_.as_deref() == Some("ExternalName") {
-        ServiceKind::ExternalName
+        let name = spec.external_name.clone().unwrap_or_default();
+        match crate::config::dns_name_problem(&name) {
+            None => {}
+            Some(why) => problems.push(format!(
+                "spec.externalName: {name:?} is not a DNS name: {why}"
+            )),
+        }
+        ServiceKind::ExternalName(name.trim_end_matches('.').to_string())
     } else if cluster_ips.iter().any(|ip| ip == "None") {
         ServiceKind::Headless
     } else {

@@ -122,6 +122,62 @@ pub fn service_host(key: &ObjectKey, cluster_domain: &str) -> String {
     format!("{}.{}.svc.{cluster_domain}", key.name, key.namespace)
 }
 
+/// An ExternalName Service: one frontend per port on a VIP allocated for its host, whose
+/// one endpoint is `external_name`, resolved by the agent (as Istio turns such a Service
+/// into a DNS-resolved service). Without ports, nothing to balance.
+fn external_name(
+    service: &ServiceRecord,
+    external_name: &str,
+    label: &str,
+    context: &Context<'_>,
+) -> Option<ClusterService> {
+    if external_name.is_empty() || crate::config::dns_name_problem(external_name).is_some() {
+        return None;
+    }
+    let host = service_host(&service.key, context.cluster_domain);
+    let services: Vec<(String, Service)> = service
+        .ports
+        .iter()
+        .map(|port| {
+            (
+                format!("{} (port {}), an allocated VIP", port.path, port.port),
+                Service {
+                    name: host.clone(),
+                    frontend: Frontend {
+                        vip: Ipv4Addr::UNSPECIFIED,
+                        port: port.port,
+                        protocol: port.protocol,
+                    },
+                    endpoints: Default::default(),
+                    named: vec![crate::model::NamedEndpoint {
+                        hostname: external_name.into(),
+                        port: port.port,
+                        locality: Default::default(),
+                        labels: Default::default(),
+                        weight: 1,
+                        one_at_a_time: false,
+                    }]
+                    .into(),
+                    policy: Default::default(),
+                    http: port.http,
+                    session_affinity: service.session_affinity,
+                    source: Source::Kubernetes {
+                        namespace: service.key.namespace.clone(),
+                        name: service.key.name.clone(),
+                    },
+                },
+            )
+        })
+        .collect();
+    (!services.is_empty()).then(|| ClusterService {
+        label: label.to_string(),
+        hosts: vec![host],
+        services,
+        default_locality_lb: None,
+        auto_vip: true,
+    })
+}
+
 /// Translates one Service with its slices (in any order).
 pub fn translate(
     service: &ServiceRecord,
@@ -137,6 +193,10 @@ pub fn translate(
             .collect(),
         ..Default::default()
     };
+    if let ServiceKind::ExternalName(name) = &service.kind {
+        out.service = external_name(service, name, &label, context);
+        return out;
+    }
     if service.kind != ServiceKind::Virtual {
         return out;
     }
@@ -210,6 +270,7 @@ pub fn translate(
             hosts: vec![service_host(&service.key, context.cluster_domain)],
             services,
             default_locality_lb,
+            auto_vip: false,
         });
     }
     out
@@ -423,6 +484,41 @@ mod tests {
     /// Ports are matched by name: a named `targetPort` resolves per slice (each slice
     /// carries the number its pods use), and a slice port of another name serves another
     /// Service port.
+    /// An ExternalName Service becomes a frontend per port on an allocated VIP, its one
+    /// endpoint the external name (resolved by the agent); through the join, the VIP is
+    /// the one its host gets (stable), and the Service is found by its name.
+    #[test]
+    fn an_external_name_service_is_balanced_by_name() {
+        let nodes = HashMap::new();
+        let pods = HashMap::new();
+        let mut record = service(&[("http", 80)]);
+        record.kind = ServiceKind::ExternalName("db.example.org".into());
+        record.cluster_ips.clear();
+        let t = translate(&record, &[], &ctx(&nodes, &pods));
+        let cs = t.service.expect("balanced");
+        assert!(cs.auto_vip);
+        let (_, s) = &cs.services[0];
+        assert_eq!(&*s.named[0].hostname, "db.example.org");
+        assert_eq!(s.named[0].port, 80);
+        let input = crate::config::ClusterInput {
+            services: vec![cs],
+            ..Default::default()
+        };
+        let joined = crate::config::join(&Default::default(), &input).unwrap();
+        let vip = joined.config.services[0].frontend.vip;
+        assert_eq!(
+            vip,
+            crate::config::auto_vip("web.default.svc.cluster.local", 0)
+        );
+        assert!(joined.config.hosts["web.default.svc.cluster.local"].contains(&vip));
+        // No ports: nothing to balance.
+        let mut no_ports = record.clone();
+        no_ports.ports.clear();
+        assert!(translate(&no_ports, &[], &ctx(&nodes, &pods))
+            .service
+            .is_none());
+    }
+
     #[test]
     fn ports_match_by_name_per_slice() {
         let (nodes, pods) = (HashMap::new(), HashMap::new());

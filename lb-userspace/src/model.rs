@@ -171,6 +171,49 @@ impl Default for OutlierDetection {
 pub struct TrafficPolicy {
     pub locality_lb: Option<LocalityLbSetting>,
     pub outlier_detection: Option<OutlierDetection>,
+    /// Active health checks of the endpoints (lb's `HealthCheck` document).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// How an endpoint is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// A TCP connection is opened (and closed): the endpoint accepts connections.
+    Tcp,
+    /// `GET path` (with `Host: host`, else the endpoint's address) answers one of the
+    /// expected statuses (ranges, both ends included).
+    Http {
+        path: String,
+        host: Option<String>,
+        expected_statuses: Vec<(u16, u16)>,
+    },
+}
+
+/// Envoy's active health checking, for one host's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: HealthCheckKind,
+    pub interval: Duration,
+    /// Up to this much is added to each interval, at random, so checks spread out.
+    pub interval_jitter: Duration,
+    pub timeout: Duration,
+    /// Failed checks in a row that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that make an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(5),
+            interval_jitter: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
+        }
+    }
 }
 
 /// A balanced service: one frontend (VIP, port, protocol) and its endpoints.

@@ -41,6 +41,7 @@
 
 mod diagnostics;
 mod duration;
+mod health_check;
 pub mod host;
 mod istio;
 mod native;
@@ -296,6 +297,8 @@ struct Reader {
     node: Option<(String, Node)>,
     origins: Vec<Origin>,
     rules: Vec<istio::DestinationRule>,
+    /// HealthCheck documents, each with its label.
+    health_checks: Vec<(String, health_check::HealthCheckDocument)>,
     initial_states: BTreeMap<(Frontend, Ipv4Addr, u16), BackendState>,
     /// Keep every top-level document read (`kept`), for [`load_files`].
     keep_documents: bool,
@@ -388,6 +391,12 @@ impl Reader {
                 self.read_destination_rule(label, root)
             }
             (Some(native::API_VERSION), Some("Node")) => self.read_node(label, root),
+            (Some(native::API_VERSION), Some("HealthCheck")) => {
+                let mut doc = Doc::new(label.clone(), UnknownFields::Reject, &mut self.report);
+                if let Some(check) = health_check::read(&mut doc, root) {
+                    self.health_checks.push((label, check));
+                }
+            }
             // What `kubectl get serviceentries,destinationrules -o yaml` prints.
             (Some("v1"), Some("List")) if top_level => {
                 let mut doc = Doc::new(label.clone(), UnknownFields::Warn, &mut self.report);
@@ -422,7 +431,7 @@ impl Reader {
                 "kind",
                 format!(
                     "{k} ({v}) is not supported: lb reads ServiceEntry and DestinationRule \
-                     ({}) and Node ({})",
+                     ({}), and Node and HealthCheck ({})",
                     istio::API_VERSIONS.join(", "),
                     native::API_VERSION
                 ),
@@ -507,6 +516,21 @@ impl Reader {
         let mut matched = vec![false; self.rules.len()];
         let mut services = Vec::new();
         let mut hosts: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        // Two checks for one host and port: the second is an error.
+        let mut checked: BTreeMap<(String, Option<u16>), &str> = BTreeMap::new();
+        for (label, c) in &self.health_checks {
+            if let Some(first) = checked.insert((c.host.clone(), c.port), label) {
+                self.report.error(
+                    label,
+                    "spec.host",
+                    format!(
+                        "{} is already checked by {first}: one HealthCheck per host and port",
+                        c.host
+                    ),
+                );
+            }
+        }
+        let mut checks_used = vec![false; self.health_checks.len()];
         let mut defined_by: BTreeMap<Frontend, String> = BTreeMap::new();
         allocate_vips(&mut self.origins);
         // The files' services first, so that they win over the cluster's.
@@ -554,6 +578,20 @@ impl Reader {
                 }
                 defined_by.insert(service.frontend, here);
                 service.policy = policy.clone();
+                // The most specific check: for this port, else for every port.
+                let check = self
+                    .health_checks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, c))| {
+                        origin.hosts.iter().any(|h| h.eq_ignore_ascii_case(&c.host))
+                            && c.port.is_none_or(|p| p == service.frontend.port)
+                    })
+                    .max_by_key(|(_, (_, c))| c.port.is_some());
+                if let Some((i, (_, c))) = check {
+                    checks_used[i] = true;
+                    service.policy.health_check = Some(c.check.clone());
+                }
                 if !origin.from_cluster {
                     service.source = Source::File(origin.label.clone());
                 } else if service.source == Source::Unknown {
@@ -569,6 +607,19 @@ impl Reader {
             }
         }
         istio::report_unmatched(&self.rules, &matched, &mut self.report);
+        for ((label, c), used) in self.health_checks.iter().zip(&checks_used) {
+            if !used {
+                self.report.warning(
+                    label,
+                    "spec.host",
+                    format!(
+                        "no service has host {}{}: nothing is checked",
+                        c.host,
+                        c.port.map(|p| format!(" and port {p}")).unwrap_or_default()
+                    ),
+                );
+            }
+        }
         let Report { warnings, errors } = self.report;
         if !errors.is_empty() {
             return Err(InvalidConfig { errors, warnings }.into());

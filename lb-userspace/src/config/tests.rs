@@ -245,6 +245,7 @@ fn seed_task_resources_become_the_expected_model() {
                 max_ejection_time: Duration::from_secs(600),
                 ..OutlierDetection::default()
             }),
+            health_check: None,
         }
     );
     assert_eq!(
@@ -1026,5 +1027,69 @@ spec:
             && rejected[0].contains("spec.trafficPolicy.outlierDetection.interval"),
         "{}",
         rejected[0]
+    );
+}
+
+/// A HealthCheck applies to its host's services (the port-specific one first), with
+/// Envoy's defaults for what it leaves out; mistakes name the field; a check of a host no
+/// service has is a warning.
+#[test]
+fn health_checks_apply_by_host_and_port() {
+    let check = "apiVersion: lb/v1alpha1
+kind: HealthCheck
+metadata: { name: mydb }
+spec:
+  host: mydb.com
+  http: { path: /healthz, expectedStatuses: [200, \"300-399\"] }
+  interval: 2s
+  timeout: 500ms
+  unhealthyThreshold: 3
+";
+    let loaded = load_text(&format!("{BLOG_ENTRY_AS_WRITTEN}---\n{check}"));
+    let hc = loaded.config.services[0]
+        .policy
+        .health_check
+        .clone()
+        .expect("checked");
+    assert_eq!(
+        hc.kind,
+        crate::model::HealthCheckKind::Http {
+            path: "/healthz".into(),
+            host: None,
+            expected_statuses: vec![(200, 200), (300, 399)],
+        }
+    );
+    assert_eq!(hc.interval, Duration::from_secs(2));
+    assert_eq!(hc.timeout, Duration::from_millis(500));
+    assert_eq!((hc.unhealthy_threshold, hc.healthy_threshold), (3, 1));
+
+    let label = "lb.yaml document 2 (HealthCheck default/mydb)";
+    let bad = check
+        .replace("path: /healthz", "path: healthz")
+        .replace("\"300-399\"", "\"300-\"")
+        .replace("timeout: 500ms", "timeout: 5s");
+    let errs = errors(&format!("{BLOG_ENTRY_AS_WRITTEN}---\n{bad}"));
+    assert_has(
+        &errs,
+        &format!("{label}: spec.http.path: a path starts with /"),
+    );
+    assert_has(
+        &errs,
+        &format!(
+            "{label}: spec.http.expectedStatuses[1]: \"300-\" is not a status (100-599) or \
+             a range of them (\"200-399\")"
+        ),
+    );
+    assert_has(
+        &errs,
+        &format!(
+            "{label}: spec.timeout: 5s is not shorter than the interval (2s): checks would overlap"
+        ),
+    );
+    let elsewhere = check.replace("host: mydb.com", "host: other.com");
+    let loaded = load_text(&format!("{BLOG_ENTRY_AS_WRITTEN}---\n{elsewhere}"));
+    assert_has(
+        &loaded.warnings,
+        &format!("{label}: spec.host: no service has host other.com: nothing is checked"),
     );
 }

@@ -261,6 +261,7 @@ pub(crate) mod tests {
         TrafficPolicy {
             locality_lb,
             outlier_detection: outlier_detection.then(OutlierDetection::default),
+            health_check: None,
         }
     }
 

@@ -93,6 +93,7 @@ fn traffic_policy() -> impl Strategy<Value = TrafficPolicy> {
                 min_health_percent,
                 ..Default::default()
             }),
+            health_check: None,
         },
     )
 }

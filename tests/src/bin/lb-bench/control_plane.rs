@@ -186,6 +186,7 @@ fn services_of(services: usize, endpoints: usize) -> Vec<lb::model::Service> {
             max_ejection_percent: 100,
             ..Default::default()
         }),
+        health_check: None,
     };
     (0..services)
         .map(|i| Service {

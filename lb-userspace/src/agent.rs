@@ -123,6 +123,8 @@ pub struct Agent {
     pub cluster: Option<Cluster>,
     /// The resolver of endpoints known by name (`resolution: DNS`).
     pub dns: Option<crate::sources::dns::Dns>,
+    /// Active health checks of the services that have a `HealthCheck`.
+    pub health: Option<crate::health::HealthChecker>,
     /// The names the DNS responder answers for, when it runs; follows the configuration.
     pub responder_names: Option<crate::dns_responder::SharedNames>,
     /// What the DNS responder did.
@@ -152,14 +154,19 @@ pub struct ReloadStatus {
 /// How many failover reaction times the agent keeps.
 const REACTIONS_KEPT: usize = 4096;
 
-fn new_state(service: &Service, config: &Config, now: Duration) -> ServiceState {
+fn new_state(
+    service: &Service,
+    config: &Config,
+    health: Option<&crate::health::HealthChecker>,
+    now: Duration,
+) -> ServiceState {
     let outlier = service
         .policy
         .outlier_detection
         .clone()
         .unwrap_or_else(operator_only);
     let detector = OutlierDetector::new(outlier, service.endpoints.len(), now);
-    let plan = plan_of(config, service, &detector);
+    let plan = plan_of(config, service, &detector, health);
     ServiceState { detector, plan }
 }
 
@@ -168,8 +175,21 @@ fn new_state(service: &Service, config: &Config, now: Duration) -> ServiceState 
 /// `ejected` (a Kubernetes endpoint that is not ready, or terminating while others are
 /// ready) counts as unhealthy too, so its level's load moves on as Envoy's would for an
 /// endpoint Istio does not send.
-fn plan_of(config: &Config, service: &Service, detector: &OutlierDetector) -> Plan {
+/// An endpoint failing its active health checks counts as unhealthy too.
+fn plan_of(
+    config: &Config,
+    service: &Service,
+    detector: &OutlierDetector,
+    health: Option<&crate::health::HealthChecker>,
+) -> Plan {
     let mut healthy = detector.healthy();
+    if let Some(health) = health.filter(|_| service.policy.health_check.is_some()) {
+        for (h, e) in healthy.iter_mut().zip(service.endpoints.iter()) {
+            if health.failing(&(service.frontend, e.address, e.port)) {
+                *h = false;
+            }
+        }
+    }
     if !config.initial_states.is_empty() {
         for (h, e) in healthy.iter_mut().zip(service.endpoints.iter()) {
             if config
@@ -263,6 +283,7 @@ impl Agent {
             files: Default::default(),
             cluster: None,
             dns: None,
+            health: None,
             responder_names: None,
             responder_counts: None,
             logged_warnings: Default::default(),
@@ -329,11 +350,11 @@ impl Agent {
                 match kept {
                     Some((old, k)) => {
                         let detector = carried_over(&k.detector, &old.endpoints, &s.endpoints);
-                        let plan = plan_of(&new, s, &detector);
+                        let plan = plan_of(&new, s, &detector, self.health.as_ref());
                         ServiceState { detector, plan }
                     }
                     None => {
-                        let mut state = new_state(s, &new, now);
+                        let mut state = new_state(s, &new, self.health.as_ref(), now);
                         restore(&mut state, s, &new, &self.restored, now);
                         state
                     }
@@ -352,6 +373,7 @@ impl Agent {
         self.config = new;
         self.services = states;
         self.reloads.loaded_at = SystemTime::now();
+        self.sync_health_checks();
         if let Some(names) = &self.responder_names {
             let table = Arc::new(crate::dns_responder::NameTable::from_config(&self.config));
             *names.write().unwrap_or_else(|p| p.into_inner()) = table;
@@ -380,7 +402,7 @@ impl Agent {
         for &i in changed {
             let svc = &self.config.services[i];
             let state = &mut self.services[i];
-            state.plan = plan_of(&self.config, svc, &state.detector);
+            state.plan = plan_of(&self.config, svc, &state.detector, self.health.as_ref());
             let desired = desired_service(&self.config, svc, state);
             self.programmer
                 .update_service(&mut self.dataplane, &desired)?;
@@ -688,7 +710,8 @@ fn restore(
         }
     }
     if changed {
-        state.plan = plan_of(config, svc, &state.detector);
+        // Before any health check ran: none fails yet.
+        state.plan = plan_of(config, svc, &state.detector, None);
     }
 }
 
@@ -914,6 +937,54 @@ impl Agent {
         Ok(updates.len())
     }
 
+    /// Gives the health checker every endpoint of the services that have a check.
+    fn sync_health_checks(&self) {
+        let Some(health) = &self.health else {
+            return;
+        };
+        health.sync(self.config.services.iter().flat_map(|s| {
+            s.policy.health_check.iter().flat_map(move |check| {
+                s.endpoints
+                    .iter()
+                    .map(move |e| ((s.frontend, e.address, e.port), check.clone()))
+            })
+        }));
+    }
+
+    /// Applies what the health checks found: the plans of the checked services again
+    /// (an endpoint failing its checks is unhealthy), and a passing check ends an outlier
+    /// ejection. Returns how many services were published.
+    pub fn apply_health_checks(&mut self) -> Result<usize> {
+        let Some(health) = self.health.clone() else {
+            return Ok(0);
+        };
+        let decided = Instant::now();
+        let mut changed = Vec::new();
+        for (i, svc) in self.config.services.iter().enumerate() {
+            if svc.policy.health_check.is_none() {
+                continue;
+            }
+            let state = &mut self.services[i];
+            for (j, e) in svc.endpoints.iter().enumerate() {
+                let target = (svc.frontend, e.address, e.port);
+                if !health.failing(&target) && state.detector.is_ejected(j) {
+                    if let Some(change) = state.detector.health_check_passed(j) {
+                        log_change(svc, &change);
+                        self.metrics.count_change(svc, &change);
+                    }
+                }
+            }
+            let plan = plan_of(&self.config, svc, &self.services[i].detector, Some(&health));
+            if plan != self.services[i].plan {
+                changed.push(i);
+            }
+        }
+        if !changed.is_empty() {
+            self.republish(&changed, decided)?;
+        }
+        Ok(changed.len())
+    }
+
     /// kube-proxy's network programming latency: from the change in the cluster (the
     /// slice's trigger time) to the tables that carry it being live.
     fn observe_programming(&mut self, triggers: Vec<SystemTime>) {
@@ -965,7 +1036,7 @@ impl Agent {
             &old.endpoints,
             &service.endpoints,
         );
-        let plan = plan_of(&self.config, &service, &detector);
+        let plan = plan_of(&self.config, &service, &detector, self.health.as_ref());
         let state = ServiceState { detector, plan };
         let desired = desired_service(&self.config, &service, &state);
         if let Err(e) = self.programmer.apply_service(&mut self.dataplane, &desired) {
@@ -984,6 +1055,9 @@ impl Agent {
         }
         std::mem::swap(&mut self.config.services[i], &mut service);
         self.services[i] = state;
+        if self.config.services[i].policy.health_check.is_some() {
+            self.sync_health_checks();
+        }
         let live = &self.config.services[i].endpoints;
         self.metrics.forget_endpoints_of(frontend, |addr| {
             live.iter()
@@ -1071,6 +1145,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     agent.warnings_in_order = warnings;
     agent.cluster = cluster.clone();
     agent.dns = dns.clone();
+    let health = crate::health::HealthChecker::default();
+    agent.health = Some(health.clone());
+    agent.sync_health_checks();
     if let Some(addr) = opts.dns_listen {
         let names: crate::dns_responder::SharedNames = Arc::new(std::sync::RwLock::new(Arc::new(
             crate::dns_responder::NameTable::from_config(&agent.config),
@@ -1115,6 +1192,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::pin!(cluster_changed);
     let dns_changed = next_dns_change(dns.clone());
     tokio::pin!(dns_changed);
+    let health_changed = health.clone();
     loop {
         let reload = tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -1136,6 +1214,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
                 }
                 drop(agent);
                 cluster_changed.set(next_cluster_change(cluster.clone()));
+                false
+            }
+            _ = health_changed.changed() => {
+                if let Err(e) = lock(&agent).apply_health_checks() {
+                    error!("health checks: the tables are not published: {e:#}");
+                }
                 false
             }
             _ = &mut dns_changed => {
@@ -1491,7 +1575,7 @@ mod tests {
         let states: Vec<ServiceState> = config
             .services
             .iter()
-            .map(|s| new_state(s, &config, Duration::ZERO))
+            .map(|s| new_state(s, &config, None, Duration::ZERO))
             .collect();
         let desired = desired_services(&config, &states);
         let backends = &desired[0].backends;

@@ -12,7 +12,8 @@
 //! - `cli`: the operator commands (`lb services`, `lb endpoints`, `lb conntrack`, ...);
 //! - `check`: `lb check`, what a configuration does (with endpoints taken as unhealthy);
 //! - `sources`: where services come from besides the files (the cluster, DNS names);
-//! - `dns_responder`: `--dns-listen`, answers pods' queries for lb's hosts with their VIPs.
+//! - `dns_responder`: `--dns-listen`, answers pods' queries for lb's hosts with their VIPs;
+//! - `health`: active health checks (lb's `HealthCheck` document).
 
 pub mod admin;
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod dns_responder;
+pub mod health;
 pub mod interfaces;
 pub mod locality;
 pub mod model;

@@ -83,6 +83,8 @@ struct HttpShared {
     accepted: AtomicU64,
     /// `200`: the normal routes; anything else: every `GET` answers this status.
     status: AtomicU16,
+    /// What `GET /healthz` answers (a health-check path), `200` unless set.
+    health: AtomicU16,
     conns: Mutex<Connections>,
 }
 
@@ -108,6 +110,7 @@ impl HttpNameServer {
             stop: AtomicBool::new(false),
             accepted: AtomicU64::new(0),
             status: AtomicU16::new(200),
+            health: AtomicU16::new(200),
             conns: Mutex::new(Connections::default()),
         });
         let accept_thread = spawn_accept_thread(&listener, &shared)?;
@@ -177,6 +180,16 @@ impl HttpNameServer {
             "{status} is not an HTTP status"
         );
         self.shared.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Makes `GET /healthz` answer `status` (its other routes stay as they are): an
+    /// endpoint whose health check fails while it still serves.
+    pub fn set_health_status(&self, status: u16) {
+        assert!(
+            (100..=599).contains(&status),
+            "{status} is not an HTTP status"
+        );
+        self.shared.health.store(status, Ordering::SeqCst);
     }
 
     /// The status set by [`HttpNameServer::set_status`] (`200`: the normal routes).
@@ -366,6 +379,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>
 /// What a path asks for.
 enum Route {
     Name,
+    Health,
     Bytes(usize),
     Slow(usize),
     NotFound,
@@ -376,6 +390,8 @@ fn route(path: &str) -> Route {
     // `/hello` as HelloWorld serves it in Istio's task.
     if path == "/" || path == "/hello" {
         Route::Name
+    } else if path == "/healthz" {
+        Route::Health
     } else if let Some(n) = path.strip_prefix("/bytes/").and_then(number) {
         Route::Bytes(n)
     } else if let Some(n) = path.strip_prefix("/slow/").and_then(number) {
@@ -419,6 +435,11 @@ fn respond(
     }
     match route(&request.path) {
         Route::Name => write!(writer, "{}{name}", head("200 OK", name.len()))?,
+        Route::Health => {
+            let status = shared.health.load(Ordering::SeqCst);
+            let line = format!("{status} {}", reason_phrase(status));
+            write!(writer, "{}{name}", head(&line, name.len()))?;
+        }
         Route::NotFound => {
             let body = "not found\n";
             write!(writer, "{}{body}", head("404 Not Found", body.len()))?;

@@ -71,7 +71,7 @@ struct Scenario {
     bed: TestBed,
     dns: TestDnsServer,
     /// Each backend's server on port 80, named after the host it stands for.
-    _servers: Vec<HttpNameServer>,
+    servers: Vec<HttpNameServer>,
     config: std::path::PathBuf,
     _dir: TempDir,
     _agent: AgentProcess,
@@ -118,7 +118,7 @@ impl Scenario {
         Some(Self {
             bed,
             dns,
-            _servers: servers,
+            servers,
             config,
             _dir: dir,
             _agent: agent,
@@ -388,4 +388,59 @@ fn a_wrong_port_fails_over_with_no_failed_call() {
     let clusters = s.admin_get("/clusters");
     let flags = format!("outbound|80||mydb.com::{east_81}::health_flags::/failed_outlier_check");
     assert!(clusters.contains(&flags), "{clusters}");
+}
+
+/// An HTTP health check (lb's HealthCheck document) takes the us-east endpoint, whose
+/// health path answers 500 while it still serves, out: calls go to us-west, `/clusters`
+/// flags it `/failed_active_hc`; when its health path answers 200 again, it is back.
+#[test]
+fn a_failing_health_check_takes_an_endpoint_out_and_back() {
+    let Some(s) = Scenario::start() else {
+        return;
+    };
+    let check = "apiVersion: lb/v1alpha1
+kind: HealthCheck
+metadata: { name: mydb }
+spec:
+  host: mydb.com
+  http: { path: /healthz, expectedStatuses: [\"200-299\"] }
+  interval: 300ms
+  timeout: 200ms
+  unhealthyThreshold: 2
+  healthyThreshold: 1
+";
+    write_atomically(&s.config, &format!("{CONFIG}---\n{check}")).unwrap();
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+    })
+    .expect("the agent gets ready");
+    let started = Instant::now();
+    while s.config_dump()["health_checks"]
+        .as_array()
+        .is_none_or(Vec::is_empty)
+    {
+        assert!(started.elapsed() < FOLLOW, "the HealthCheck is not applied");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+
+    s.servers[0].set_health_status(500);
+    println!(
+        "health path 500 → out in {:?}",
+        s.wait_all_from(to, "us-west-1")
+    );
+    let east = format!(
+        "outbound|80||mydb.com::{}:80::health_flags::/failed_active_hc",
+        backend_addr(1)
+    );
+    let clusters = s.admin_get("/clusters");
+    assert!(clusters.contains(&east), "{clusters}");
+
+    s.servers[0].set_health_status(200);
+    println!(
+        "health path 200 → back in {:?}",
+        s.wait_all_from(to, "us-east-1")
+    );
 }

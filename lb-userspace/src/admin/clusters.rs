@@ -54,6 +54,7 @@ struct Host {
     cx_total: u64,
     rq_error: u64,
     rq_success: u64,
+    failed_active_hc: bool,
     failed_outlier_check: bool,
     failed_eds_health: bool,
     draining: bool,
@@ -75,6 +76,7 @@ impl Host {
             cx_total: 0,
             rq_error: 0,
             rq_success: 0,
+            failed_active_hc: false,
             failed_outlier_check: false,
             failed_eds_health: false,
             draining: false,
@@ -109,6 +111,9 @@ impl Host {
     /// Envoy's `HostUtility::healthFlagsToString`, flags in Envoy's order.
     fn health_flags(&self) -> String {
         let mut flags = String::new();
+        if self.failed_active_hc {
+            flags.push_str("/failed_active_hc");
+        }
         if self.failed_outlier_check {
             flags.push_str("/failed_outlier_check");
         }
@@ -161,6 +166,10 @@ fn clusters(snapshot: &Snapshot) -> Vec<Cluster> {
                 None => {
                     let mut host = Host::new(svc, i, priority);
                     host.stale = snapshot.dns.get(&host.hostname).is_some_and(|a| a.stale);
+                    host.failed_active_hc = snapshot
+                        .health
+                        .get(&(svc.service.frontend, *e.address.ip(), e.address.port()))
+                        .is_some_and(|s| !s.healthy);
                     cluster.hosts.push(host);
                     cluster.hosts.last_mut().expect("just pushed")
                 }
@@ -402,6 +411,7 @@ spec:
             cluster_apply_error: None,
             dns: Default::default(),
             dns_responder: None,
+            health: Default::default(),
             warnings: Vec::new(),
         }
     }

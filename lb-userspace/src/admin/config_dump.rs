@@ -139,6 +139,13 @@ pub fn json(snapshot: &Snapshot) -> Value {
         // Each name endpoints are known by: its addresses, when it was last resolved, and
         // whether its last lookup failed (the addresses are then an earlier answer's).
         "dns": snapshot.dns,
+        // Actively checked endpoints: healthy or not, checks and failures, the last error.
+        "health_checks": snapshot.health.iter().map(|((frontend, addr, port), status)| {
+            let mut v = serde_json::to_value(status).unwrap_or_default();
+            v["frontend"] = json!(frontend.to_string());
+            v["endpoint"] = json!(format!("{addr}:{port}"));
+            v
+        }).collect::<Vec<_>>(),
         // `--dns-listen`: queries answered from lb's names, forwarded, malformed, dropped.
         "dns_responder": snapshot.dns_responder.as_deref(),
         "kubernetes": snapshot.cluster.as_ref().map(|c| {

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub cluster_apply_error: Option<String>,
     /// What the DNS responder did, when it runs.
     pub dns_responder: Option<std::sync::Arc<crate::dns_responder::ResponderCounts>>,
+    /// Every actively checked endpoint's status.
+    pub health: std::collections::BTreeMap<crate::health::Target, crate::health::TargetStatus>,
     /// The answers for the endpoints known by name.
     pub dns: std::collections::BTreeMap<String, crate::sources::dns::Answer>,
     /// The sources' warnings in force (fields not acted on, cluster objects left out).
@@ -217,6 +219,11 @@ impl Snapshot {
                 cluster_apply_error: agent.cluster_apply_error.clone(),
                 dns: agent.dns.as_ref().map(|d| d.answers()).unwrap_or_default(),
                 dns_responder: agent.responder_counts.clone(),
+                health: agent
+                    .health
+                    .as_ref()
+                    .map(|h| h.statuses())
+                    .unwrap_or_default(),
                 warnings: agent.warnings().to_vec(),
             };
             (snapshot, ids)

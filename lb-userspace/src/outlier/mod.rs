@@ -369,6 +369,16 @@ impl OutlierDetector {
         Ok(change)
     }
 
+    /// Ends an outlier ejection of `endpoint` because an active health check passed (Envoy's
+    /// `successful_active_health_check_uneject_host`, on by default); an operator's
+    /// ejection stays. Returns the change, if it made one.
+    pub fn health_check_passed(&mut self, endpoint: usize) -> Option<Change> {
+        let state = self.endpoints.get_mut(endpoint)?;
+        state.outlier.take()?;
+        state.counters = ConsecutiveCounters::default();
+        (!state.is_ejected()).then_some(Change::Unejected { endpoint })
+    }
+
     /// Restores an ejection found in the data plane after a restart, whose cause (outlier
     /// detection or an operator) the data plane does not record: an outlier ejection
     /// from `now` (counting as the endpoint's first), which the sweep ends after

@@ -637,7 +637,8 @@ fn invalid_values_are_errors_naming_document_field_and_reason() {
         [
             "lb.yaml document 2 (Gateway default/gw): kind: Gateway (networking.istio.io/v1) is \
           not supported: lb reads ServiceEntry and DestinationRule (networking.istio.io/v1, \
-          networking.istio.io/v1beta1, networking.istio.io/v1alpha3) and Node (lb/v1alpha1)"
+          networking.istio.io/v1beta1, networking.istio.io/v1alpha3), and Node and \
+          HealthCheck (lb/v1alpha1)"
         ]
     );
 

@@ -437,6 +437,15 @@ spec:
     );
     let clusters = s.admin_get("/clusters");
     assert!(clusters.contains(&east), "{clusters}");
+    let metrics = s.admin_get("/metrics");
+    assert!(
+        metrics.contains("lb_health_checked_endpoints{state=\"unhealthy\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_health_checks_total{result=\"failed\"}"),
+        "{metrics}"
+    );
 
     s.servers[0].set_health_status(200);
     println!(

@@ -597,6 +597,37 @@ pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::f
         "Interfaces the data plane is attached to (--interface names and pattern matches), by mode",
         interfaces,
     );
+    // Active health checks, summed over the checked endpoints (per endpoint: /config_dump).
+    if !snapshot.health.is_empty() {
+        let endpoints = Gauges::default();
+        let checks = Counters::default();
+        for status in snapshot.health.values() {
+            let state = if status.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            endpoints
+                .get_or_create(&vec![("state", state.to_string())])
+                .inc();
+            checks
+                .get_or_create(&vec![("result", "passed".to_string())])
+                .inc_by(status.checks - status.failures);
+            checks
+                .get_or_create(&vec![("result", "failed".to_string())])
+                .inc_by(status.failures);
+        }
+        registry.register(
+            "health_checked_endpoints",
+            "Endpoints under active health checks (HealthCheck documents), by state",
+            endpoints,
+        );
+        registry.register(
+            "health_checks",
+            "Active health checks made, by result (summed over the checked endpoints)",
+            checks,
+        );
+    }
     let loaded_at = Gauge::<f64, AtomicU64>::default();
     loaded_at.set(unix_seconds(snapshot.reloads.loaded_at));
     registry.register(

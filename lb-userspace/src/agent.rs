@@ -125,6 +125,9 @@ pub struct Agent {
     pub dns: Option<crate::sources::dns::Dns>,
     /// Active health checks of the services that have a `HealthCheck`.
     pub health: Option<crate::health::HealthChecker>,
+    /// Which address each `DNS_ROUND_ROBIN` name uses: it moves on when the one in use
+    /// is ejected.
+    round_robin: crate::sources::dns::RoundRobin,
     /// The names the DNS responder answers for, when it runs; follows the configuration.
     pub responder_names: Option<crate::dns_responder::SharedNames>,
     /// What the DNS responder did.
@@ -284,6 +287,7 @@ impl Agent {
             cluster: None,
             dns: None,
             health: None,
+            round_robin: Default::default(),
             responder_names: None,
             responder_counts: None,
             logged_warnings: Default::default(),
@@ -484,6 +488,8 @@ impl Agent {
         let frontend: Option<SocketAddrV4> = service.and_then(|s| s.parse().ok());
         let mut touched = 0;
         let mut changed = Vec::new();
+        // `DNS_ROUND_ROBIN` names whose address in use was just ejected.
+        let mut move_on = Vec::new();
         for (si, (svc, state)) in self
             .config
             .services
@@ -505,6 +511,19 @@ impl Agent {
                     if let Some(change) = act(&mut state.detector, i, now) {
                         log_change(svc, &change);
                         self.metrics.count_change(svc, &change);
+                        let ejected = matches!(
+                            change,
+                            Change::Ejected { .. } | Change::OperatorEjected { .. }
+                        );
+                        if let Some(name) = e.hostname.as_ref().filter(|_| ejected) {
+                            let one_at_a_time = svc
+                                .named
+                                .iter()
+                                .any(|n| n.hostname == *name && n.one_at_a_time);
+                            if one_at_a_time {
+                                move_on.push((svc.frontend, name.clone()));
+                            }
+                        }
                         if changed.last() != Some(&si) {
                             changed.push(si);
                         }
@@ -517,6 +536,12 @@ impl Agent {
         }
         if !changed.is_empty() {
             self.republish(&changed, decided)?;
+        }
+        if !move_on.is_empty() {
+            for key in move_on {
+                *self.round_robin.entry(key).or_default() += 1;
+            }
+            self.apply_dns_answers()?;
         }
         Ok(touched)
     }
@@ -893,7 +918,7 @@ impl Agent {
     fn apply_input(&mut self, input: &config::ClusterInput) -> Result<()> {
         let mut loaded = config::join(&self.files, input)?;
         if let Some(dns) = &self.dns {
-            resolve_names(dns, &mut loaded.config);
+            resolve_names(dns, &mut loaded.config, &self.round_robin);
         }
         self.set_warnings(loaded.warnings);
         self.reload(loaded.config)?;
@@ -916,7 +941,7 @@ impl Agent {
             .iter()
             .filter(|s| !s.named.is_empty())
             .filter_map(|s| {
-                let endpoints = crate::sources::dns::resolved(s, &answers);
+                let endpoints = crate::sources::dns::resolved(s, &answers, &self.round_robin);
                 (endpoints != s.endpoints).then(|| config::EndpointsUpdate {
                     frontend: s.frontend,
                     source: s.source.clone(),
@@ -1122,7 +1147,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         Ok(dns) => {
             dns.want(crate::sources::dns::names_of(&config.services));
             dns.resolve_unanswered(Duration::from_secs(3)).await;
-            resolve_names(&dns, &mut config);
+            resolve_names(&dns, &mut config, &Default::default());
             Some(dns)
         }
         Err(e) => {
@@ -1263,12 +1288,16 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
 
 /// Gives `config`'s services the endpoints their names resolve to now, and tells `dns`
 /// which names the configuration has.
-fn resolve_names(dns: &crate::sources::dns::Dns, config: &mut Config) {
+fn resolve_names(
+    dns: &crate::sources::dns::Dns,
+    config: &mut Config,
+    round_robin: &crate::sources::dns::RoundRobin,
+) {
     dns.want(crate::sources::dns::names_of(&config.services));
     let answers = dns.answers();
     for service in &mut config.services {
         if !service.named.is_empty() {
-            service.endpoints = crate::sources::dns::resolved(service, &answers);
+            service.endpoints = crate::sources::dns::resolved(service, &answers, round_robin);
         }
     }
 }

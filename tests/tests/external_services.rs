@@ -453,3 +453,48 @@ spec:
         s.wait_all_from(to, "us-east-1")
     );
 }
+
+/// `DNS_ROUND_ROBIN`: one of a name's addresses at a time, the next when the one in use
+/// fails. The us-east name has two addresses; the first one's server goes away, calls
+/// go on with no failed call, and the name moves on to its other address.
+#[test]
+fn dns_round_robin_moves_on_when_the_address_in_use_fails() {
+    let Some(mut s) = Scenario::start() else {
+        return;
+    };
+    s.dns.set(EAST, &[backend_addr(1), backend_addr(3)], 1);
+    let round_robin = CONFIG.replacen("resolution: DNS", "resolution: DNS_ROUND_ROBIN", 1);
+    write_atomically(&s.config, &round_robin).unwrap();
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+    })
+    .expect("the agent gets ready");
+    let to = s.vip();
+    // One address of the two: the lower one.
+    let started = Instant::now();
+    loop {
+        let dump = s.config_dump();
+        let east: Vec<String> = dump["services"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["hostname"] == EAST)
+            .map(|e| e["address"].as_str().unwrap().to_string())
+            .collect();
+        if east == [format!("{}:80", backend_addr(1))] {
+            break;
+        }
+        assert!(started.elapsed() < FOLLOW, "us-east endpoints: {east:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.wait_all_from(to, "us-east-1");
+
+    s.servers[0].stop();
+    let names = names_from(&s.bed.client, to, 10).expect("no failed call");
+    println!("while the first address fails: {names:?}");
+    println!(
+        "moved on to the name's next address in {:?}",
+        s.wait_all_from(to, "us-east-1-moved")
+    );
+}

@@ -299,11 +299,19 @@ pub fn names_of<'a>(services: impl IntoIterator<Item = &'a Service>) -> BTreeSet
         .collect()
 }
 
+/// How far each `DNS_ROUND_ROBIN` name of a service has moved on: the name's address in
+/// use is its `offset`-th (in address order, wrapping), by frontend and name.
+pub type RoundRobin = BTreeMap<(crate::dataplane::Frontend, Arc<str>), usize>;
+
 /// `service`'s endpoints with its named ones resolved by `answers`: the endpoints given by
-/// address, then one per address of each name (one only with `DNS_ROUND_ROBIN`). An
-/// address already there (two names for one host, or a name for a listed address) is
-/// taken once, the first time.
-pub fn resolved(service: &Service, answers: &BTreeMap<String, Answer>) -> Arc<[Endpoint]> {
+/// address, then one per address of each name (with `DNS_ROUND_ROBIN`, only the one
+/// `round_robin` says). An address already there (two names for one host, or a name for a
+/// listed address) is taken once, the first time.
+pub fn resolved(
+    service: &Service,
+    answers: &BTreeMap<String, Answer>,
+    round_robin: &RoundRobin,
+) -> Arc<[Endpoint]> {
     if service.named.is_empty() {
         return service.endpoints.clone();
     }
@@ -319,8 +327,20 @@ pub fn resolved(service: &Service, answers: &BTreeMap<String, Answer>) -> Arc<[E
         let Some(answer) = answers.get(&*named.hostname) else {
             continue;
         };
-        let take = if named.one_at_a_time { 1 } else { usize::MAX };
-        for &address in answer.addresses.iter().take(take) {
+        let chosen: Vec<Ipv4Addr> = if named.one_at_a_time {
+            let offset = round_robin
+                .get(&(service.frontend, named.hostname.clone()))
+                .copied()
+                .unwrap_or(0);
+            let n = answer.addresses.len();
+            (n > 0)
+                .then(|| answer.addresses[offset % n])
+                .into_iter()
+                .collect()
+        } else {
+            answer.addresses.clone()
+        };
+        for address in chosen {
             if !seen.insert((address, named.port)) {
                 continue;
             }
@@ -398,6 +418,7 @@ mod tests {
                 ("a.example", &[[10, 1, 0, 1], [10, 1, 0, 2]]),
                 ("b.example", &[[10, 2, 0, 1], [10, 2, 0, 2]]),
             ]),
+            &RoundRobin::new(),
         );
         let shown: Vec<String> = got
             .iter()
@@ -430,9 +451,22 @@ mod tests {
                 &answers(&[
                     ("a.example", &[[10, 1, 0, 1], [10, 1, 0, 2]]),
                     ("b.example", &[[10, 2, 0, 1]]),
-                ])
+                ]),
+                &RoundRobin::new(),
             ),
             got
         );
+        // DNS_ROUND_ROBIN moved on by one: the name's next address.
+        let moved: RoundRobin = [((s.frontend, "b.example".into()), 1)].into();
+        let b: Vec<Ipv4Addr> = resolved(
+            &s,
+            &answers(&[("b.example", &[[10, 2, 0, 1], [10, 2, 0, 2]])]),
+            &moved,
+        )
+        .iter()
+        .filter(|e| e.hostname.as_deref() == Some("b.example"))
+        .map(|e| e.address)
+        .collect();
+        assert_eq!(b, [Ipv4Addr::new(10, 2, 0, 2)]);
     }
 }

@@ -283,7 +283,7 @@ fn exec_in(ns: &lb_tests::Netns, args: &[&str]) -> Result<String, String> {
 /// `--dns-listen` on the node: a client whose resolver is the node finds mydb.com's VIP
 /// (`getent hosts`) and calls `http://mydb.com/` with curl; other names still resolve
 /// through it (forwarded upstream); a malformed query gets FORMERR and leaves the agent
-/// answering.
+/// answering; TCP answers too, several queries on one connection.
 #[test]
 fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
     let Some(s) = Scenario::start_with(&["--dns-listen", "10.200.0.1:53"]) else {
@@ -339,6 +339,22 @@ fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
     assert_eq!(reply[3] & 0x0f, 1, "FORMERR");
     let hosts = exec_in(&s.bed.client, &["getent", "hosts", "mydb.com"]).unwrap();
     assert!(hosts.starts_with(&vip.ip().to_string()), "{hosts}");
+
+    // Over TCP (a length before each message), two queries on one connection.
+    let answers = s
+        .bed
+        .client
+        .run(|| {
+            tcp_queries(
+                "10.200.0.1:53".parse().unwrap(),
+                &["mydb.com.", "elsewhere.example."],
+            )
+        })
+        .unwrap();
+    assert_eq!(
+        answers,
+        [vec![vip.ip()], vec![Ipv4Addr::new(192, 0, 2, 7).into()]]
+    );
     let counts = &s.config_dump()["dns_responder"];
     assert!(counts["own"].as_u64().unwrap() >= 3, "{counts}");
     assert!(counts["forwarded"].as_u64().unwrap() >= 2, "{counts}");
@@ -497,4 +513,45 @@ fn dns_round_robin_moves_on_when_the_address_in_use_fails() {
         "moved on to the name's next address in {:?}",
         s.wait_all_from(to, "us-east-1-moved")
     );
+}
+
+/// Sends an A query for each of `names` over one TCP connection to `server` and returns
+/// each answer's addresses.
+fn tcp_queries(server: SocketAddr, names: &[&str]) -> std::io::Result<Vec<Vec<std::net::IpAddr>>> {
+    use std::io::{Read, Write};
+
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let mut stream = std::net::TcpStream::connect_timeout(&server, DEFAULT_TIMEOUT)?;
+    stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
+    let mut out = Vec::new();
+    for (id, name) in (1u16..).zip(names) {
+        let mut query = Message::new();
+        query
+            .set_id(id)
+            .set_recursion_desired(true)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let bytes = query.to_vec().unwrap();
+        stream.write_all(&(bytes.len() as u16).to_be_bytes())?;
+        stream.write_all(&bytes)?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len)?;
+        let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+        stream.read_exact(&mut answer)?;
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!(answer.id(), id);
+        out.push(
+            answer
+                .answers()
+                .iter()
+                .filter_map(|r| match r.data() {
+                    RData::A(a) => Some(a.0.into()),
+                    _ => None,
+                })
+                .collect(),
+        );
+    }
+    Ok(out)
 }

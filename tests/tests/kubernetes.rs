@@ -171,6 +171,16 @@ impl Cluster {
 
     /// Like `start_with`, the agent also reading configuration `files` (name, text).
     fn start_with_files(objects: &str, istio: bool, files: &[(&str, &str)]) -> Option<Self> {
+        Self::start_full(objects, istio, files, &[])
+    }
+
+    /// Like `start_with_files`, the agent with `extra` arguments too.
+    fn start_full(
+        objects: &str,
+        istio: bool,
+        files: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Option<Self> {
         if !require_root() {
             return None;
         }
@@ -197,22 +207,19 @@ impl Cluster {
             std::fs::write(dir.0.join(name), text).unwrap();
         }
         let kubeconfig = api.kubeconfig_path().to_string_lossy().into_owned();
-        let agent = AgentProcess::start_with(
-            &bed,
-            &dir.0,
-            &[
-                "--admin",
-                ADMIN,
-                "--kubernetes",
-                "--kubeconfig",
-                &kubeconfig,
-                "--node-name",
-                THIS_NODE,
-                "--interface",
-                "lbpod*:tc",
-            ],
-        )
-        .unwrap();
+        let mut args = vec![
+            "--admin",
+            ADMIN,
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            THIS_NODE,
+            "--interface",
+            "lbpod*:tc",
+        ];
+        args.extend_from_slice(extra);
+        let agent = AgentProcess::start_with(&bed, &dir.0, &args).unwrap();
         let cluster = Self {
             api,
             bed,
@@ -825,6 +832,47 @@ fn a_change_that_does_not_fit_waits_until_it_does() {
         c.config_dump()["kubernetes"]["apply_error"],
         serde_json::Value::Null
     );
+}
+
+/// An ExternalName Service is balanced by name: a VIP allocated for its host, the
+/// external name resolved (by the node's resolver, here the test's DNS server) to a pod,
+/// which answers calls to the VIP.
+#[test]
+fn an_external_name_service_is_balanced_by_name() {
+    let objects = "apiVersion: v1
+kind: Service
+metadata: { name: db, namespace: sample }
+spec:
+  type: ExternalName
+  externalName: db.example.org
+  ports: [{ name: http, port: 80, protocol: TCP }]
+";
+    // The agent asks 127.0.0.53:5353, where the server comes up after it started: it
+    // retries within a second (--dns-min-ttl 1).
+    let Some(mut c) = Cluster::start_full(
+        objects,
+        false,
+        &[],
+        &["--resolver", "127.0.0.53:5353", "--dns-min-ttl", "1"],
+    ) else {
+        return;
+    };
+    c.add_pod(1, &[80]);
+    let dns =
+        lb_tests::dns_server::TestDnsServer::start(&c.bed.node, "127.0.0.53:5353".parse().unwrap())
+            .unwrap();
+    dns.set("db.example.org", &["10.200.1.2".parse().unwrap()], 1);
+    let dump = c.config_dump();
+    let service = &dump["services"][0];
+    assert_eq!(service["name"], "db.sample.svc.cluster.local", "{dump}");
+    let vip: std::net::Ipv4Addr = service["frontend"]["vip"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(vip.octets()[..2], [240, 240]);
+    let to = SocketAddr::from((vip, 80));
+    println!("resolved and balanced in {:?}", c.wait_all_from(to, 1));
 }
 
 /// Istio's CRDs absent at the start are not an error (the Service is balanced without

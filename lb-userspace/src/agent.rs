@@ -949,8 +949,7 @@ impl Agent {
                     states: self
                         .config
                         .initial_states
-                        .iter()
-                        .filter(|((f, _, _), _)| *f == s.frontend)
+                        .range(crate::dataplane::sync::backends_of(s.frontend))
                         .map(|((_, addr, port), state)| (*addr, *port, *state))
                         .collect(),
                 })
@@ -1034,8 +1033,7 @@ impl Agent {
             return Ok(());
         }
         let frontend = update.frontend;
-        let range = (frontend, std::net::Ipv4Addr::UNSPECIFIED, 0)
-            ..=(frontend, std::net::Ipv4Addr::BROADCAST, u16::MAX);
+        let range = crate::dataplane::sync::backends_of(frontend);
         let old_states: Vec<_> = self
             .config
             .initial_states

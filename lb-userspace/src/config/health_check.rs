@@ -75,7 +75,7 @@ pub(super) fn read(doc: &mut Doc, root: &Map<String, Value>) -> Option<HealthChe
                 }
             }
             "intervalJitter" => {
-                if let Some(d) = duration_or_zero(doc, &path, value) {
+                if let Some(d) = super::native::lb_duration(doc, &path, value) {
                     check.interval_jitter = d;
                 }
             }
@@ -199,25 +199,12 @@ fn status_range(doc: &mut Doc, path: &str, value: &Value) -> Option<(u16, u16)> 
     }
 }
 
+/// A duration greater than zero.
 fn duration(doc: &mut Doc, path: &str, value: &Value) -> Option<Duration> {
-    let d = duration_or_zero(doc, path, value)?;
+    let d = super::native::lb_duration(doc, path, value)?;
     if d.is_zero() {
         doc.error(path, "must be greater than zero");
         return None;
     }
     Some(d)
-}
-
-fn duration_or_zero(doc: &mut Doc, path: &str, value: &Value) -> Option<Duration> {
-    let text = doc.string(path, value)?;
-    match humantime::parse_duration(&text) {
-        Ok(d) => Some(d),
-        Err(_) => {
-            doc.error(
-                path,
-                format!("{text:?} is not a duration (e.g. 500ms, 5s, 1m)"),
-            );
-            None
-        }
-    }
 }

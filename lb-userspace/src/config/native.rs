@@ -111,19 +111,24 @@ fn read_timeouts(doc: &mut Doc, path: &str, value: &Value, timeouts: &mut Datapl
     }
 }
 
-/// lb's own durations are read by humantime (`30s`, `5m`, `6h`, `1h 30m`) as they always were.
-fn timeout_ns(doc: &mut Doc, path: &str, value: &Value) -> Option<u64> {
+/// lb's own durations are read by humantime (`30s`, `5m`, `6h`, `1h 30m`) as they always
+/// were (its documents' durations all are: `dataplane.timeouts`, `HealthCheck`).
+pub(super) fn lb_duration(doc: &mut Doc, path: &str, value: &Value) -> Option<Duration> {
     let text = doc.string(path, value)?;
-    let d: Duration = match humantime::parse_duration(&text) {
-        Ok(d) => d,
+    match humantime::parse_duration(&text) {
+        Ok(d) => Some(d),
         Err(_) => {
             doc.error(
                 path,
                 format!("{text:?} is not a duration (e.g. 30s, 5m, 6h)"),
             );
-            return None;
+            None
         }
-    };
+    }
+}
+
+fn timeout_ns(doc: &mut Doc, path: &str, value: &Value) -> Option<u64> {
+    let d = lb_duration(doc, path, value)?;
     if d.is_zero() {
         doc.error(path, "must be greater than zero");
         return None;
@@ -131,7 +136,11 @@ fn timeout_ns(doc: &mut Doc, path: &str, value: &Value) -> Option<u64> {
     match u64::try_from(d.as_nanos()) {
         Ok(ns) => Some(ns),
         Err(_) => {
-            doc.error(path, format!("{text:?} is too long"));
+            doc.error(
+                path,
+                // A string: `lb_duration` read it.
+                format!("{:?} is too long", value.as_str().unwrap_or_default()),
+            );
             None
         }
     }

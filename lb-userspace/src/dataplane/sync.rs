@@ -106,8 +106,9 @@ fn allocate(used: impl Fn(u32) -> bool, cursor: &mut u32, limit: u32) -> Option<
     Some(id)
 }
 
-/// Every backend of `frontend`, as a range of [`BackendKey`]s.
-fn backends_of(frontend: Frontend) -> std::ops::RangeInclusive<BackendKey> {
+/// Every backend of `frontend`, as a range of [`BackendKey`]s (of the programmer's ids, or
+/// of the configuration's states, which have the same keys).
+pub fn backends_of(frontend: Frontend) -> std::ops::RangeInclusive<BackendKey> {
     (frontend, Ipv4Addr::UNSPECIFIED, 0)..=(frontend, Ipv4Addr::BROADCAST, u16::MAX)
 }
 

@@ -27,8 +27,6 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use hickory_resolver::{
-    config::{NameServerConfigGroup, ResolverConfig},
-    name_server::TokioConnectionProvider,
     proto::{
         op::{Message, MessageType, ResponseCode},
         rr::{rdata::A, Name, RData, Record, RecordType},
@@ -150,18 +148,8 @@ pub async fn serve(
     upstream: Option<SocketAddr>,
     counts: Arc<ResponderCounts>,
 ) -> Result<()> {
-    let builder = match upstream {
-        Some(server) => TokioResolver::builder_with_config(
-            ResolverConfig::from_parts(
-                None,
-                Vec::new(),
-                NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true),
-            ),
-            TokioConnectionProvider::default(),
-        ),
-        None => TokioResolver::builder_tokio()
-            .context("reading the system's resolver configuration for --dns-listen")?,
-    };
+    let builder = crate::sources::dns::resolver_builder(upstream)
+        .context("the upstream resolvers of --dns-listen")?;
     let udp = UdpSocket::bind(addr)
         .await
         .with_context(|| format!("--dns-listen: binding UDP {addr}"))?;

@@ -113,18 +113,7 @@ impl Dns {
     /// A resolver from `options` (the system's configuration unless a server is given),
     /// and its refresh loop, which runs as long as the agent.
     pub fn start(options: DnsOptions) -> Result<Self> {
-        let mut builder = match options.resolver {
-            Some(server) => {
-                let servers =
-                    NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true);
-                TokioResolver::builder_with_config(
-                    ResolverConfig::from_parts(None, Vec::new(), servers),
-                    TokioConnectionProvider::default(),
-                )
-            }
-            None => TokioResolver::builder_tokio()
-                .context("reading the system's resolver configuration (/etc/resolv.conf)")?,
-        };
+        let mut builder = resolver_builder(options.resolver)?;
         // The agent keeps answers itself (with its own floor and ceiling); the resolver's
         // cache would only hide a changed answer for longer.
         builder.options_mut().cache_size = 0;
@@ -143,7 +132,7 @@ impl Dns {
         Ok(dns)
     }
 
-    /// Sets the names to resolve: new ones are due now, gone ones are forgotten.
+    /// The names to resolve: new ones are due now, gone ones are forgotten.
     pub fn want(&self, names: BTreeSet<String>) {
         let mut state = self.lock();
         let before = state.names.len();
@@ -170,14 +159,7 @@ impl Dns {
             .filter(|(_, (a, _))| a.resolved_at.is_none())
             .map(|(n, _)| n.clone())
             .collect();
-        let lookups = futures::stream::iter(names)
-            .map(|name| {
-                let shared = self.shared.clone();
-                async move { lookup(&shared, name).await }
-            })
-            .buffer_unordered(CONCURRENT_LOOKUPS)
-            .collect::<Vec<_>>();
-        let _ = tokio::time::timeout(timeout, lookups).await;
+        let _ = tokio::time::timeout(timeout, lookup_all(&self.shared, names)).await;
     }
 
     /// Every wanted name's answer.
@@ -197,6 +179,37 @@ impl Dns {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         lock(&self.shared)
     }
+}
+
+/// A resolver asking `server`, else the system's configuration (`/etc/resolv.conf`): the
+/// agent's lookups and the DNS responder's forwarding use the same upstream.
+pub fn resolver_builder(
+    server: Option<SocketAddr>,
+) -> Result<hickory_resolver::ResolverBuilder<TokioConnectionProvider>> {
+    Ok(match server {
+        Some(server) => TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(
+                None,
+                Vec::new(),
+                NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true),
+            ),
+            TokioConnectionProvider::default(),
+        ),
+        None => TokioResolver::builder_tokio()
+            .context("reading the system's resolver configuration (/etc/resolv.conf)")?,
+    })
+}
+
+/// Looks up every one of `names`, at most [`CONCURRENT_LOOKUPS`] at once.
+async fn lookup_all(shared: &Arc<Shared>, names: Vec<String>) {
+    futures::stream::iter(names)
+        .map(|name| {
+            let shared = shared.clone();
+            async move { lookup(&shared, name).await }
+        })
+        .buffer_unordered(CONCURRENT_LOOKUPS)
+        .collect::<Vec<_>>()
+        .await;
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, State> {
@@ -271,14 +284,7 @@ async fn refresh(shared: Arc<Shared>) {
             .filter(|(_, (_, at))| *at <= now)
             .map(|(n, _)| n.clone())
             .collect();
-        futures::stream::iter(due)
-            .map(|name| {
-                let shared = shared.clone();
-                async move { lookup(&shared, name).await }
-            })
-            .buffer_unordered(CONCURRENT_LOOKUPS)
-            .collect::<Vec<_>>()
-            .await;
+        lookup_all(&shared, due).await;
         // When the next name is due, after the lookups just made.
         let next = lock(&shared).names.values().map(|(_, at)| *at).min();
         let wait = next.map_or(Duration::from_secs(3600), |n| {

@@ -25,47 +25,9 @@ const WEST: &str = "dynamodb.us-west-1.amazonaws.com";
 const FOLLOW: Duration = Duration::from_secs(10);
 
 /// The blog's resources as written (its DestinationRule's outlier detection; locality
-/// load balancing is on by default with it), and this node in us-east1.
-const CONFIG: &str = "apiVersion: lb/v1alpha1
-kind: Node
-spec:
-  locality: us-east1
----
-apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: external-svc-dns
-spec:
-  hosts:
-  - mydb.com
-  location: MESH_EXTERNAL
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: DNS
-  endpoints:
-  - address: dynamodb.us-east-1.amazonaws.com
-    locality: us-east1
-    ports:
-      http: 80
-  - address: dynamodb.us-west-1.amazonaws.com
-    locality: us-west
-    ports:
-      http: 80
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata:
-  name: mydynamodb
-spec:
-  host: mydb.com
-  trafficPolicy:
-    outlierDetection:
-      consecutive5xxErrors: 1
-      interval: 15s
-      baseEjectionTime: 1m
-";
+/// load balancing is on by default with it), and this node in us-east1: the example users
+/// start from.
+const CONFIG: &str = include_str!("../../examples/external-dns.yaml");
 
 struct Scenario {
     bed: TestBed,
@@ -125,6 +87,14 @@ impl Scenario {
         })
     }
 
+    fn wait_ready(&self) {
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        lb_tests::agent_process::wait_until(&self.bed.node, Duration::from_secs(20), || {
+            lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+        })
+        .expect("the agent gets ready");
+    }
+
     fn admin_get(&self, path: &str) -> String {
         let admin: SocketAddr = ADMIN.parse().unwrap();
         self.bed
@@ -173,11 +143,7 @@ fn names_resolve_and_traffic_follows_their_answers() {
     let Some(s) = Scenario::start() else {
         return;
     };
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
-        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
-    })
-    .expect("the agent gets ready");
+    s.wait_ready();
     let to = s.vip();
     assert_eq!(to.ip().to_string()[..8], *"240.240.", "{to}");
     assert_eq!(to.port(), 80);
@@ -289,11 +255,7 @@ fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
     let Some(s) = Scenario::start_with(&["--dns-listen", "10.200.0.1:53"]) else {
         return;
     };
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
-        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
-    })
-    .expect("the agent gets ready");
+    s.wait_ready();
     let vip = s.vip();
     s.dns
         .set("elsewhere.example", &[Ipv4Addr::new(192, 0, 2, 7)], 60);
@@ -369,11 +331,7 @@ fn a_wrong_port_fails_over_with_no_failed_call() {
     let Some(s) = Scenario::start() else {
         return;
     };
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
-        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
-    })
-    .expect("the agent gets ready");
+    s.wait_ready();
     let to = s.vip();
     s.wait_all_from(to, "us-east-1");
 
@@ -426,11 +384,7 @@ spec:
   healthyThreshold: 1
 ";
     write_atomically(&s.config, &format!("{CONFIG}---\n{check}")).unwrap();
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
-        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
-    })
-    .expect("the agent gets ready");
+    s.wait_ready();
     let started = Instant::now();
     while s.config_dump()["health_checks"]
         .as_array()
@@ -481,11 +435,7 @@ fn dns_round_robin_moves_on_when_the_address_in_use_fails() {
     s.dns.set(EAST, &[backend_addr(1), backend_addr(3)], 1);
     let round_robin = CONFIG.replacen("resolution: DNS", "resolution: DNS_ROUND_ROBIN", 1);
     write_atomically(&s.config, &round_robin).unwrap();
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
-        lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
-    })
-    .expect("the agent gets ready");
+    s.wait_ready();
     let to = s.vip();
     // One address of the two: the lower one.
     let started = Instant::now();

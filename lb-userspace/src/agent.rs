@@ -630,6 +630,13 @@ impl Agent {
                             share: st.plan.shares.get(i).copied().unwrap_or(0.0),
                             ejected: st.detector.is_ejected(i),
                             draining: st.detector.is_draining(i),
+                            health_check: svc.policy.health_check.as_ref().map(|_| {
+                                let target = (svc.frontend, e.address, e.port);
+                                match &self.health {
+                                    Some(h) if h.failing(&target) => "failing",
+                                    _ => "passing",
+                                }
+                            }),
                         })
                         .collect(),
                 })
@@ -796,6 +803,10 @@ pub struct EndpointStatus {
     pub share: f64,
     pub ejected: bool,
     pub draining: bool,
+    /// `passing` or `failing` when the endpoint's host has an active health check
+    /// (a HealthCheck document); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<&'static str>,
 }
 
 /// The newest modification time among the configuration paths and the files in them,

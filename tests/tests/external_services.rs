@@ -36,7 +36,7 @@ struct Scenario {
     servers: Vec<HttpNameServer>,
     config: std::path::PathBuf,
     _dir: TempDir,
-    _agent: AgentProcess,
+    agent: AgentProcess,
 }
 
 impl Scenario {
@@ -83,7 +83,7 @@ impl Scenario {
             servers,
             config,
             _dir: dir,
-            _agent: agent,
+            agent,
         })
     }
 
@@ -101,6 +101,20 @@ impl Scenario {
             .node
             .run(|| lb_tests::http_get(admin, path, DEFAULT_TIMEOUT))
             .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    }
+
+    /// `lb endpoints` (the table), run in the node as an operator would.
+    fn lb_endpoints(&self) -> String {
+        let output = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.bed.node.name()))
+            .arg("--")
+            .arg(lb_tests::agent_process::lb_binary().unwrap())
+            .args(["endpoints", "--admin", ADMIN, "--pin-dir"])
+            .arg(&self.agent.pin_dir)
+            .output()
+            .expect("running lb endpoints");
+        assert!(output.status.success(), "lb endpoints: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     fn config_dump(&self) -> serde_json::Value {
@@ -362,6 +376,14 @@ fn a_wrong_port_fails_over_with_no_failed_call() {
     let clusters = s.admin_get("/clusters");
     let flags = format!("outbound|80||mydb.com::{east_81}::health_flags::/failed_outlier_check");
     assert!(clusters.contains(&flags), "{clusters}");
+    // The operator's view: the us-east endpoint failed its outlier check.
+    let table = s.lb_endpoints();
+    let east = table
+        .lines()
+        .find(|l| l.starts_with(&east_81))
+        .unwrap_or_else(|| panic!("no {east_81} in:\n{table}"));
+    let columns: Vec<&str> = east.split_whitespace().collect();
+    assert_eq!(columns[1..3], ["UNHEALTHY", "FAILED"], "{table}");
 }
 
 /// An HTTP health check (lb's HealthCheck document) takes the us-east endpoint, whose
@@ -416,12 +438,44 @@ spec:
         metrics.contains("lb_health_checks_total{result=\"failed\"}"),
         "{metrics}"
     );
+    // `lb endpoints`: the check's verdict in its own column, the outlier check untouched.
+    let table = s.lb_endpoints();
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap()
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        header[..4],
+        ["ENDPOINT", "STATUS", "OUTLIER CHECK", "HEALTH CHECK"],
+        "{table}"
+    );
+    let row = |table: &str, endpoint: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(endpoint))
+            .unwrap_or_else(|| panic!("no {endpoint} in:\n{table}"));
+        line.split_whitespace().take(4).map(String::from).collect()
+    };
+    let east_endpoint = format!("{}:80", backend_addr(1));
+    let west_endpoint = format!("{}:80", backend_addr(2));
+    assert_eq!(
+        row(&table, &east_endpoint)[2..],
+        ["OK", "FAILED"],
+        "{table}"
+    );
+    assert_eq!(row(&table, &west_endpoint)[2..], ["OK", "OK"], "{table}");
 
     s.servers[0].set_health_status(200);
     println!(
         "health path 200 → back in {:?}",
         s.wait_all_from(to, "us-east-1")
     );
+    let table = s.lb_endpoints();
+    assert_eq!(row(&table, &east_endpoint)[2..], ["OK", "OK"], "{table}");
 }
 
 /// `DNS_ROUND_ROBIN`: one of a name's addresses at a time, the next when the one in use

@@ -181,6 +181,9 @@ pub struct AgentEndpoint {
     pub ejected: bool,
     #[serde(default)]
     pub draining: bool,
+    /// `passing` or `failing` under an active health check; absent without one.
+    #[serde(default)]
+    pub health_check: Option<String>,
 }
 
 /// What the agent said (`GET /services`, and `GET /clusters` when it has it), or why it

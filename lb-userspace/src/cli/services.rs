@@ -141,6 +141,9 @@ struct EndpointRow {
     status: &'static str,
     /// OK or FAILED (ejected by outlier detection or an operator).
     outlier_check: &'static str,
+    /// OK or FAILED under an active health check (a HealthCheck document), else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    health_check: Option<&'static str>,
     cluster: String,
     service_id: u32,
     frontend: String,
@@ -200,6 +203,11 @@ pub fn endpoints(common: &Common, service: Option<&str>) -> Result<()> {
                 endpoint: b.address.clone(),
                 status,
                 outlier_check: if outlier_failed { "FAILED" } else { "OK" },
+                health_check: b
+                    .agent
+                    .as_ref()
+                    .and_then(|a| a.health_check.as_deref())
+                    .map(|v| if v == "failing" { "FAILED" } else { "OK" }),
                 cluster: cluster.clone(),
                 service_id: s.id,
                 frontend: s.frontend.clone(),
@@ -221,18 +229,16 @@ pub fn endpoints(common: &Common, service: Option<&str>) -> Result<()> {
     if common.output == Output::Json {
         return print_json(&rows);
     }
-    let mut t = Table::new(&[
-        "ENDPOINT",
-        "STATUS",
-        "OUTLIER CHECK",
-        "CLUSTER",
-        "PRIORITY",
-        "LOCALITY",
-        "CONNECTIONS",
-        "ERRORS",
-    ]);
+    // The HEALTH CHECK column only when some endpoint is under an active health check.
+    let checked = rows.iter().any(|r| r.health_check.is_some());
+    let mut header = vec!["ENDPOINT", "STATUS", "OUTLIER CHECK"];
+    if checked {
+        header.push("HEALTH CHECK");
+    }
+    header.extend(["CLUSTER", "PRIORITY", "LOCALITY", "CONNECTIONS", "ERRORS"]);
+    let mut t = Table::new(&header);
     for r in &rows {
-        t.row(vec![
+        let mut cells = vec![
             r.endpoint.clone(),
             format!(
                 "{}{}",
@@ -240,12 +246,18 @@ pub fn endpoints(common: &Common, service: Option<&str>) -> Result<()> {
                 if r.disagreement.is_some() { " (!)" } else { "" }
             ),
             r.outlier_check.to_string(),
+        ];
+        if checked {
+            cells.push(r.health_check.unwrap_or("-").to_string());
+        }
+        cells.extend([
             r.cluster.clone(),
             opt(r.priority),
             locality(r.locality.as_deref()),
             r.connections.to_string(),
             r.errors.to_string(),
         ]);
+        t.row(cells);
     }
     let mut out = t.render("");
     out.push_str(&notes(&snapshot, &chosen));

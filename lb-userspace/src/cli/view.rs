@@ -56,6 +56,8 @@ pub struct AgentView {
     /// Failures the agent counted for outlier detection (`rq_error` of `GET /clusters`:
     /// 5xx responses, refused, timed-out and reset connections), when it has it.
     pub errors: Option<u64>,
+    /// The active health check's verdict (`passing`, `failing`), when the host has one.
+    pub health_check: Option<String>,
 }
 
 impl AgentView {
@@ -69,6 +71,7 @@ impl AgentView {
             draining: e.draining,
             health_flags: facts.and_then(|f| f.get("health_flags").cloned()),
             errors: number("rq_error").or_else(|| number("cx_connect_fail")),
+            health_check: e.health_check.clone(),
         }
     }
 }

@@ -199,7 +199,8 @@ fn names_resolve_and_traffic_follows_their_answers() {
     let started = Instant::now();
     loop {
         let dump = s.config_dump();
-        if dump["dns"][EAST]["stale"] == true {
+        // Both names are looked up at the silent server (TTL 1 s).
+        if dump["dns"][EAST]["stale"] == true && dump["dns"][WEST]["stale"] == true {
             assert_eq!(
                 dump["dns"][EAST]["addresses"][0],
                 backend_addr(3).to_string()
@@ -216,6 +217,18 @@ fn names_resolve_and_traffic_follows_their_answers() {
     s.wait_all_from(to, "us-east-1-moved");
     let clusters = s.admin_get("/clusters");
     assert!(clusters.contains("::dns_stale::true"), "{clusters}");
+    let metrics = s.admin_get("/metrics");
+    for series in [
+        "lb_dns_names{state=\"stale\"} 2", // the resolver is silent for both names
+        "lb_dns_names{state=\"resolved\"} 0",
+        "lb_dns_answer_changes_total 3", // two first answers, one move
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains("lb_dns_lookups_total{result=\"failure\"} 0"),
+        "{metrics}"
+    );
     s.dns.set_silent(false);
 }
 
@@ -335,6 +348,11 @@ fn the_node_answers_for_the_hosts_and_forwards_the_rest() {
     assert!(counts["own"].as_u64().unwrap() >= 3, "{counts}");
     assert!(counts["forwarded"].as_u64().unwrap() >= 2, "{counts}");
     assert_eq!(counts["malformed"], 1, "{counts}");
+    let metrics = s.admin_get("/metrics");
+    assert!(
+        metrics.contains("lb_dns_responder_queries_total{answer=\"malformed\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// The blog's failure: the us-east endpoint's port made wrong (81, where nothing listens).

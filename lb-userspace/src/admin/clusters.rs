@@ -410,6 +410,7 @@ spec:
             cluster: None,
             cluster_apply_error: None,
             dns: Default::default(),
+            dns_lookups: None,
             dns_responder: None,
             health: Default::default(),
             warnings: Vec::new(),

@@ -628,6 +628,70 @@ pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::f
             checks,
         );
     }
+    // Endpoints known by name: the resolver's work, and the names' state.
+    if let Some((succeeded, failed, changed)) = snapshot.dns_lookups {
+        let names = Gauges::default();
+        for state in ["resolved", "stale", "unresolved"] {
+            let _ = names.get_or_create(&vec![("state", state.to_string())]);
+        }
+        for answer in snapshot.dns.values() {
+            let state = if answer.resolved_at.is_none() {
+                "unresolved"
+            } else if answer.stale {
+                "stale"
+            } else {
+                "resolved"
+            };
+            names
+                .get_or_create(&vec![("state", state.to_string())])
+                .inc();
+        }
+        registry.register(
+            "dns_names",
+            "Endpoint names the agent resolves, by state (stale: the last lookup failed and an \
+             earlier answer is in force; unresolved: never answered, no endpoints)",
+            names,
+        );
+        let lookups = Counters::default();
+        lookups
+            .get_or_create(&vec![("result", "success".to_string())])
+            .inc_by(succeeded);
+        lookups
+            .get_or_create(&vec![("result", "failure".to_string())])
+            .inc_by(failed);
+        registry.register(
+            "dns_lookups",
+            "Lookups of endpoint names by result",
+            lookups,
+        );
+        let changes = Counter::<u64>::default();
+        changes.inc_by(changed);
+        registry.register(
+            "dns_answer_changes",
+            "Lookups whose addresses differed from the name's previous answer (each applied \
+             as an endpoint change)",
+            changes,
+        );
+    }
+    if let Some(counts) = &snapshot.dns_responder {
+        let queries = Counters::default();
+        for (answer, n) in [
+            ("own", &counts.own),
+            ("forwarded", &counts.forwarded),
+            ("malformed", &counts.malformed),
+            ("dropped", &counts.dropped),
+        ] {
+            queries
+                .get_or_create(&vec![("answer", answer.to_string())])
+                .inc_by(n.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        registry.register(
+            "dns_responder_queries",
+            "Queries to --dns-listen: answered from lb's names (own), forwarded upstream, \
+             malformed (FORMERR or unreadable), dropped (too many in flight)",
+            queries,
+        );
+    }
     let loaded_at = Gauge::<f64, AtomicU64>::default();
     loaded_at.set(unix_seconds(snapshot.reloads.loaded_at));
     registry.register(

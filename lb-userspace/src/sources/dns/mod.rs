@@ -17,7 +17,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -93,10 +96,22 @@ struct State {
     names: BTreeMap<String, (Answer, Instant)>,
 }
 
+/// What the resolver did since the agent started (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct LookupCounts {
+    /// Lookups answered (an empty answer too).
+    pub succeeded: AtomicU64,
+    /// Lookups that failed (timeout, SERVFAIL, no such name).
+    pub failed: AtomicU64,
+    /// Answers whose addresses differed from the name's previous ones.
+    pub changed: AtomicU64,
+}
+
 struct Shared {
     resolver: TokioResolver,
     options: DnsOptions,
     state: Mutex<State>,
+    counts: LookupCounts,
     /// An answer changed (addresses, not only its time).
     changed: Notify,
     /// The set of names changed: the refresh loop looks again.
@@ -124,6 +139,7 @@ impl Dns {
                 resolver: builder.build(),
                 options,
                 state: Mutex::default(),
+                counts: LookupCounts::default(),
                 changed: Notify::new(),
                 names_changed: Notify::new(),
             }),
@@ -169,6 +185,11 @@ impl Dns {
             .iter()
             .map(|(n, (a, _))| (n.clone(), a.clone()))
             .collect()
+    }
+
+    /// What the resolver did so far.
+    pub fn counts(&self) -> &LookupCounts {
+        &self.shared.counts
     }
 
     /// Waits for an answer's addresses to change.
@@ -231,6 +252,7 @@ async fn lookup(shared: &Shared, name: String) {
     let before = answer.addresses.clone();
     match result {
         Ok(found) => {
+            shared.counts.succeeded.fetch_add(1, Ordering::Relaxed);
             let mut addresses: Vec<Ipv4Addr> =
                 found.iter().map(|a| a.0).filter(|&a| usable(a)).collect();
             addresses.sort();
@@ -246,6 +268,7 @@ async fn lookup(shared: &Shared, name: String) {
             };
         }
         Err(e) => {
+            shared.counts.failed.fetch_add(1, Ordering::Relaxed);
             answer.failures += 1;
             if answer.error.is_none() {
                 log::warn!(
@@ -267,6 +290,7 @@ async fn lookup(shared: &Shared, name: String) {
         }
     }
     if answer.addresses != before {
+        shared.counts.changed.fetch_add(1, Ordering::Relaxed);
         log::info!("{name} resolves to {:?}", answer.addresses);
         shared.changed.notify_one();
     }

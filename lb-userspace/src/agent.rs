@@ -1187,7 +1187,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             crate::dns_responder::NameTable::from_config(&agent.config),
         )));
         let counts = Arc::new(crate::dns_responder::ResponderCounts::default());
-        crate::dns_responder::serve(addr, names.clone(), opts.dns.resolver, counts.clone()).await?;
+        crate::dns_responder::serve(addr, names.clone(), opts.dns.resolver, counts.clone())?;
         agent.responder_names = Some(names);
         agent.responder_counts = Some(counts);
     }

@@ -577,3 +577,132 @@ fn tcp_queries(server: SocketAddr, names: &[&str]) -> std::io::Result<Vec<Vec<st
     }
     Ok(out)
 }
+
+/// One A query over UDP: the answer's addresses, or an error after `timeout`.
+fn udp_query(server: SocketAddr, name: &str, timeout: Duration) -> std::io::Result<Vec<Ipv4Addr>> {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut query = Message::new();
+    query
+        .set_id(0x5151)
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    socket.send_to(&query.to_vec().unwrap(), server)?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (len, _) = socket.recv_from(&mut buf)?;
+        let Ok(answer) = Message::from_vec(&buf[..len]) else {
+            continue;
+        };
+        if answer.id() == 0x5151 {
+            return Ok(answer
+                .answers()
+                .iter()
+                .filter_map(|r| match r.data() {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect());
+        }
+    }
+}
+
+/// A flood of queries for names the upstream never answers (it has gone silent): the
+/// responder holds at most its bound of forwarded queries and drops the rest, while lb's
+/// own names are still answered, calls through the VIP go on, and the agent stays ready.
+/// When the upstream answers again, forwarded names resolve again.
+#[test]
+fn a_query_flood_is_bounded_and_the_rest_keeps_working() {
+    let Some(s) = Scenario::start_with(&["--dns-listen", "10.200.0.1:53"]) else {
+        return;
+    };
+    s.wait_ready();
+    let vip = s.vip();
+    let responder: SocketAddr = "10.200.0.1:53".parse().unwrap();
+    s.dns
+        .set("elsewhere.example", &[Ipv4Addr::new(192, 0, 2, 7)], 1);
+    s.dns.set_silent(true);
+
+    let flooding = std::sync::atomic::AtomicBool::new(true);
+    let sent = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            s.bed.client.run(|| {
+                use hickory_proto::{
+                    op::{Message, Query},
+                    rr::{Name, RecordType},
+                };
+                let socket = std::net::UdpSocket::bind("10.200.0.2:0").unwrap();
+                socket.set_nonblocking(true).unwrap();
+                let mut sent = 0u64;
+                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut query = Message::new();
+                    query
+                        .set_id(sent as u16)
+                        .set_recursion_desired(true)
+                        .add_query(Query::query(
+                            Name::from_ascii(format!("flood{sent}.example.")).unwrap(),
+                            RecordType::A,
+                        ));
+                    if socket.send_to(&query.to_vec().unwrap(), responder).is_ok() {
+                        sent += 1;
+                    }
+                    // Replies are not read; the socket's buffer drops them.
+                    if sent.is_multiple_of(64) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                sent
+            })
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // lb's own name, answered (a resolver retries a lost UDP query; so does this).
+        let own = s.bed.client.run(|| {
+            (0..3).find_map(|_| udp_query(responder, "mydb.com.", Duration::from_secs(1)).ok())
+        });
+        assert_eq!(
+            own,
+            Some(vec![*match &vip {
+                SocketAddr::V4(v4) => v4.ip(),
+                SocketAddr::V6(_) => unreachable!(),
+            }])
+        );
+        // Calls through the VIP, and the agent's admin endpoint.
+        let names = names_from(&s.bed.client, vip, 10).expect("calls during the flood");
+        assert!(names.iter().all(|n| n == "us-east-1"), "{names:?}");
+        s.wait_ready();
+        flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+        flood.join().unwrap()
+    });
+    let counts = s.config_dump()["dns_responder"].clone();
+    println!("flood: {sent} queries sent; the responder's counts: {counts}");
+    assert!(sent > 2_000, "the flood sent {sent} queries");
+    assert!(
+        counts["dropped"].as_u64().unwrap() > 0,
+        "no query dropped beyond the bound: {counts}"
+    );
+
+    // The upstream back: forwarded names resolve again once the flood's lookups end.
+    s.dns.set_silent(false);
+    let started = Instant::now();
+    loop {
+        let answer = s
+            .bed
+            .client
+            .run(|| udp_query(responder, "elsewhere.example.", Duration::from_secs(1)));
+        if answer
+            .as_deref()
+            .is_ok_and(|a| a == [Ipv4Addr::new(192, 0, 2, 7)])
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "forwarding does not recover: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

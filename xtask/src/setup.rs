@@ -392,6 +392,11 @@ const BENCH_PEERS: &[(&str, &str, &str)] = &[
         "/usr/lib/nginx/modules/ngx_stream_module.so",
         "nginx's stream module",
     ),
+    (
+        "dnsmasq-base",
+        "/usr/sbin/dnsmasq",
+        "DNS forwarder and cache, beside lb's DNS responder",
+    ),
 ];
 
 /// Installs the peers `cargo xtask bench` measures (`BENCH_PEERS`) when missing. Their
@@ -406,7 +411,7 @@ pub fn ensure_bench_peers() -> Result<()> {
     if missing.is_empty() {
         println!(
             "setup: all {} benchmark peers present (wrk, iptables, nftables, conntrack, \
-             haproxy, nginx + stream)",
+             haproxy, nginx + stream, dnsmasq)",
             BENCH_PEERS.len()
         );
         return Ok(());

@@ -10,10 +10,11 @@
 //! - Every other name is forwarded to the upstream resolvers (the system's, or
 //!   `--resolver`) through hickory's caching resolver: answers are cached by TTL.
 //! - UDP and TCP. Messages are read and written with hickory's protocol library; a
-//!   message that does not parse gets FORMERR (when its header can be read). At most
-//!   [`IN_FLIGHT`] queries are handled at once: beyond, UDP queries are dropped (the
-//!   client retries) and TCP connections wait, so a flood costs the agent a bounded amount
-//!   of work and never touches the data plane.
+//!   message that does not parse gets FORMERR (when its header can be read). lb's own
+//!   names and malformed queries are answered as they are read, one at a time per
+//!   socket; at most [`IN_FLIGHT`] forwarded queries wait on the upstream at once:
+//!   beyond, UDP queries are dropped (the client retries) and TCP connections wait, so a
+//!   flood costs the agent a bounded amount of work and never touches the data plane.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,6 +46,9 @@ use crate::{config::Config, model::Source};
 
 /// Queries handled at once, at most.
 pub const IN_FLIGHT: usize = 256;
+
+/// Forwarded answers cached, at most.
+const FORWARD_CACHE: usize = 10_000;
 
 /// The TTL of lb's own answers (Istio's DNS proxy answers with 30 s too).
 const OWN_TTL: u32 = 30;
@@ -142,29 +146,55 @@ struct Responder {
 
 /// Binds `addr` (UDP and TCP) and starts answering, until the agent stops. `upstream`:
 /// the DNS server to forward to, or the system's resolver configuration.
-pub async fn serve(
+///
+/// The responder runs on a thread and runtime of its own: a flood of queries keeps that
+/// thread busy, not the agent's (health decisions, publishing, the admin endpoint), and
+/// the agent's work does not delay answers.
+pub fn serve(
     addr: SocketAddr,
     names: SharedNames,
     upstream: Option<SocketAddr>,
     counts: Arc<ResponderCounts>,
 ) -> Result<()> {
-    let builder = crate::sources::dns::resolver_builder(upstream)
+    let mut builder = crate::sources::dns::resolver_builder(upstream)
         .context("the upstream resolvers of --dns-listen")?;
-    let udp = UdpSocket::bind(addr)
-        .await
+    // Answers are cached by TTL; the default cache (32 answers) would send most of a
+    // node's names upstream again. dnsmasq's largest cache is as big.
+    builder.options_mut().cache_size = FORWARD_CACHE;
+    // Bound here, so that a taken port is the agent's start error.
+    let udp = std::net::UdpSocket::bind(addr)
         .with_context(|| format!("--dns-listen: binding UDP {addr}"))?;
-    let tcp = TcpListener::bind(addr)
-        .await
+    let tcp = std::net::TcpListener::bind(addr)
         .with_context(|| format!("--dns-listen: binding TCP {addr}"))?;
-    let responder = Arc::new(Responder {
-        names,
-        upstream: builder.build(),
-        counts,
-        in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
-    });
-    log::info!("DNS responder on {addr} (UDP and TCP)");
-    tokio::spawn(serve_tcp(tcp, responder.clone()));
-    tokio::spawn(serve_udp(Arc::new(udp), responder));
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("--dns-listen: the responder's runtime")?;
+    std::thread::Builder::new()
+        .name("dns-responder".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let (udp, tcp) = match (UdpSocket::from_std(udp), TcpListener::from_std(tcp)) {
+                    (Ok(udp), Ok(tcp)) => (udp, tcp),
+                    (Err(e), _) | (_, Err(e)) => {
+                        log::error!("DNS responder on {addr}: {e}; it does not answer");
+                        return;
+                    }
+                };
+                let responder = Arc::new(Responder {
+                    names,
+                    upstream: builder.build(),
+                    counts,
+                    in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+                });
+                log::info!("DNS responder on {addr} (UDP and TCP)");
+                tokio::spawn(serve_tcp(tcp, responder.clone()));
+                serve_udp(Arc::new(udp), responder).await;
+            })
+        })
+        .context("--dns-listen: starting the responder's thread")?;
     Ok(())
 }
 
@@ -174,14 +204,23 @@ async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>) {
         let Ok((len, from)) = socket.recv_from(&mut buf).await else {
             continue;
         };
+        // lb's own names (and malformed queries) are answered here, without a task: they
+        // need no waiting, and they are most of what a node's pods ask.
+        let query = match responder.answer_locally(&buf[..len]) {
+            Local::Answer(answer) => {
+                let _ = socket.send_to(&answer, from).await;
+                continue;
+            }
+            Local::Unanswerable => continue,
+            Local::Forward(query) => query,
+        };
         let Ok(permit) = responder.in_flight.clone().try_acquire_owned() else {
             responder.counts.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let query = buf[..len].to_vec();
         let (socket, responder) = (socket.clone(), responder.clone());
         tokio::spawn(async move {
-            if let Some(answer) = responder.answer(&query).await {
+            if let Some(answer) = responder.forward(&query).await {
                 let _ = socket.send_to(&answer, from).await;
             }
             drop(permit);
@@ -208,11 +247,18 @@ async fn serve_tcp(listener: TcpListener, responder: Arc<Responder>) {
                 let Ok(Ok(query)) = tokio::time::timeout(TCP_READ_TIMEOUT, read).await else {
                     return;
                 };
-                let Ok(_permit) = responder.in_flight.acquire().await else {
-                    return;
-                };
-                let Some(answer) = responder.answer(&query).await else {
-                    return;
+                let answer = match responder.answer_locally(&query) {
+                    Local::Answer(answer) => answer,
+                    Local::Unanswerable => return,
+                    Local::Forward(query) => {
+                        let Ok(_permit) = responder.in_flight.acquire().await else {
+                            return;
+                        };
+                        let Some(answer) = responder.forward(&query).await else {
+                            return;
+                        };
+                        answer
+                    }
                 };
                 let Ok(len) = u16::try_from(answer.len()) else {
                     return;
@@ -226,31 +272,34 @@ async fn serve_tcp(listener: TcpListener, responder: Arc<Responder>) {
     }
 }
 
+/// What can be done with a query without waiting.
+enum Local {
+    /// Its answer, encoded: lb's own name, or FORMERR.
+    Answer(Vec<u8>),
+    /// Nothing: not even the header could be read.
+    Unanswerable,
+    /// A name lb does not own: for the upstream resolvers.
+    Forward(Message),
+}
+
 impl Responder {
-    /// The answer to one query message, encoded; `None` when nothing can be answered
-    /// (not even the header could be read).
-    async fn answer(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+    /// Answers a query for one of lb's own names, or a malformed one; else hands it on.
+    fn answer_locally(&self, bytes: &[u8]) -> Local {
         let query = match Message::from_vec(bytes) {
             Ok(q) if q.message_type() == MessageType::Query && q.queries().len() == 1 => q,
             _ => {
                 self.counts.malformed.fetch_add(1, Ordering::Relaxed);
-                let id = u16::from_be_bytes([*bytes.first()?, *bytes.get(1)?]);
+                let (Some(&high), Some(&low)) = (bytes.first(), bytes.get(1)) else {
+                    return Local::Unanswerable;
+                };
                 let mut formerr = Message::new();
                 formerr
-                    .set_id(id)
+                    .set_id(u16::from_be_bytes([high, low]))
                     .set_message_type(MessageType::Response)
                     .set_response_code(ResponseCode::FormErr);
-                return formerr.to_vec().ok();
+                return formerr.to_vec().map_or(Local::Unanswerable, Local::Answer);
             }
         };
-        let mut response = Message::new();
-        response
-            .set_id(query.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(query.op_code())
-            .set_recursion_desired(query.recursion_desired())
-            .set_recursion_available(true);
-        response.add_queries(query.queries().to_vec());
         let q = &query.queries()[0];
         let name = q
             .name()
@@ -258,18 +307,26 @@ impl Responder {
             .trim_end_matches('.')
             .to_ascii_lowercase();
         let own = self.names.read().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(vips) = own.lookup(&name) {
-            self.counts.own.fetch_add(1, Ordering::Relaxed);
-            response.set_authoritative(true);
-            if q.query_type() == RecordType::A {
-                for vip in vips {
-                    let owner: Name = q.name().clone();
-                    response.add_answer(Record::from_rdata(owner, OWN_TTL, RData::A(A(*vip))));
-                }
+        let Some(vips) = own.lookup(&name) else {
+            return Local::Forward(query);
+        };
+        self.counts.own.fetch_add(1, Ordering::Relaxed);
+        let mut response = response_to(&query);
+        response.set_authoritative(true);
+        if q.query_type() == RecordType::A {
+            for vip in vips {
+                let owner: Name = q.name().clone();
+                response.add_answer(Record::from_rdata(owner, OWN_TTL, RData::A(A(*vip))));
             }
-            return response.to_vec().ok();
         }
+        response.to_vec().map_or(Local::Unanswerable, Local::Answer)
+    }
+
+    /// The upstream's answer to `query` (its cached one while its TTL lasts), encoded.
+    async fn forward(&self, query: &Message) -> Option<Vec<u8>> {
         self.counts.forwarded.fetch_add(1, Ordering::Relaxed);
+        let q = &query.queries()[0];
+        let mut response = response_to(query);
         match self.upstream.lookup(q.name().clone(), q.query_type()).await {
             Ok(found) => {
                 response.add_answers(found.records().iter().cloned());
@@ -284,6 +341,19 @@ impl Responder {
         }
         response.to_vec().ok()
     }
+}
+
+/// A response to `query`: its ID, opcode, question and recursion flags.
+fn response_to(query: &Message) -> Message {
+    let mut response = Message::new();
+    response
+        .set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true);
+    response.add_queries(query.queries().to_vec());
+    response
 }
 
 #[cfg(test)]

@@ -19,8 +19,7 @@
 use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -35,11 +34,12 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use lb_common::maps::{Backend, BackendState};
 use lb_tests::{agent_process::TempDir, apiserver::TestApiServer, Netns};
 
-use crate::control_plane::{status_of, Status};
+use crate::{
+    agent::{AgentGuard, ADMIN},
+    control_plane::Status,
+};
 use serde_json::{json, Value};
 
-/// The agent's admin endpoint, on the node namespace's loopback.
-const ADMIN: &str = "127.0.0.1:15000";
 /// The namespace every Service and slice is created in.
 const NAMESPACE: &str = "scale";
 /// The agent's Node.
@@ -236,33 +236,6 @@ async fn load(client: &kube::Client, services: usize, endpoints: usize) -> Resul
     Ok(())
 }
 
-/// The memory figures of `/proc/PID/status`, in kB.
-fn status(pid: u32) -> Result<Status> {
-    status_of(&format!("/proc/{pid}/status"))
-}
-
-/// The CPU time process `pid` has used (user + system, `/proc/PID/stat`).
-fn cpu_time(pid: u32) -> Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // After the command name in parentheses: state is field 3, utime 14, stime 15.
-    let rest = text
-        .rsplit_once(')')
-        .with_context(|| format!("bad {path}"))?
-        .1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i - 3)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("no field {i} in {path}"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let t = ticks(14)? + ticks(15)?;
-    Ok(Duration::from_nanos(t * 1_000_000_000 / hz))
-}
-
 /// The maps pinned in `pin_dir`, largest first: (name, bytes, estimated), as `lb maps`
 /// reads them (the kernel's memlock figure, else an estimate from the sizes).
 fn pinned_maps(pin_dir: &Path) -> Result<Vec<(String, u64, bool)>> {
@@ -285,114 +258,6 @@ fn pinned_maps(pin_dir: &Path) -> Result<Vec<(String, u64, bool)>> {
     }
     out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(out)
-}
-
-/// `lb agent --kubernetes` in the node namespace; stopped (SIGTERM, then SIGKILL) and its
-/// pins removed with `lb agent --cleanup` when dropped.
-struct AgentGuard {
-    lb: PathBuf,
-    child: Child,
-    pin_dir: PathBuf,
-    token_file: PathBuf,
-    log: PathBuf,
-    _state: TempDir,
-}
-
-impl AgentGuard {
-    fn start(node: &Netns, iface: &str, kubeconfig: &Path) -> Result<Self> {
-        let lb = lb_tests::agent_process::lb_binary()
-            .context("the kubernetes section runs the agent (or pass --no-kubernetes)")?;
-        let state = TempDir::new("lbk8sb")?;
-        let config = state.0.join("config");
-        std::fs::create_dir_all(&config)?;
-        std::fs::write(
-            config.join("node.yaml"),
-            format!(
-                "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  dataplane:\n    \
-                 max_services: {MAX_SERVICES}\n    max_backends: {MAX_BACKENDS}\n    \
-                 table_slots: {TABLE_SLOTS}\n    max_connections: {MAX_CONNECTIONS}\n"
-            ),
-        )?;
-        let pin_dir = PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbk8sb"));
-        let token_file = state.0.join("admin.token");
-        let log = state.0.join("agent.log");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", node.name()))
-            .arg("--")
-            .arg(&lb)
-            .args(["agent", "--kubernetes", "--kubeconfig"])
-            .arg(kubeconfig)
-            .args(["--node-name", NODE_NAME, "--config"])
-            .arg(&config)
-            .args(["--interface", &format!("{iface}:tc"), "--admin", ADMIN])
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--admin-token-file")
-            .arg(&token_file)
-            // Its log (with timestamps) says where the start's time goes; kube-rs warns
-            // of the test server's self-signed certificate at every connection.
-            .env("RUST_LOG", "info,kube_client::client::tls=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("starting {} agent", lb.display()))?;
-        Ok(Self {
-            lb,
-            child,
-            pin_dir,
-            token_file,
-            log,
-            _state: state,
-        })
-    }
-
-    /// nsenter execs lb: this is lb's pid.
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn check_running(&mut self) -> Result<()> {
-        if let Some(exit) = self.child.try_wait()? {
-            bail!("the agent exited ({exit}); its log:\n{}", self.log_tail(40));
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-}
-
-impl Drop for AgentGuard {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        let cleaned = Command::new(&self.lb)
-            .args(["agent", "--cleanup", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--admin-token-file")
-            .arg(&self.token_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !cleaned {
-            let _ = lb::dataplane::pin::cleanup(&self.pin_dir);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
 }
 
 /// A histogram's `_count` and `_sum` from the agent's `/metrics` text.
@@ -481,25 +346,37 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
         load_took.as_secs_f64()
     );
 
-    let admin: SocketAddr = ADMIN.parse()?;
-    let t = Instant::now();
-    let mut agent = AgentGuard::start(node, iface, kubeconfig)?;
-    let ready = loop {
-        if lb_tests::http_get(admin, "/ready", Duration::from_millis(500)).is_ok() {
-            break t.elapsed();
-        }
-        agent.check_running()?;
-        if t.elapsed() > READY_TIMEOUT {
-            bail!(
-                "the agent was not ready after {} s; its log:\n{}",
-                READY_TIMEOUT.as_secs(),
-                agent.log_tail(40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let at_ready = status(agent.pid())?;
-    let cpu_to_ready = cpu_time(agent.pid())?;
+    let state = TempDir::new("lbk8sb")?;
+    let config = state.0.join("config");
+    std::fs::create_dir_all(&config)?;
+    std::fs::write(
+        config.join("node.yaml"),
+        format!(
+            "apiVersion: lb/v1alpha1\nkind: Node\nspec:\n  dataplane:\n    \
+             max_services: {MAX_SERVICES}\n    max_backends: {MAX_BACKENDS}\n    \
+             table_slots: {TABLE_SLOTS}\n    max_connections: {MAX_CONNECTIONS}\n"
+        ),
+    )?;
+    let extra: Vec<std::ffi::OsString> = vec![
+        "--kubernetes".into(),
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "--node-name".into(),
+        NODE_NAME.into(),
+    ];
+    let mut agent = AgentGuard::start(
+        node,
+        state,
+        &config,
+        iface,
+        &extra,
+        // Its log (with timestamps) says where the start's time goes; kube-rs warns of
+        // the test server's self-signed certificate at every connection.
+        "info,kube_client::client::tls=error",
+    )?;
+    let ready = agent.wait_ready(READY_TIMEOUT)?;
+    let at_ready = agent.status()?;
+    let cpu_to_ready = agent.cpu_time()?;
     println!(
         "kubernetes: agent ready {:.2} s after its start; VmRSS {:.1} MiB; its log to ready:",
         ready.as_secs_f64(),
@@ -546,7 +423,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), NAMESPACE);
     let mut changes = Vec::with_capacity(o.changes);
     let mut writes = Vec::with_capacity(o.changes);
-    let cpu_before = cpu_time(agent.pid())?;
+    let cpu_before = agent.cpu_time()?;
     for k in 0..o.changes {
         let i = targets[k / 2];
         let id = *ids
@@ -602,8 +479,8 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
             );
         }
     }
-    let cpu_per_change = cpu_time(agent.pid())?.saturating_sub(cpu_before) / o.changes as u32;
-    let after_changes = status(agent.pid())?;
+    let cpu_per_change = agent.cpu_time()?.saturating_sub(cpu_before) / o.changes as u32;
+    let after_changes = agent.status()?;
     changes.sort_unstable();
     writes.sort_unstable();
     println!(
@@ -615,6 +492,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
     );
     // /metrics carries every service's and backend's series: long at this size.
     let t = Instant::now();
+    let admin: SocketAddr = ADMIN.parse()?;
     let metrics = lb_tests::http_get(admin, "/metrics", METRICS_TIMEOUT);
     let programming = metrics
         .as_ref()
@@ -628,7 +506,7 @@ fn measure(node: &Netns, iface: &str, kubeconfig: &Path, o: &Options) -> Result<
     let metrics_took = t.elapsed();
     let metrics_len = metrics.as_ref().map_or(0, String::len);
     agent.check_running()?;
-    let at_end = status(agent.pid())?;
+    let at_end = agent.status()?;
     Ok(Figures {
         services: o.services,
         endpoints: o.endpoints,

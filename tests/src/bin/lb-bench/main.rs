@@ -13,7 +13,9 @@
 //!    recorded call by call as a timeline;
 //! 5. kubernetes (`kubernetes`): the `lb agent --kubernetes` binary against the test API
 //!    server loaded with 10,000 Services of 10 endpoints: start to ready, memory, one
-//!    endpoint change to the table being live.
+//!    endpoint change to the table being live;
+//! 6. dns (`dns`): the agent's DNS responder beside dnsmasq (hosts lb owns, names it
+//!    forwards), and the agent resolving endpoint names whose answers change every second.
 //!
 //! Every section prints markdown tables; the plots are SVG files (`plots`) in `--out`.
 //! `--write-docs` puts the tables into `docs/benchmarks.md` between the section's markers
@@ -34,7 +36,9 @@ macro_rules! emit {
     }};
 }
 
+mod agent;
 mod control_plane;
+mod dns;
 mod end_to_end;
 mod failover;
 mod kubernetes;
@@ -123,6 +127,24 @@ struct Args {
     /// Kubernetes: endpoint changes timed to the table being live (one at a time).
     #[arg(long, default_value_t = 200)]
     kubernetes_changes: usize,
+    /// Skip the DNS measurements (the responder beside dnsmasq, resolution churn).
+    #[arg(long)]
+    no_dns: bool,
+    /// DNS: hosts owned by the servers, names forwarded, names resolved under churn.
+    #[arg(long, default_value_t = 1000)]
+    dns_hosts: usize,
+    /// DNS: interleaved rounds of the responder comparison.
+    #[arg(long, default_value_t = 5)]
+    dns_rounds: usize,
+    /// DNS: seconds of each measured responder run.
+    #[arg(long, default_value_t = 3.0)]
+    dns_secs: f64,
+    /// DNS: queries in flight.
+    #[arg(long, default_value_t = 32)]
+    dns_concurrency: usize,
+    /// DNS: seconds of each resolution-churn phase (steady, churn).
+    #[arg(long, default_value_t = 15.0)]
+    dns_churn_secs: f64,
 }
 
 impl Args {
@@ -136,6 +158,10 @@ impl Args {
         self.failover_trials = 50;
         self.kubernetes_services = 200;
         self.kubernetes_changes = 20;
+        self.dns_hosts = 100;
+        self.dns_rounds = 1;
+        self.dns_secs = 0.5;
+        self.dns_churn_secs = 2.0;
         self
     }
 }
@@ -160,7 +186,8 @@ fn main() -> Result<()> {
                 || args.no_end_to_end
                 || args.no_control_plane
                 || args.no_failover
-                || args.no_kubernetes),
+                || args.no_kubernetes
+                || args.no_dns),
             "--write-docs rewrites every section of docs/benchmarks.md: run every section"
         );
     }
@@ -239,6 +266,17 @@ fn main() -> Result<()> {
             required: args.write_docs || only,
         })?;
         sections.push(("kubernetes", md));
+    }
+    if !args.no_dns {
+        println!();
+        let md = dns::run(&dns::Options {
+            rounds: args.dns_rounds,
+            secs: args.dns_secs,
+            concurrency: args.dns_concurrency,
+            hosts: args.dns_hosts,
+            churn_secs: args.dns_churn_secs,
+        })?;
+        sections.push(("dns", md));
     }
     println!();
     println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());

@@ -425,6 +425,7 @@ mod tests {
             "failover",
             "failover-timeline",
             "kubernetes",
+            "dns",
         ]
         .iter()
         .map(|name| (*name, format!("{name} figures")))

@@ -100,6 +100,13 @@ counters! {
     /// expired, or its backend no longer active or of the service): selected normally,
     /// and the choice remembered.
     EventAffinityMiss = 32, "event_affinity_miss";
+    /// A packet to a TLS-originating frontend (`SERVICE_TLS`): passed to the stack, which
+    /// delivers it to the agent's TLS forwarder (its VIP is local; `lb_sk_lookup`).
+    PassTlsOrigination = 33, "pass_tls_origination";
+    /// A SYN to a TLS-originating frontend while no TLS forwarder listens (no agent
+    /// running): dropped, so the client retransmits it to the next agent instead of being
+    /// refused.
+    DropTlsNoForwarder = 34, "drop_tls_no_forwarder";
 }
 
 /// Number of slots of the `COUNTERS` map (room to grow: a new size replaces the pinned

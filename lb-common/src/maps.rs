@@ -62,6 +62,10 @@ pub const COUNTERS: &str = "lb_cnt_v1";
 pub const SERVICE_STATS: &str = "lb_svc_st_v1";
 /// Per-CPU `TrafficStats` indexed by backend id.
 pub const BACKEND_STATS: &str = "lb_be_st_v1";
+/// SOCKMAP with one slot: the TLS forwarder's listening socket, which the `sk_lookup`
+/// program gives the connections of `SERVICE_TLS` frontends. Not pinned: a socket lives
+/// as long as its agent, and the next agent puts its own there.
+pub const TLS_LISTENER: &str = "lb_tls_lsn_v1";
 /// Name of the read-only global holding `DataplaneConfig`.
 pub const CONFIG_GLOBAL: &str = "LB_CONFIG";
 /// Service id of each backend id (`u32` index → `u32`), written by the agent and never
@@ -167,6 +171,10 @@ pub const SERVICE_HTTP: u16 = 1;
 /// The service has session affinity: new connections look up `AFFINITY`, with the timeout
 /// in `AFFINITY_TIMEOUTS`. Services without it pay only this flag's test.
 pub const SERVICE_AFFINITY: u16 = 2;
+/// The service originates TLS to its backends (a DestinationRule's `tls.mode`): its VIP is
+/// a local address, TC and XDP pass its packets to the stack untouched, and the
+/// `sk_lookup` program hands its connections to the agent's TLS forwarder.
+pub const SERVICE_TLS: u16 = 4;
 
 /// Key of the session-affinity map.
 #[repr(C)]

@@ -20,7 +20,7 @@ use lb_common::{
     flow::{addr_filter_slot, flow_hash, selection_slot},
     maps::{
         AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, MAX_RESELECT,
-        SERVICE_AFFINITY, SERVICE_HTTP,
+        SERVICE_AFFINITY, SERVICE_HTTP, SERVICE_TLS,
     },
     proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
     ServiceKey, SignalKind,
@@ -109,6 +109,17 @@ fn handle<P: Packet>(pkt: &mut P, p: &Parsed) -> (Outcome, Counter) {
         family: p.flow.family,
     };
     match SERVICES.get_ptr(&key) {
+        // SAFETY: pointer to a live map value returned by the kernel.
+        Some(svc) if unsafe { (*svc).flags } & SERVICE_TLS != 0 => {
+            // Terminated on this host by the TLS forwarder: no rewrite, no tracking. A
+            // new connection while no forwarder listens (the agent restarting) is held
+            // back: the client's retransmitted SYN finds the next agent.
+            let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if syn && !crate::tls_steer::listening() {
+                return (Outcome::Drop, Counter::DropTlsNoForwarder);
+            }
+            (Outcome::Pass, Counter::PassTlsOrigination)
+        }
         // SAFETY: pointer to a live map value returned by the kernel.
         Some(svc) => new_connection(pkt, p, unsafe { &*svc }, now),
         None => (Outcome::Pass, Counter::PassNotService),

@@ -3,7 +3,9 @@
 //! Three thin entry points share one core (`datapath::process`):
 //! - `lb_xdp`: XDP on ingress, for NICs with XDP;
 //! - `lb_tc_ingress`: TC (clsact) ingress, for everything else;
-//! - `lb_tc_egress`: TC egress, for connections the node itself opens to a VIP.
+//! - `lb_tc_egress`: TC egress, for connections the node itself opens to a VIP;
+//! - `lb_sk_lookup` (`tls_steer`): the connections of TLS-originating frontends, to the
+//!   agent's TLS forwarder.
 //!
 //! The core parses, looks up the connection table, picks a backend for new connections
 //! and rewrites addresses. The entries only translate its outcome into their verdicts.
@@ -21,6 +23,7 @@ mod migration;
 mod packet;
 mod parse;
 mod stats;
+mod tls_steer;
 
 use aya_ebpf::{
     bindings::xdp_action,

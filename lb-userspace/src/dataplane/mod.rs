@@ -8,6 +8,7 @@ mod mmap;
 pub mod pin;
 pub mod selection;
 pub mod sync;
+mod tls_steer;
 
 pub use links::AttachedInterface;
 
@@ -202,6 +203,9 @@ pub struct Dataplane {
     attached: std::collections::BTreeMap<String, AttachedInterface>,
     /// Without a pin directory: the links, by interface (dropping one detaches it).
     owned_links: Vec<(String, links::OwnedLink)>,
+    /// `lb_sk_lookup` attached to the agent's network namespace, once a TLS forwarder
+    /// listens (`tls_steer`).
+    tls_steering: Option<aya::programs::sk_lookup::SkLookupLink>,
 }
 
 /// The maps indexed by service or backend id: adopted together or not at all.
@@ -420,13 +424,19 @@ fn load_programs(loader: &mut EbpfLoader<'_>) -> Result<Ebpf> {
     let mut ebpf = loader
         .load(EBPF_OBJECT)
         .context("loading lb's eBPF object (needs root or CAP_BPF + CAP_NET_ADMIN)")?;
-    for name in [XDP_PROGRAM, TC_INGRESS_PROGRAM, TC_EGRESS_PROGRAM] {
+    for name in [
+        XDP_PROGRAM,
+        TC_INGRESS_PROGRAM,
+        TC_EGRESS_PROGRAM,
+        tls_steer::SK_LOOKUP_PROGRAM,
+    ] {
         let prog = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} is missing from the eBPF object"))?;
         let loaded = match prog {
             aya::programs::Program::Xdp(p) => p.load(),
             aya::programs::Program::SchedClassifier(p) => p.load(),
+            aya::programs::Program::SkLookup(p) => p.load(),
             _ => bail!("program {name} has an unexpected type"),
         };
         loaded.with_context(|| format!("the kernel rejected program {name}"))?;
@@ -630,6 +640,7 @@ impl Dataplane {
             links: Vec::new(),
             attached: Default::default(),
             owned_links: Vec::new(),
+            tls_steering: None,
         };
         if dp.adopted.contains(&names::SERVICES) {
             dp.adopt_services()?;

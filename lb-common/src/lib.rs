@@ -11,6 +11,7 @@ pub mod counters;
 pub mod csum;
 pub mod flow;
 pub mod maps;
+pub mod selection;
 
 pub use config::DataplaneConfig;
 pub use counters::{Counter, TrafficStats};

@@ -440,21 +440,14 @@ pub fn select(svc: &Service, hash: u32) -> Result<(u32, lb_common::Backend, bool
     if svc.table_len == 0 {
         return Err(Counter::DropNoBackend);
     }
-    for attempt in 0..MAX_RESELECT {
-        let slot = svc.table_offset + selection_slot(hash, attempt, svc.table_len);
-        let Some(id) = selection_slot_id(slot) else {
-            break;
-        };
-        if id == 0 {
-            continue;
-        }
-        if let Some(backend) = BACKENDS.get(id) {
-            if backend.state == BackendState::Active as u8 {
-                return Ok((id, *backend, attempt > 0));
-            }
-        }
-    }
-    Err(Counter::DropNoActiveBackend)
+    lb_common::selection::select(
+        svc.table_offset,
+        svc.table_len,
+        hash,
+        selection_slot_id,
+        |id| BACKENDS.get(id),
+    )
+    .ok_or(Counter::DropNoActiveBackend)
 }
 
 #[inline(always)]

@@ -199,33 +199,15 @@ pub fn resteer(orig_key: &FlowKey, orig: &mut ConnEntry, now: u64) -> Option<Res
     if len == 0 {
         return None;
     }
-    // The walk starts after the last pick and wraps: the list may have been republished
-    // shorter since (ejections), and a position past its end must not hide a backend
-    // that is still eligible.
-    let start = (orig.fallback_cursor as u32).min(len) % len;
-    let mut pick = None;
-    for i in 0..FALLBACK_LEN {
-        if i >= len {
-            break;
-        }
-        let mut pos = start + i;
-        if pos >= len {
-            pos -= len;
-        }
-        let Some(id) = selection_slot_id(list + pos) else {
-            break;
-        };
-        if id == 0 || id == orig.backend_id || id == orig.first_backend_id {
-            continue;
-        }
-        if let Some(b) = BACKENDS.get(id) {
-            if b.state == BackendState::Active as u8 {
-                pick = Some((id, *b, pos));
-                break;
-            }
-        }
-    }
-    let (id, backend, pos) = pick?;
+    let (id, pos) = lb_common::selection::next_in_failover_list(
+        list,
+        len,
+        orig.fallback_cursor as u32,
+        [orig.backend_id, orig.first_backend_id],
+        selection_slot_id,
+        |id| BACKENDS.get(id),
+    )?;
+    let backend = *BACKENDS.get(id)?;
 
     // The new backend's side first: if it cannot be tracked, nothing changes.
     let reply = ConnEntry {

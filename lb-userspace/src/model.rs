@@ -173,6 +173,27 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     /// Active health checks of the endpoints (lb's `HealthCheck` document).
     pub health_check: Option<HealthCheck>,
+    /// TLS the node originates to the endpoints (`trafficPolicy.tls`, mode `SIMPLE` or
+    /// `MUTUAL`): the frontend is served by the TLS forwarder instead of the kernel path.
+    pub tls: Option<TlsOrigination>,
+}
+
+/// A DestinationRule's `trafficPolicy.tls` (ClientTLSSettings) that lb acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsOrigination {
+    /// `MUTUAL`: the client certificate and its key (PEM files) presented to endpoints.
+    pub client_certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// The name sent as SNI and checked on the endpoint's certificate (unless
+    /// `subject_alt_names` are given); without it, each endpoint's DNS name, else its
+    /// address.
+    pub sni: Option<String>,
+    /// PEM file of the CAs that endpoint certificates must chain to; without it, the
+    /// system's roots.
+    pub ca_certificates: Option<std::path::PathBuf>,
+    /// One of these names must be on the endpoint's certificate (instead of the SNI).
+    pub subject_alt_names: Vec<String>,
+    /// No verification of the endpoint's certificate at all.
+    pub insecure_skip_verify: bool,
 }
 
 /// How an endpoint is checked.

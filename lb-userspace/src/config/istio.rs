@@ -29,7 +29,7 @@ use crate::{
     dataplane::{Frontend, Protocol},
     model::{
         Distribute, Endpoint, Failover, Locality, LocalityLbSetting, NamedEndpoint,
-        OutlierDetection, Service, Source, TrafficPolicy,
+        OutlierDetection, Service, Source, TlsOrigination, TrafficPolicy,
     },
 };
 
@@ -738,10 +738,7 @@ fn read_traffic_policy(doc: &mut Doc, path: &str, value: &Value) -> TrafficPolic
                 policy.outlier_detection = read_outlier_detection(doc, &at, value)
             }
             "connectionPool" => doc.ignored(&at, "lb does not limit connections or requests yet"),
-            "tls" => doc.ignored(
-                &at,
-                "lb forwards connections as they are and does not originate TLS",
-            ),
+            "tls" => policy.tls = read_tls(doc, &at, value),
             "portLevelSettings" => doc.ignored(
                 &at,
                 "not supported yet: the rule's top-level trafficPolicy applies to every port",
@@ -766,6 +763,70 @@ fn read_traffic_policy(doc: &mut Doc, path: &str, value: &Value) -> TrafficPolic
         }
     }
     policy
+}
+
+/// `trafficPolicy.tls` (Istio's ClientTLSSettings): `SIMPLE` and `MUTUAL` with files;
+/// `DISABLE` is no TLS; `ISTIO_MUTUAL` and `credentialName` need a mesh lb is not part of.
+fn read_tls(doc: &mut Doc, path: &str, value: &Value) -> Option<TlsOrigination> {
+    let map = doc.object(path, value)?;
+    let errors_before = doc.error_count();
+    let mut mode = None;
+    let mut tls = TlsOrigination::default();
+    let (mut certificate, mut key) = (None, None);
+    for (key_name, value) in map {
+        let at = field(path, key_name);
+        match key_name.as_str() {
+            "mode" => mode = doc.string(&at, value),
+            "sni" => tls.sni = doc.string(&at, value).filter(|s| !s.is_empty()),
+            "caCertificates" => tls.ca_certificates = doc.string(&at, value).map(Into::into),
+            "clientCertificate" => certificate = doc.string(&at, value),
+            "privateKey" => key = doc.string(&at, value),
+            "subjectAltNames" => tls.subject_alt_names = doc.string_list(&at, value)?,
+            "insecureSkipVerify" => {
+                tls.insecure_skip_verify = doc.bool(&at, value).unwrap_or(false);
+                if tls.insecure_skip_verify {
+                    doc.warn(
+                        &at,
+                        "endpoint certificates are not verified at all: anyone on the path \
+                         can read and change this traffic",
+                    );
+                }
+            }
+            "credentialName" => doc.error(
+                &at,
+                "lb reads certificates from files (clientCertificate, privateKey, \
+                 caCertificates), not from Kubernetes secrets",
+            ),
+            "caCrl" => doc.ignored(&at, "certificate revocation lists are not checked"),
+            _ => doc.unknown_field(&at),
+        }
+    }
+    let mode_path = field(path, "mode");
+    match mode.as_deref() {
+        None | Some("DISABLE") => return None,
+        Some("SIMPLE") => {}
+        Some("MUTUAL") => match (certificate, key) {
+            (Some(c), Some(k)) => tls.client_certificate = Some((c.into(), k.into())),
+            _ => doc.error(
+                &mode_path,
+                format!(
+                    "MUTUAL needs {} and {} (PEM files)",
+                    field(path, "clientCertificate"),
+                    field(path, "privateKey")
+                ),
+            ),
+        },
+        Some("ISTIO_MUTUAL") => doc.error(
+            &mode_path,
+            "ISTIO_MUTUAL needs the mesh's workload certificates, which lb does not have: \
+             use SIMPLE, or MUTUAL with certificate files",
+        ),
+        Some(other) => doc.error(
+            &mode_path,
+            format!("{other:?} is not one of DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL"),
+        ),
+    }
+    (doc.error_count() == errors_before).then_some(tls)
 }
 
 fn read_load_balancer(doc: &mut Doc, path: &str, value: &Value) -> Option<LocalityLbSetting> {

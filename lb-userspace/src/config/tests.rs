@@ -246,6 +246,7 @@ fn seed_task_resources_become_the_expected_model() {
                 ..OutlierDetection::default()
             }),
             health_check: None,
+            tls: None,
         }
     );
     assert_eq!(
@@ -356,12 +357,89 @@ fn blog_external_service_with_failover() {
     let lb = s.policy.locality_lb.as_ref().expect("locality lb");
     assert_eq!(lb.failover[0].from, "us-east1");
     assert_eq!(lb.failover[0].to, "us-west");
-    let warnings = &loaded.warnings;
-    assert_has(
-        warnings,
-        "lb.yaml document 2 (DestinationRule default/mydynamodb): spec.trafficPolicy.tls: \
-         ignored, lb forwards connections as they are and does not originate TLS",
+    // `tls.mode: SIMPLE`: TLS originated, verified against the system's roots and each
+    // endpoint's name.
+    assert_eq!(s.policy.tls, Some(Default::default()));
+}
+
+/// `trafficPolicy.tls` as Istio's ClientTLSSettings: SIMPLE and MUTUAL with files and
+/// their checks; DISABLE is no TLS; what lb cannot do is an error naming the field.
+#[test]
+fn tls_origination_settings() {
+    let rule = |tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: db }}
+spec:
+  hosts: [db.example]
+  addresses: [240.0.0.9]
+  ports: [{{ number: 80, name: http, protocol: HTTP, targetPort: 443 }}]
+  resolution: STATIC
+  endpoints: [{{ address: 10.1.0.1 }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: db }}
+spec:
+  host: db.example
+  trafficPolicy:
+    tls: {tls}
+"
+        )
+    };
+    let tls_of = |tls: &str| load_text(&rule(tls)).config.services[0].policy.tls.clone();
+    let full = tls_of(
+        "{ mode: MUTUAL, clientCertificate: /etc/lb/c.pem, privateKey: /etc/lb/k.pem, \
+         caCertificates: /etc/lb/ca.pem, sni: db.internal, subjectAltNames: [a.internal] }",
+    )
+    .unwrap();
+    assert_eq!(
+        full.client_certificate,
+        Some(("/etc/lb/c.pem".into(), "/etc/lb/k.pem".into()))
     );
+    assert_eq!(full.ca_certificates, Some("/etc/lb/ca.pem".into()));
+    assert_eq!(full.sni.as_deref(), Some("db.internal"));
+    assert_eq!(full.subject_alt_names, ["a.internal"]);
+    assert_eq!(tls_of("{ mode: DISABLE }"), None);
+    let skip = load_text(&rule("{ mode: SIMPLE, insecureSkipVerify: true }"));
+    assert!(skip.config.services[0]
+        .policy
+        .tls
+        .as_ref()
+        .unwrap()
+        .insecure_skip_verify);
+    assert_has(
+        &skip.warnings,
+        "lb.yaml document 2 (DestinationRule default/db): spec.trafficPolicy.tls.insecureSkipVerify: \
+         endpoint certificates are not verified at all: anyone on the path can read and change \
+         this traffic",
+    );
+    for (tls, error) in [
+        (
+            "{ mode: ISTIO_MUTUAL }",
+            "spec.trafficPolicy.tls.mode: ISTIO_MUTUAL needs the mesh's workload certificates, \
+             which lb does not have: use SIMPLE, or MUTUAL with certificate files",
+        ),
+        (
+            "{ mode: MUTUAL }",
+            "spec.trafficPolicy.tls.mode: MUTUAL needs spec.trafficPolicy.tls.clientCertificate \
+             and spec.trafficPolicy.tls.privateKey (PEM files)",
+        ),
+        (
+            "{ mode: SIMPLE, credentialName: db-secret }",
+            "spec.trafficPolicy.tls.credentialName: lb reads certificates from files \
+             (clientCertificate, privateKey, caCertificates), not from Kubernetes secrets",
+        ),
+        (
+            "{ mode: STRICT }",
+            "spec.trafficPolicy.tls.mode: \"STRICT\" is not one of DISABLE, SIMPLE, MUTUAL, \
+             ISTIO_MUTUAL",
+        ),
+    ] {
+        let wanted = format!("lb.yaml document 2 (DestinationRule default/db): {error}");
+        assert_has(&errors(&rule(tls)), &wanted);
+    }
 }
 
 /// The blog's ServiceEntry exactly as written: no addresses, endpoints by name.
@@ -565,7 +643,6 @@ spec:
   - name: v1
     labels: { version: v1 }
   trafficPolicy:
-    tls: { mode: ISTIO_MUTUAL }
     portLevelSettings:
     - port: { number: 5000 }
       connectionPool: { tcp: { maxConnections: 10 } }
@@ -577,7 +654,6 @@ spec:
     let at = "lb.yaml document 2 (DestinationRule sample/helloworld)";
     for wanted in [
         format!("{at}: spec.subsets: ignored, lb balances over every endpoint of the host (subsets are picked by VirtualService routes, which lb does not read)"),
-        format!("{at}: spec.trafficPolicy.tls: ignored, lb forwards connections as they are and does not originate TLS"),
         format!("{at}: spec.trafficPolicy.portLevelSettings: ignored, not supported yet: the rule's top-level trafficPolicy applies to every port"),
         format!("{at}: spec.trafficPolicy.connectionPool: ignored, lb does not limit connections or requests yet"),
         format!("{at}: spec.trafficPolicy.outlierDetection.consecutiveErrors: deprecated, and ignored as current Istio ignores it: use consecutiveGatewayErrors or consecutive5xxErrors (it is 3)"),
@@ -586,7 +662,7 @@ spec:
     ] {
         assert_has(&loaded.warnings, &wanted);
     }
-    assert_eq!(loaded.warnings.len(), 7, "{:#?}", loaded.warnings);
+    assert_eq!(loaded.warnings.len(), 6, "{:#?}", loaded.warnings);
 }
 
 #[test]

@@ -262,6 +262,7 @@ pub(crate) mod tests {
             locality_lb,
             outlier_detection: outlier_detection.then(OutlierDetection::default),
             health_check: None,
+            tls: None,
         }
     }
 

@@ -94,6 +94,7 @@ fn traffic_policy() -> impl Strategy<Value = TrafficPolicy> {
                 ..Default::default()
             }),
             health_check: None,
+            tls: None,
         },
     )
 }

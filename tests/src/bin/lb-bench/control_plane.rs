@@ -187,6 +187,7 @@ fn services_of(services: usize, endpoints: usize) -> Vec<lb::model::Service> {
             ..Default::default()
         }),
         health_check: None,
+        tls: None,
     };
     (0..services)
         .map(|i| Service {

@@ -694,6 +694,7 @@ fn desired_service(config: &Config, svc: &Service, st: &ServiceState) -> Desired
             .collect(),
         http: svc.http,
         session_affinity: svc.session_affinity,
+        tls: svc.policy.tls.is_some(),
     }
 }
 

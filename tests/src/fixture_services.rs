@@ -117,6 +117,7 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
                 .collect(),
             http: false,
             session_affinity: None,
+            tls: false,
         },
         DesiredService {
             name: "dns".into(),
@@ -124,6 +125,7 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
             backends: vec![backend(BACKENDS[0], 5353, BackendState::Active)],
             http: false,
             session_affinity: None,
+            tls: false,
         },
         DesiredService {
             name: "empty".into(),
@@ -131,6 +133,7 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
             backends: vec![],
             http: false,
             session_affinity: None,
+            tls: false,
         },
         // Last, so the ids of the others do not change (ids are allocated in this order).
         DesiredService {
@@ -139,6 +142,7 @@ pub fn desired(states: [BackendState; 3]) -> Vec<DesiredService> {
             backends: vec![backend(API_BACKEND.0, API_BACKEND.1, BackendState::Active)],
             http: true,
             session_affinity: None,
+            tls: false,
         },
     ]
 }

@@ -23,14 +23,42 @@ pub(super) enum OwnedLink {
     Xdp(#[expect(dead_code, reason = "held for its Drop, which detaches")] XdpLink),
 }
 
+/// The index of the interface named `iface` in this network namespace, 0 when none is.
+fn ifindex_of(iface: &str) -> u32 {
+    std::ffi::CString::new(iface)
+        // SAFETY: a valid NUL-terminated string.
+        .map(|c| unsafe { libc::if_nametoindex(c.as_ptr()) })
+        .unwrap_or(0)
+}
+
 /// The hooks a link pin may name.
 const HOOKS: [&str; 3] = ["xdp", "tc_ingress", "tc_egress"];
 
 impl Dataplane {
     /// Attaches to `iface` (index `ifindex`) in `mode`, as [`Dataplane::attach`], and
-    /// records it, so it can be forgotten or renamed later.
+    /// records it, so it can be forgotten or renamed later. When the attach fails and the
+    /// device is no longer `iface` at `ifindex` here (moved away, deleted or renamed
+    /// meanwhile), the links made for it before it left are detached and unpinned.
     pub fn attach_interface(&mut self, iface: &str, ifindex: u32, mode: AttachMode) -> Result<()> {
-        self.attach(iface, mode)?;
+        if let Err(e) = self.attach(iface, mode) {
+            // TC makes two links, each pinned as it is made. When a CNI moves a veth end
+            // into its pod between the two, the first stays attached (in the pod) and
+            // pinned while the second fails. The device is not recorded, so its
+            // RTM_DELLINK, handled next, finds nothing to forget: the pin would stay for
+            // good. (A device recorded, i.e. attached before it left, is forgotten then.)
+            if ifindex_of(iface) != ifindex {
+                let undone = match self.forget_interface(iface) {
+                    Ok(pins) if pins.is_empty() => String::new(),
+                    Ok(pins) => format!("; removed {}", pins.join(" ")),
+                    Err(e) => format!("; removing its links: {e:#}"),
+                };
+                return Err(e.context(format!(
+                    "{iface} is no longer ifindex {ifindex} in this network namespace \
+                     (moved away, deleted or renamed while being attached){undone}"
+                )));
+            }
+            return Err(e);
+        }
         self.attached
             .insert(iface.to_string(), AttachedInterface { ifindex, mode });
         Ok(())

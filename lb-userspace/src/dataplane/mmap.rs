@@ -13,9 +13,12 @@ pub struct MappedU32Array {
     bytes: usize,
 }
 
-// SAFETY: the mapping is plain shared memory owned by this value; access goes through
-// `&mut self` (writes) or `&self` (reads), so Rust's borrow rules serialise it.
+// SAFETY: the mapping is plain shared memory owned by this value. Only the data plane
+// that made it writes (publishing tables); readers on other threads (`get`, the TLS forwarder) may see a slot before
+// or after a write, as the kernel's programs do: each slot is an aligned u32, read and
+// written whole.
 unsafe impl Send for MappedU32Array {}
+unsafe impl Sync for MappedU32Array {}
 
 impl MappedU32Array {
     /// Maps the `len` `u32` entries of the array map behind `fd`.
@@ -47,8 +50,8 @@ impl MappedU32Array {
         })
     }
 
-    /// Writes `values` starting at `offset`.
-    pub fn write(&mut self, offset: usize, values: &[u32]) -> Result<()> {
+    /// Writes `values` starting at `offset` (the data plane's publisher only).
+    pub fn write(&self, offset: usize, values: &[u32]) -> Result<()> {
         if offset + values.len() > self.len {
             bail!(
                 "selection table write {offset}+{} beyond {}",
@@ -62,6 +65,12 @@ impl MappedU32Array {
         };
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The value at `index`, if in bounds.
+    pub fn get(&self, index: usize) -> Option<u32> {
+        // SAFETY: in bounds of a live mapping; volatile, since the agent rewrites it.
+        (index < self.len).then(|| unsafe { std::ptr::read_volatile(self.ptr.add(index)) })
     }
 
     /// Reads `len` values starting at `offset`.

@@ -7,6 +7,7 @@ pub mod memory;
 mod mmap;
 pub mod pin;
 pub mod selection;
+pub mod reader;
 pub mod sync;
 mod tls_steer;
 
@@ -168,7 +169,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     options: DataplaneOptions,
     services: HashMap<MapData, ServiceKey, Service>,
-    selection: mmap::MappedU32Array,
+    /// Shared with the TLS forwarder's reader (`reader`), which only reads it.
+    selection: std::sync::Arc<mmap::MappedU32Array>,
     backends: Array<MapData, Backend>,
     /// Service id of each backend id (for `lb` commands; the programs never read it).
     backend_services: Array<MapData, u32>,
@@ -616,7 +618,10 @@ impl Dataplane {
                     bail!("map {} has an unexpected type", names::SELECTION);
                 };
                 // The mapping keeps the map alive on its own; `map` can go.
-                mmap::MappedU32Array::new(data.fd().as_fd(), selection_elements as usize * 2)?
+                std::sync::Arc::new(mmap::MappedU32Array::new(
+                    data.fd().as_fd(),
+                    selection_elements as usize * 2,
+                )?)
             },
             backends: take(&mut ebpf, names::BACKENDS)?,
             backend_services: take(&mut ebpf, names::BACKEND_SERVICES)?,

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use lb_common::{
-    maps::{FALLBACK_LEN, MAX_AFFINITY_TIMEOUT_SECS, SERVICE_HTTP},
+    maps::{FALLBACK_LEN, MAX_AFFINITY_TIMEOUT_SECS, SERVICE_HTTP, SERVICE_TLS},
     BackendState,
 };
 
@@ -40,6 +40,9 @@ pub struct DesiredService {
     /// ClientIP session affinity: how long a client keeps its backend after its last
     /// connection (`None`: no affinity).
     pub session_affinity: Option<std::time::Duration>,
+    /// TLS is originated to the backends: the frontend's connections go to the agent's
+    /// TLS forwarder (`SERVICE_TLS`), which picks from the same table.
+    pub tls: bool,
 }
 
 /// The backends a refused or timed-out connection attempt may move to, best first:
@@ -66,8 +69,8 @@ pub type BackendKey = (Frontend, Ipv4Addr, u16);
 type IdOf = (BackendKey, u32);
 
 /// What a published table was built from: backends, size, failover list, HTTP flag,
-/// session-affinity timeout (seconds).
-type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool, u32);
+/// session-affinity timeout (seconds), TLS flag.
+type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool, u32, bool);
 
 /// The session-affinity timeout the data plane gets, in whole seconds (0: none): rounded
 /// up (a timeout is never cut short), at most a day, as Kubernetes allows.
@@ -180,10 +183,11 @@ impl Programmer {
             fallback,
             s.http,
             affinity_secs(s.session_affinity),
+            s.tls,
         );
         if self.written_tables.get(&id) != Some(&inputs) {
             let table = maglev_table(&inputs.0, size);
-            let flags = if s.http { SERVICE_HTTP } else { 0 };
+            let flags = if s.http { SERVICE_HTTP } else { 0 } | if s.tls { SERVICE_TLS } else { 0 };
             dp.publish_service(id, &s.frontend, &table, &inputs.2, flags, inputs.4)?;
             self.written_tables.insert(id, inputs);
         }
@@ -520,6 +524,7 @@ mod tests {
             ],
             http: false,
             session_affinity: None,
+            tls: false,
         };
         let list = failover_list(&s, |b| u32::from(b.addr.octets()[3]));
         assert_eq!(list, vec![4, 2, 1, 7]);
@@ -550,6 +555,7 @@ mod tests {
                 .collect(),
             http: false,
             session_affinity: None,
+            tls: false,
         };
         assert_eq!(
             failover_list(&s, |b| u32::from(b.addr.octets()[3])).len(),

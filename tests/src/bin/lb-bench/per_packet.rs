@@ -140,6 +140,7 @@ pub fn run(args: &Options) -> Result<String> {
                 backends: backends.clone(),
                 http: false,
                 session_affinity: None,
+                tls: false,
             },
             DesiredService {
                 name: "web-http".into(),
@@ -147,6 +148,7 @@ pub fn run(args: &Options) -> Result<String> {
                 backends: backends.clone(),
                 http: true,
                 session_affinity: None,
+                tls: false,
             },
         ],
     )?;
@@ -158,6 +160,7 @@ pub fn run(args: &Options) -> Result<String> {
             backends: backends.clone(),
             http: false,
             session_affinity: Some(std::time::Duration::from_secs(10800)),
+            tls: false,
         }],
     )?;
     // The 200s counted for each service's backends (summed over CPUs), to check that the

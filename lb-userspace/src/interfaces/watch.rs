@@ -4,7 +4,9 @@
 //! - An interface the `--interface` specs select appears (created, moved into this
 //!   network namespace, or renamed to a matching name): attached. An attach that fails
 //!   (the device vanished or moved on meanwhile, as a veth end does when a CNI moves it
-//!   into a pod) is logged and tried again at the interface's next event.
+//!   into a pod) is logged and tried again at the interface's next event. What it made
+//!   before the device left (TC's first link, pinned) is removed by the attach itself:
+//!   the device is never recorded, so its `RTM_DELLINK` would find nothing to forget.
 //! - An attached interface goes (deleted, or moved to another network namespace): its
 //!   links are detached and their pins removed. The kernel detaches the links of a
 //!   deleted device itself; one moved away would keep them.

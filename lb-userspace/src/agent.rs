@@ -9,6 +9,8 @@
 //! and the last good one keeps running.
 
 use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
     net::SocketAddrV4,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -125,6 +127,10 @@ pub struct Agent {
     pub dns: Option<crate::sources::dns::Dns>,
     /// Active health checks of the services that have a `HealthCheck`.
     pub health: Option<crate::health::HealthChecker>,
+    /// The TLS forwarder, when the agent runs one (`lb agent`).
+    pub tls: Option<Arc<crate::tls_origination::Forwarder>>,
+    /// The VIPs made local for TLS frontends.
+    tls_vips: BTreeSet<Ipv4Addr>,
     /// Which address each `DNS_ROUND_ROBIN` name uses: it moves on when the one in use
     /// is ejected.
     round_robin: crate::sources::dns::RoundRobin,
@@ -287,6 +293,8 @@ impl Agent {
             cluster: None,
             dns: None,
             health: None,
+            tls: None,
+            tls_vips: BTreeSet::new(),
             round_robin: Default::default(),
             responder_names: None,
             responder_counts: None,
@@ -378,6 +386,7 @@ impl Agent {
         self.services = states;
         self.reloads.loaded_at = SystemTime::now();
         self.sync_health_checks();
+        self.sync_tls_frontends();
         if let Some(names) = &self.responder_names {
             let table = Arc::new(crate::dns_responder::NameTable::from_config(&self.config));
             *names.write().unwrap_or_else(|p| p.into_inner()) = table;
@@ -973,6 +982,48 @@ impl Agent {
         Ok(updates.len())
     }
 
+    /// Gives the TLS forwarder the frontends that originate TLS (their client
+    /// configurations, endpoint names) and makes their VIPs local addresses (routes are
+    /// changed in the background). A frontend whose TLS settings cannot be used (an
+    /// unreadable certificate file) is left out, with an error logged: its connections are
+    /// reset, the others are served.
+    pub fn sync_tls_frontends(&mut self) {
+        let Some(forwarder) = &self.tls else {
+            return;
+        };
+        let mut frontends = std::collections::HashMap::new();
+        for svc in &self.config.services {
+            match crate::tls_origination::TlsFrontend::new(svc) {
+                Ok(Some(frontend)) => {
+                    frontends.insert(svc.frontend, Arc::new(frontend));
+                }
+                Ok(None) => {}
+                Err(e) => error!("{e:#}; its connections are reset until this is fixed"),
+            }
+        }
+        let vips: BTreeSet<Ipv4Addr> = self
+            .config
+            .services
+            .iter()
+            .filter(|s| s.policy.tls.is_some())
+            .map(|s| s.frontend.vip)
+            .collect();
+        *forwarder
+            .frontends
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(frontends);
+        let add: Vec<Ipv4Addr> = vips.difference(&self.tls_vips).copied().collect();
+        let remove: Vec<Ipv4Addr> = self.tls_vips.difference(&vips).copied().collect();
+        self.tls_vips = vips;
+        if !add.is_empty() || !remove.is_empty() {
+            tokio::spawn(async move {
+                if let Err(e) = crate::tls_origination::routes::update(&add, &remove).await {
+                    error!("TLS frontends: {e:#}");
+                }
+            });
+        }
+    }
+
     /// Gives the health checker every endpoint of the services that have a check.
     fn sync_health_checks(&self) {
         let Some(health) = &self.health else {
@@ -1093,6 +1144,10 @@ impl Agent {
         if self.config.services[i].policy.health_check.is_some() {
             self.sync_health_checks();
         }
+        if self.config.services[i].policy.tls.is_some() {
+            // Endpoint names (SNI) may have changed.
+            self.sync_tls_frontends();
+        }
         let live = &self.config.services[i].endpoints;
         self.metrics.forget_endpoints_of(frontend, |addr| {
             live.iter()
@@ -1211,6 +1266,26 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if let Some(signals) = lock(&agent).dataplane.take_signals() {
         tokio::spawn(consume_signals(signals, agent.clone()));
     }
+    // The TLS forwarder: one listener, which lb_sk_lookup gives the connections of TLS
+    // frontends; the outcomes of its attempts come back as outlier events.
+    let (tls_events, mut tls_outcomes) = tokio::sync::mpsc::unbounded_channel();
+    {
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("the TLS forwarder's listener")?;
+        listener.set_nonblocking(true)?;
+        let mut a = lock(&agent);
+        a.dataplane
+            .steer_tls(&listener)
+            .context("handing TLS frontends' connections to the forwarder")?;
+        let forwarder = Arc::new(crate::tls_origination::Forwarder::new(
+            a.dataplane.selection_reader()?,
+            a.dataplane.options().timeouts.connect_retries,
+            tls_events,
+        ));
+        a.tls = Some(forwarder.clone());
+        a.sync_tls_frontends();
+        tokio::spawn(forwarder.serve(tokio::net::TcpListener::from_std(listener)?));
+    }
     tokio::spawn(crate::interfaces::watch(
         agent.clone(),
         opts.interfaces.clone(),
@@ -1254,6 +1329,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             _ = health_changed.changed() => {
                 if let Err(e) = lock(&agent).apply_health_checks() {
                     error!("health checks: the tables are not published: {e:#}");
+                }
+                false
+            }
+            Some(outcome) = tls_outcomes.recv() => {
+                let crate::tls_origination::ForwarderEvent { service, endpoint, event } = outcome;
+                if let Err(e) = lock(&agent).record(endpoint, Some(&service), event) {
+                    warn!("TLS forwarder outcome for {endpoint}: {e:#}");
                 }
                 false
             }

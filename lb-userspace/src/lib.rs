@@ -29,3 +29,4 @@ pub mod locality;
 pub mod model;
 pub mod outlier;
 pub mod sources;
+pub mod tls_origination;

@@ -33,6 +33,7 @@ pub mod packets;
 pub mod seed;
 pub mod servers;
 pub mod test_run;
+pub mod tls_server;
 pub mod topology;
 pub mod veth;
 

@@ -411,6 +411,7 @@ spec:
             cluster_apply_error: None,
             dns: Default::default(),
             dns_lookups: None,
+            tls: None,
             dns_responder: None,
             health: Default::default(),
             warnings: Vec::new(),

@@ -146,6 +146,18 @@ pub fn json(snapshot: &Snapshot) -> Value {
             v["endpoint"] = json!(format!("{addr}:{port}"));
             v
         }).collect::<Vec<_>>(),
+        // TLS origination: per endpoint, connections forwarded, failed attempts (connect,
+        // timeout, TLS errors by kind) and bytes; connections no backend could take.
+        "tls_origination": snapshot.tls.as_ref().map(|t| {
+            let endpoints = t.endpoints.lock().unwrap_or_else(|p| p.into_inner()).iter()
+                .map(|(e, c)| (e.to_string(), serde_json::to_value(c).unwrap_or_default()))
+                .collect::<serde_json::Map<_, _>>();
+            json!({
+                "endpoints": endpoints,
+                "active": t.active.load(std::sync::atomic::Ordering::Relaxed),
+                "unserved": t.unserved.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        }),
         // `--dns-listen`: queries answered from lb's names, forwarded, malformed, dropped.
         "dns_responder": snapshot.dns_responder.as_deref(),
         "kubernetes": snapshot.cluster.as_ref().map(|c| {

@@ -50,6 +50,8 @@ pub struct Snapshot {
     pub health: std::collections::BTreeMap<crate::health::Target, crate::health::TargetStatus>,
     /// The answers for the endpoints known by name.
     pub dns: std::collections::BTreeMap<String, crate::sources::dns::Answer>,
+    /// The TLS forwarder's counters, when it runs.
+    pub tls: Option<std::sync::Arc<crate::tls_origination::Counts>>,
     /// The resolver's lookups and answer changes: (succeeded, failed, changed).
     pub dns_lookups: Option<(u64, u64, u64)>,
     /// The sources' warnings in force (fields not acted on, cluster objects left out).
@@ -220,6 +222,7 @@ impl Snapshot {
                 cluster: agent.cluster.clone(),
                 cluster_apply_error: agent.cluster_apply_error.clone(),
                 dns: agent.dns.as_ref().map(|d| d.answers()).unwrap_or_default(),
+                tls: agent.tls.as_ref().map(|t| t.counts.clone()),
                 dns_lookups: agent.dns.as_ref().map(|d| {
                     let c = d.counts();
                     let read = |n: &std::sync::atomic::AtomicU64| {

@@ -403,12 +403,14 @@ spec:
     assert_eq!(full.subject_alt_names, ["a.internal"]);
     assert_eq!(tls_of("{ mode: DISABLE }"), None);
     let skip = load_text(&rule("{ mode: SIMPLE, insecureSkipVerify: true }"));
-    assert!(skip.config.services[0]
-        .policy
-        .tls
-        .as_ref()
-        .unwrap()
-        .insecure_skip_verify);
+    assert!(
+        skip.config.services[0]
+            .policy
+            .tls
+            .as_ref()
+            .unwrap()
+            .insecure_skip_verify
+    );
     assert_has(
         &skip.warnings,
         "lb.yaml document 2 (DestinationRule default/db): spec.trafficPolicy.tls.insecureSkipVerify: \

@@ -6,8 +6,8 @@ mod links;
 pub mod memory;
 mod mmap;
 pub mod pin;
-pub mod selection;
 pub mod reader;
+pub mod selection;
 pub mod sync;
 mod tls_steer;
 

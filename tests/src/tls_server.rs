@@ -1,0 +1,180 @@
+//! HTTPS backends for the TLS-origination tests: a CA of the test's own (rcgen), leaf
+//! certificates for the names a backend stands for, and a server (rustls) that answers
+//! every request with its name and a status the test sets.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::netns::Netns;
+
+/// A certificate authority made by the test; its certificate is written to a PEM file
+/// (for `caCertificates`, or `SSL_CERT_FILE`).
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pub pem_path: PathBuf,
+}
+
+/// A leaf certificate and its key.
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TestCa {
+    /// A new CA, its certificate written to `dir/ca.pem`.
+    pub fn new(dir: &Path) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "lb tests CA");
+        let cert = params.self_signed(&key)?;
+        let pem_path = dir.join("ca.pem");
+        std::fs::write(&pem_path, cert.pem())?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            pem_path,
+        })
+    }
+
+    /// A certificate for `names` (DNS names or addresses), signed by this CA.
+    pub fn issue(&self, names: &[&str]) -> Result<Identity> {
+        let key = KeyPair::generate()?;
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Identity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        })
+    }
+}
+
+struct Shared {
+    status: AtomicU16,
+    stop: AtomicBool,
+    /// TLS handshakes completed.
+    handshakes: AtomicU64,
+}
+
+/// An HTTPS server answering every request with its name and the status set (200 at
+/// first); stops when dropped.
+pub struct HttpsNameServer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpsNameServer {
+    /// Binds `addr` in `ns` and serves `identity`'s certificate.
+    pub fn start(ns: &Netns, addr: SocketAddr, name: &str, identity: Identity) -> Result<Self> {
+        let listener = ns
+            .run(|| std::net::TcpListener::bind(addr))
+            .with_context(|| format!("HTTPS server: binding {addr} in {}", ns.name()))?;
+        listener.set_nonblocking(true)?;
+        #[expect(
+            deprecated,
+            reason = "ring, as lb's forwarder uses; no post-quantum groups"
+        )]
+        let provider = rustls::crypto::ring::default_provider();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(identity.chain, identity.key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let shared = Arc::new(Shared {
+            status: AtomicU16::new(200),
+            stop: AtomicBool::new(false),
+            handshakes: AtomicU64::new(0),
+        });
+        let serving = shared.clone();
+        let name = name.to_string();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("a listener");
+                while !serving.stop.load(Ordering::Relaxed) {
+                    let accepted =
+                        tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+                    let Ok(Ok((stream, _))) = accepted else {
+                        continue;
+                    };
+                    let (acceptor, shared, name) =
+                        (acceptor.clone(), serving.clone(), name.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        shared.handshakes.fetch_add(1, Ordering::Relaxed);
+                        let _ = answer(&mut tls, &shared, &name).await;
+                    });
+                }
+            })
+        });
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The status of the answers from now on.
+    pub fn set_status(&self, status: u16) {
+        self.shared.status.store(status, Ordering::Relaxed);
+    }
+
+    /// TLS handshakes completed so far.
+    pub fn handshakes(&self) -> u64 {
+        self.shared.handshakes.load(Ordering::Relaxed)
+    }
+}
+
+/// Answers each request on the connection (keep-alive) until the client closes it.
+async fn answer(
+    tls: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    shared: &Shared,
+    name: &str,
+) -> std::io::Result<()> {
+    let mut pending = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            let status = shared.status.load(Ordering::Relaxed);
+            let response = format!(
+                "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\n\r\n{name}",
+                if status < 400 { "OK" } else { "Error" },
+                name.len()
+            );
+            tls.write_all(response.as_bytes()).await?;
+        }
+        let n = tls.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+impl Drop for HttpsNameServer {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

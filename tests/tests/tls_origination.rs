@@ -233,3 +233,22 @@ fn a_certificate_for_the_wrong_name_fails_over() {
     let row = table.lines().find(|l| l.starts_with(&east)).unwrap();
     assert!(row.contains("FAILED"), "{table}");
 }
+
+/// us-east-1 answers 503 over TLS: the forwarder reads the status from the decrypted
+/// stream, `consecutive5xxErrors: 1` ejects the endpoint, and calls go to us-west-1.
+#[test]
+fn a_503_over_tls_ejects_the_endpoint() {
+    let Some(s) = Scenario::start([EAST, WEST]) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    s.servers[0].set_status(503);
+    s.wait_all_from(to, "us-west-1");
+    let clusters = s.admin_get("/clusters");
+    let flags = format!(
+        "outbound|80||mydb.com::{}:443::health_flags::/failed_outlier_check",
+        backend_addr(1)
+    );
+    assert!(clusters.contains(&flags), "{clusters}");
+}

@@ -1267,24 +1267,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         tokio::spawn(consume_signals(signals, agent.clone()));
     }
     // The TLS forwarder: one listener, which lb_sk_lookup gives the connections of TLS
-    // frontends; the outcomes of its attempts come back as outlier events.
+    // frontends; the outcomes of its attempts come back as outlier events. Without it
+    // (a kernel without sk_lookup), TLS frontends are not served and the rest is.
     let (tls_events, mut tls_outcomes) = tokio::sync::mpsc::unbounded_channel();
-    {
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("the TLS forwarder's listener")?;
-        listener.set_nonblocking(true)?;
-        let mut a = lock(&agent);
-        a.dataplane
-            .steer_tls(&listener)
-            .context("handing TLS frontends' connections to the forwarder")?;
-        let forwarder = Arc::new(crate::tls_origination::Forwarder::new(
-            a.dataplane.selection_reader()?,
-            a.dataplane.options().timeouts.connect_retries,
-            tls_events,
-        ));
-        a.tls = Some(forwarder.clone());
-        a.sync_tls_frontends();
-        tokio::spawn(forwarder.serve(tokio::net::TcpListener::from_std(listener)?));
+    if let Err(e) = start_tls_forwarder(&agent, tls_events) {
+        error!("TLS origination is not available: {e:#}");
     }
     tokio::spawn(crate::interfaces::watch(
         agent.clone(),
@@ -1457,6 +1444,30 @@ fn log_counters(dp: &Dataplane) {
         }
         Err(e) => warn!("reading counters: {e:#}"),
     }
+}
+
+/// Starts the TLS forwarder: its listener handed to `lb_sk_lookup`, its reader of the
+/// published tables, its frontends.
+fn start_tls_forwarder(
+    agent: &Arc<Mutex<Agent>>,
+    events: tokio::sync::mpsc::UnboundedSender<crate::tls_origination::ForwarderEvent>,
+) -> Result<()> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("the TLS forwarder's listener")?;
+    listener.set_nonblocking(true)?;
+    let mut a = lock(agent);
+    a.dataplane
+        .steer_tls(&listener)
+        .context("handing TLS frontends' connections to the forwarder")?;
+    let forwarder = Arc::new(crate::tls_origination::Forwarder::new(
+        a.dataplane.selection_reader()?,
+        a.dataplane.options().timeouts.connect_retries,
+        events,
+    ));
+    a.tls = Some(forwarder.clone());
+    a.sync_tls_frontends();
+    tokio::spawn(forwarder.serve(tokio::net::TcpListener::from_std(listener)?));
+    Ok(())
 }
 
 /// Feeds the data plane's failure signals to outlier detection as they arrive: the ring

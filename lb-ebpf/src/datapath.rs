@@ -17,13 +17,13 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     config::SYN_RETRANSMIT_MIN_NS,
-    flow::{addr_filter_slot, flow_hash, selection_slot},
+    flow::{addr_filter_slot, flow_hash},
     maps::{
-        AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, MAX_RESELECT,
-        SERVICE_AFFINITY, SERVICE_HTTP, SERVICE_TLS,
+        AddrRole, CONN_AWAIT_RETRANSMIT, CONN_HTTP, CONN_SYNACK_SEEN, SERVICE_AFFINITY,
+        SERVICE_HTTP, SERVICE_TLS,
     },
-    proto, AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service,
-    ServiceKey, SignalKind,
+    proto, AddrBe, ConnDirection, ConnEntry, ConnState, Counter, FlowKey, Service, ServiceKey,
+    SignalKind,
 };
 
 use crate::{

@@ -28,8 +28,8 @@
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
     config::MAX_CONNECT_RETRIES,
-    maps::{FALLBACK_LEN, SYN_ECN, SYN_OPT_SACK, SYN_OPT_TIMESTAMPS, SYN_OPT_WSCALE},
-    AddrBe, BackendState, ConnDirection, ConnEntry, ConnState, FlowKey, ServiceKey,
+    maps::{SYN_ECN, SYN_OPT_SACK, SYN_OPT_TIMESTAMPS, SYN_OPT_WSCALE},
+    AddrBe, ConnDirection, ConnEntry, ConnState, FlowKey, ServiceKey,
 };
 
 use crate::{

@@ -47,7 +47,7 @@ pub fn lb_sk_lookup(ctx: SkLookupContext) -> u32 {
         family: family::V4,
     };
     // SAFETY: a map value the kernel returned, read at once.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
         return sk_action::SK_PASS;
     };
     if svc.flags & SERVICE_TLS == 0 {

@@ -39,6 +39,26 @@ pub fn check_against(
                 s.name, s.frontend, s.frontend.vip
             ));
         }
+        if s.policy.tls.is_some() {
+            // Certificate files are read now: a bad one refuses this configuration, and
+            // the one in force stays.
+            if let Err(e) = crate::tls_origination::TlsFrontend::new(s) {
+                errors.push(format!("service {} ({}): {e:#}", s.name, s.frontend));
+            }
+            // Its VIP becomes a local address, which takes every port of it.
+            if let Some(other) = config
+                .services
+                .iter()
+                .find(|o| o.frontend.vip == s.frontend.vip && o.policy.tls.is_none())
+            {
+                errors.push(format!(
+                    "service {} ({}): originates TLS, so its VIP {} is made a local address of \
+                     the node, which would take service {} ({}) off the kernel path: give \
+                     them different VIPs",
+                    s.name, s.frontend, s.frontend.vip, other.name, other.frontend
+                ));
+            }
+        }
         if s.endpoints.len() > window {
             errors.push(format!(
                 "service {} ({}): backends (ServiceEntry spec.endpoints): {} backends do not \
@@ -135,6 +155,26 @@ mod tests {
             err.contains("address of this node (interface eth0)"),
             "{err}"
         );
+    }
+
+    /// A TLS-originating frontend's VIP becomes local: another frontend on it is refused.
+    #[test]
+    fn a_tls_frontend_owns_its_vip() {
+        let mut config = config("10.96.0.10", 1);
+        let mut tls = config.services[0].clone();
+        tls.frontend.port = 443;
+        tls.name = "db".into();
+        tls.policy.tls = Some(Default::default());
+        config.services.push(tls);
+        let err = check_against(&config, &DataplaneOptions::default(), &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("service db (10.96.0.10:443/TCP): originates TLS, so its VIP 10.96.0.10"),
+            "{err}"
+        );
+        config.services.remove(0);
+        check_against(&config, &DataplaneOptions::default(), &BTreeMap::new()).unwrap();
     }
 
     #[test]

@@ -491,6 +491,48 @@ pub fn http_status(segment: &[u8]) -> Option<u16> {
 mod tests {
     use super::*;
 
+    /// Unusable certificate files are errors naming the field and the file.
+    #[test]
+    fn unreadable_or_bad_files_are_named() {
+        let config = crate::config::parse(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: db }
+spec:
+  hosts: [db.example]
+  addresses: [240.0.0.9]
+  ports: [{ number: 80, name: http, protocol: HTTP, targetPort: 443 }]
+  resolution: STATIC
+  endpoints: [{ address: 10.1.0.1 }]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db }
+spec:
+  host: db.example
+  trafficPolicy:
+    tls: { mode: SIMPLE, caCertificates: /nonexistent/ca.pem }
+",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            TlsFrontend::new(&config.services[0])
+                .err()
+                .expect("refused")
+        );
+        assert!(err.contains("caCertificates /nonexistent/ca.pem"), "{err}");
+        let dir = std::env::temp_dir().join(format!("lb-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("bad.pem");
+        std::fs::write(&bad, "not a certificate\n").unwrap();
+        let mut svc = config.services[0].clone();
+        svc.policy.tls.as_mut().unwrap().ca_certificates = Some(bad.clone());
+        let err = format!("{:#}", TlsFrontend::new(&svc).err().expect("refused"));
+        assert!(err.contains("no certificate in it"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn reads_status_lines_as_the_kernel_does() {
         assert_eq!(

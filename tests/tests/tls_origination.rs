@@ -165,6 +165,61 @@ fn plain_http_calls_reach_the_local_region_over_tls() {
     );
 }
 
+/// A frontend without TLS beside the TLS one keeps the kernel path: its connections are
+/// DNAT-ed by the data plane (`forward_new`), not passed to the forwarder.
+#[test]
+fn other_frontends_keep_the_kernel_path() {
+    let Some(s) = Scenario::start([EAST, WEST]) else {
+        return;
+    };
+    let plain = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: web }
+spec:
+  hosts: [web.internal]
+  addresses: [10.96.0.10]
+  ports: [{ number: 80, name: http, protocol: HTTP, targetPort: 8080 }]
+  resolution: STATIC
+  endpoints: [{ address: 10.200.1.2 }, { address: 10.200.2.2 }]
+";
+    write_atomically(&s.config, &format!("{CONFIG}{plain}")).unwrap();
+    let web = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 10), 80));
+    let started = Instant::now();
+    while names_from(&s.bed.client, web, 1).is_err() {
+        assert!(
+            started.elapsed() < FOLLOW,
+            "the plain frontend is not served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let counter = |verdict: &str| -> u64 {
+        let metrics = s.admin_get("/metrics");
+        let series = format!("lb_dataplane_packets_total{{verdict=\"{verdict}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (forwarded, passed) = (counter("forward_new"), counter("pass_tls_origination"));
+    names_from(&s.bed.client, web, 10).expect("plain calls");
+    s.wait_all_from(s.vip(), "us-east-1");
+    assert!(
+        counter("forward_new") >= forwarded + 10,
+        "plain calls DNAT-ed in the kernel"
+    );
+    assert!(
+        counter("pass_tls_origination") > passed,
+        "TLS calls passed to the forwarder"
+    );
+    let dump = s.config_dump();
+    let tls = &dump["tls_origination"]["endpoints"];
+    assert!(
+        tls.get(format!("{}:8080", backend_addr(1))).is_none(),
+        "the forwarder never saw the plain frontend: {tls}"
+    );
+}
+
 /// The blog's failure with the us-east port made wrong: calls go to us-west-1 with no
 /// failed call, and us-east's endpoint fails its outlier check.
 #[test]

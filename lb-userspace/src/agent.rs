@@ -991,9 +991,15 @@ impl Agent {
         let Some(forwarder) = &self.tls else {
             return;
         };
+        let earlier = forwarder
+            .frontends
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut frontends = std::collections::HashMap::new();
         for svc in &self.config.services {
-            match crate::tls_origination::TlsFrontend::new(svc) {
+            let reused = earlier.get(&svc.frontend).map(Arc::as_ref);
+            match crate::tls_origination::TlsFrontend::reusing(svc, reused) {
                 Ok(Some(frontend)) => {
                     frontends.insert(svc.frontend, Arc::new(frontend));
                 }

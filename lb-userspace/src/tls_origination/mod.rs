@@ -67,15 +67,28 @@ pub struct TlsFrontend {
     pub hostnames: HashMap<SocketAddrV4, String>,
     /// HTTP/1.x: response statuses are read for outlier detection.
     pub http: bool,
+    /// The settings `connector` was built from.
+    settings: crate::model::TlsOrigination,
 }
 
 impl TlsFrontend {
     pub fn new(svc: &Service) -> Result<Option<Self>> {
+        Self::reusing(svc, None)
+    }
+
+    /// Like `new`, taking `earlier`'s client configuration when its settings are the
+    /// same: an endpoint change (a new DNS answer) then reads no certificate file and no
+    /// system CA bundle again.
+    pub fn reusing(svc: &Service, earlier: Option<&TlsFrontend>) -> Result<Option<Self>> {
         let Some(tls) = &svc.policy.tls else {
             return Ok(None);
         };
-        let config =
-            client_config(tls).with_context(|| format!("{}: trafficPolicy.tls", svc.name))?;
+        let connector = match earlier.filter(|e| e.settings == *tls) {
+            Some(e) => e.connector.clone(),
+            None => TlsConnector::from(
+                client_config(tls).with_context(|| format!("{}: trafficPolicy.tls", svc.name))?,
+            ),
+        };
         let sni = tls
             .sni
             .as_ref()
@@ -84,7 +97,7 @@ impl TlsFrontend {
             .with_context(|| format!("{}: trafficPolicy.tls.sni is not a DNS name", svc.name))?;
         Ok(Some(Self {
             name: svc.name.clone(),
-            connector: TlsConnector::from(config),
+            connector,
             sni,
             hostnames: svc
                 .endpoints
@@ -95,6 +108,7 @@ impl TlsFrontend {
                 })
                 .collect(),
             http: svc.http,
+            settings: tls.clone(),
         }))
     }
 

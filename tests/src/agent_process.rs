@@ -117,6 +117,22 @@ impl AgentProcess {
         })
     }
 
+    /// `lb ARGS --admin ADMIN --pin-dir PIN_DIR` against this agent, run in `ns` as an
+    /// operator would on the node: its standard output (a failing command panics).
+    pub fn lb(&self, ns: &crate::Netns, admin: &str, args: &[&str]) -> String {
+        let output = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name()))
+            .arg("--")
+            .arg(lb_binary().unwrap())
+            .args(args)
+            .args(["--admin", admin, "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output()
+            .unwrap_or_else(|e| panic!("running lb {args:?}: {e}"));
+        assert!(output.status.success(), "lb {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
     /// Kills the agent with SIGKILL, as a crash or an OOM kill would, and waits for it.
     /// Its pins stay (the data plane keeps forwarding): see [`AgentProcess::restart`].
     pub fn kill(&mut self) {

@@ -129,17 +129,9 @@ impl Scenario {
         }
     }
 
-    /// `lb endpoints`, as an operator runs it on the node.
+    /// `lb endpoints` (the table), run in the node as an operator would.
     fn lb_endpoints(&self) -> String {
-        let output = std::process::Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.bed.node.name()))
-            .arg("--")
-            .arg(lb_tests::agent_process::lb_binary().unwrap())
-            .args(["endpoints", "--admin", ADMIN, "--pin-dir"])
-            .arg(&self.agent.pin_dir)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        self.agent.lb(&self.bed.node, ADMIN, &["endpoints"])
     }
 }
 

@@ -8,12 +8,14 @@
 //! The accepted socket keeps the SYN's addresses: its local address is the VIP and port
 //! the client called, which is how the forwarder knows the frontend.
 //!
-//! Everything else is passed on to the kernel's own lookup. With no listener in the slot
-//! (no agent running) the kernel would answer the SYN with a reset (`SK_DROP` in
-//! `sk_lookup` refuses the connection); so TC and XDP drop such SYNs first
-//! ([`listening`]), and the client sends them again after its retransmission timeout,
-//! to the next agent: a restart does not refuse connections that enter the node. (The
-//! node's own connections, over loopback, meet no TC or XDP program and are refused.)
+//! Everything else is passed on to the kernel's own lookup, and so is a TLS frontend's
+//! SYN while the slot is empty (this program's agent stopping): the next agent's program,
+//! attached meanwhile, places it (an `SK_DROP` here would refuse it for every program).
+//! With no listener anywhere the kernel answers with a reset; so TC and XDP drop such
+//! SYNs first ([`listening`]), and the client sends them again after its retransmission
+//! timeout, to the next agent: a restart does not refuse connections that enter the
+//! node. (The node's own connections, over loopback, meet no TC or XDP program and are
+//! refused.)
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, sk_action},
@@ -53,10 +55,9 @@ pub fn lb_sk_lookup(ctx: SkLookupContext) -> u32 {
     if svc.flags & SERVICE_TLS == 0 {
         return sk_action::SK_PASS;
     }
-    match TLS_LISTENER.redirect_sk_lookup(&ctx, 0, 0) {
-        Ok(()) => sk_action::SK_PASS,
-        Err(_) => sk_action::SK_DROP,
-    }
+    // Placed or not, the lookup goes on (see above).
+    let _ = TLS_LISTENER.redirect_sk_lookup(&ctx, 0, 0);
+    sk_action::SK_PASS
 }
 
 /// Whether the forwarder's listener is in its slot (an agent runs).

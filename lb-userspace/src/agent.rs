@@ -65,6 +65,10 @@ pub struct AgentOptions {
     pub dns: crate::sources::dns::DnsOptions,
     /// Where the DNS responder listens (UDP and TCP), if it runs.
     pub dns_listen: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long TLS-originated connections in progress are given to finish.
+    pub drain_timeout: Duration,
+    /// TLS-originated connections forwarded at once, at most.
+    pub tls_max_connections: usize,
 }
 
 /// Where the agent pins its maps unless told otherwise.
@@ -1163,7 +1167,28 @@ impl Agent {
     }
 }
 
-pub async fn run(opts: AgentOptions) -> Result<()> {
+/// What a stopped agent leaves to finish once its runtime is gone: the TLS-originated
+/// connections in progress.
+pub struct Stopped {
+    tls: Option<crate::tls_origination::Running>,
+    drain_timeout: Duration,
+}
+
+impl Stopped {
+    /// Finishes the TLS-originated connections in progress (for `--drain-timeout` at most);
+    /// call it once the agent's runtime has shut down, so the next agent can take over.
+    pub fn finish(self) {
+        if let Some(tls) = self.tls {
+            tls.finish(self.drain_timeout);
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM (or Ctrl-C); then everything a next agent takes over is
+/// released (the forwarder's listener, the DNS responder's port, the admin token; the
+/// admin port with the runtime), and the TLS-originated connections in progress are left
+/// to [`Stopped::finish`].
+pub async fn run(opts: AgentOptions) -> Result<Stopped> {
     // The admin endpoint comes up first: `/healthz` answers and `/ready` says 503 while
     // the programs load. The token file is removed when `token_file` drops (clean
     // shutdown, or a start that fails).
@@ -1171,9 +1196,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut token_file = None;
     if let Some(addr) = opts.admin {
         let token = crate::admin::token::TokenFile::create(&opts.admin_token_file)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin endpoint to {addr}"))?;
+        let listener = bind_admin(addr).await?;
         if !addr.ip().is_loopback() {
             warn!(
                 "the admin endpoint listens on {addr}, not a loopback address: its views \
@@ -1244,12 +1267,18 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let health = crate::health::HealthChecker::default();
     agent.health = Some(health.clone());
     agent.sync_health_checks();
+    let mut dns_responder = None;
     if let Some(addr) = opts.dns_listen {
         let names: crate::dns_responder::SharedNames = Arc::new(std::sync::RwLock::new(Arc::new(
             crate::dns_responder::NameTable::from_config(&agent.config),
         )));
         let counts = Arc::new(crate::dns_responder::ResponderCounts::default());
-        crate::dns_responder::serve(addr, names.clone(), opts.dns.resolver, counts.clone())?;
+        dns_responder = Some(crate::dns_responder::serve(
+            addr,
+            names.clone(),
+            opts.dns.resolver,
+            counts.clone(),
+        )?);
         agent.responder_names = Some(names);
         agent.responder_counts = Some(counts);
     }
@@ -1276,9 +1305,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // frontends; the outcomes of its attempts come back as outlier events. Without it
     // (a kernel without sk_lookup), TLS frontends are not served and the rest is.
     let (tls_events, mut tls_outcomes) = tokio::sync::mpsc::unbounded_channel();
-    if let Err(e) = start_tls_forwarder(&agent, tls_events) {
-        error!("TLS origination is not available: {e:#}");
-    }
+    let tls = start_tls_forwarder(&agent, opts.tls_max_connections, tls_events)
+        .inspect_err(|e| error!("TLS origination is not available: {e:#}"))
+        .ok();
     tokio::spawn(crate::interfaces::watch(
         agent.clone(),
         opts.interfaces.clone(),
@@ -1367,9 +1396,39 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
          them)",
         opts.pin_dir.display()
     );
+    // New TLS-originated connections wait for the next agent from here (TC and XDP hold
+    // their SYNs back); the ones in progress are finished by `Stopped::finish`.
+    if let Some(tls) = &tls {
+        lock(&agent).dataplane.stop_tls_steering();
+        tls.forwarder.stop_accepting();
+    }
+    drop(dns_responder);
     drop(token_file);
-    Ok(())
+    Ok(Stopped {
+        tls,
+        drain_timeout: opts.drain_timeout,
+    })
 }
+
+/// Binds the admin endpoint; while `addr` is taken, tries again for a few seconds: a
+/// previous agent stopping (an upgrade) lets it go as it stops.
+async fn bind_admin(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            bound => return bound.with_context(|| format!("binding the admin endpoint to {addr}")),
+        }
+    }
+}
+
+/// How long a starting agent waits for the ports a stopping one still holds.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Gives `config`'s services the endpoints their names resolve to now, and tells `dns`
 /// which names the configuration has.
@@ -1456,24 +1515,28 @@ fn log_counters(dp: &Dataplane) {
 /// published tables, its frontends.
 fn start_tls_forwarder(
     agent: &Arc<Mutex<Agent>>,
+    max_connections: usize,
     events: tokio::sync::mpsc::UnboundedSender<crate::tls_origination::ForwarderEvent>,
-) -> Result<()> {
+) -> Result<crate::tls_origination::Running> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("the TLS forwarder's listener")?;
-    listener.set_nonblocking(true)?;
     let mut a = lock(agent);
     a.dataplane
         .steer_tls(&listener)
         .context("handing TLS frontends' connections to the forwarder")?;
+    let timeouts = a.dataplane.options().timeouts;
     let forwarder = Arc::new(crate::tls_origination::Forwarder::new(
         a.dataplane.selection_reader()?,
-        a.dataplane.options().timeouts.connect_retries,
+        timeouts.connect_retries,
+        crate::tls_origination::Limits {
+            max_connections,
+            idle_timeout: Duration::from_nanos(timeouts.tcp_established_timeout_ns),
+        },
         events,
     ));
     a.tls = Some(forwarder.clone());
     a.sync_tls_frontends();
-    tokio::spawn(forwarder.serve(tokio::net::TcpListener::from_std(listener)?));
-    Ok(())
+    crate::tls_origination::Running::start(forwarder, listener)
 }
 
 /// Feeds the data plane's failure signals to outlier detection as they arrive: the ring

@@ -47,7 +47,7 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         watch_interval: u64,
         /// Log the data-plane counters every this many seconds (0: never).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 25)]
         stats_interval: u64,
         /// `GET /metrics` has per-endpoint series (about a dozen per endpoint) while the
         /// agent balances at most this many endpoints; above it only the per-service ones,
@@ -81,6 +81,15 @@ enum Command {
         /// File (created root-only) holding the token mutating admin calls must carry.
         #[arg(long, default_value = agent::DEFAULT_ADMIN_TOKEN_FILE)]
         admin_token_file: PathBuf,
+        /// On SIGTERM (an upgrade), how long TLS-originated connections in progress are
+        /// given to finish (seconds) while the next agent takes the new ones; those still
+        /// open then are cut. The agent exits as soon as none is left.
+        #[arg(long, default_value_t = 25)]
+        drain_timeout: u64,
+        /// TLS-originated connections forwarded at once, at most; beyond, new ones are
+        /// reset and counted (lb_tls_connections_unserved_total).
+        #[arg(long, default_value_t = lb::tls_origination::MAX_CONNECTIONS)]
+        tls_max_connections: usize,
         /// Do not run: detach the programs the agent left attached (its pinned links), remove
         /// every pin in --pin-dir and the directory, and the admin token file. Stop the
         /// agent first.
@@ -166,8 +175,7 @@ fn parse_resolver(text: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("{text:?} is not an IP address or IP:PORT"))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().command {
         Command::Agent {
@@ -185,12 +193,15 @@ async fn main() -> Result<()> {
             dns_listen,
             pin_dir,
             admin_token_file,
+            drain_timeout,
+            tls_max_connections,
             cleanup,
         } => {
             if cleanup {
                 return agent::cleanup(&pin_dir, &admin_token_file);
             }
-            agent::run(AgentOptions {
+            let runtime = tokio::runtime::Runtime::new()?;
+            let stopped = runtime.block_on(agent::run(AgentOptions {
                 configs,
                 interfaces,
                 node_locality: node_locality.as_deref().map(Locality::parse),
@@ -207,8 +218,15 @@ async fn main() -> Result<()> {
                     max_ttl: Duration::from_secs(dns_max_ttl.max(dns_min_ttl)),
                 },
                 dns_listen,
-            })
-            .await
+                drain_timeout: Duration::from_secs(drain_timeout),
+                tls_max_connections,
+            }))?;
+            // Everything of this agent but its TLS-originated connections stops here (the
+            // admin endpoint, the watchers, the data plane's handles), so that the next
+            // agent can take over while they finish.
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            stopped.finish();
+            Ok(())
         }
         Command::Operate(command) => std::process::exit(lb::cli::run(command)),
         Command::Check {

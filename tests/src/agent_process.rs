@@ -41,6 +41,8 @@ pub struct AgentProcess {
     pub admin_token_file: PathBuf,
     /// Set once the process was waited for (it must not be signalled again).
     stopped: bool,
+    /// Earlier agents stopped by [`AgentProcess::upgrade`], perhaps still finishing.
+    previous: Vec<Child>,
     _state: TempDir,
 }
 
@@ -113,6 +115,7 @@ impl AgentProcess {
             pin_dir,
             admin_token_file,
             stopped: false,
+            previous: Vec::new(),
             _state: state,
         })
     }
@@ -183,6 +186,37 @@ impl AgentProcess {
         Ok(())
     }
 
+    /// An upgrade as an operator makes it: SIGTERM to the agent, and at once the next one
+    /// started (same command line); the stopping one may still finish its connections
+    /// ([`AgentProcess::wait_previous`]).
+    pub fn upgrade(&mut self) -> Result<()> {
+        if self.stopped || !self.running() {
+            bail!("the agent is not running");
+        }
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let next = spawn(&self.command)?;
+        self.previous.push(std::mem::replace(&mut self.child, next));
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the agents stopped by [`AgentProcess::upgrade`] to exit;
+    /// whether they all did.
+    pub fn wait_previous(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.previous
+                .retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_)) | Err(_)));
+            if self.previous.is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -219,6 +253,10 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.stop();
+        for mut previous in self.previous.drain(..) {
+            let _ = previous.kill();
+            let _ = previous.wait();
+        }
         // The agent leaves its programs attached and its pins for a restart; a test's are
         // removed with it (links detached first, as `lb agent --cleanup` does).
         let _ = lb::dataplane::pin::cleanup(&self.pin_dir);

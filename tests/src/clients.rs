@@ -205,7 +205,8 @@ pub fn udp_request(addr: SocketAddr, payload: &[u8], timeout: Duration) -> Resul
     }
 }
 
-fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+/// A TCP connection to `addr` (no request sent), reads and writes bounded by `timeout`.
+pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -53,9 +53,26 @@ impl TestCa {
 
     /// A certificate for `names` (DNS names or addresses), signed by this CA.
     pub fn issue(&self, names: &[&str]) -> Result<Identity> {
+        self.issue_with(names, |_| {})
+    }
+
+    /// Like `issue`, for a certificate that expired in 2021.
+    pub fn issue_expired(&self, names: &[&str]) -> Result<Identity> {
+        self.issue_with(names, |params| {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        })
+    }
+
+    fn issue_with(
+        &self,
+        names: &[&str],
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> Result<Identity> {
         let key = KeyPair::generate()?;
-        let params =
+        let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        adjust(&mut params);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Identity {
             chain: vec![cert.der().clone()],

@@ -345,7 +345,7 @@ fn a_misspelled_field_fails_the_check_naming_file_document_and_field() {
     let errors = parse_manifest(
         shown,
         &text.replacen(
-            "terminationGracePeriodSeconds: 1",
+            "terminationGracePeriodSeconds: 15",
             "terminationGracePeriodSeconds: soon",
             1,
         ),
@@ -538,11 +538,19 @@ fn upgrades_never_run_two_agents_on_a_node() {
         "{at}: maxUnavailable 0 with no surge never rolls"
     );
 
-    // The data plane lives in the pinned maps: nothing to wait for at SIGTERM.
+    // The data plane lives in the pinned maps; only the TLS-originated connections are
+    // finished at SIGTERM, and new ones wait meanwhile: a short drain, within the grace
+    // period (else the kubelet's SIGKILL cuts them first).
     let grace = pod_spec(ds).termination_grace_period_seconds;
+    let args = agent_container(ds).args.as_deref().unwrap_or_default();
+    let drain: i64 = args
+        .iter()
+        .position(|a| a == "--drain-timeout")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .expect("--drain-timeout is explicit");
     assert!(
-        grace.is_some_and(|g| (0..=5).contains(&g)),
-        "{at}: grace {grace:?}"
+        grace.is_some_and(|g| g > drain && g <= 30) && drain <= 15,
+        "{at}: grace {grace:?}, --drain-timeout {drain}"
     );
 }
 

@@ -49,21 +49,30 @@ impl Scenario {
     /// Backends 1 (us-east-1) and 2 (us-west-1) serve HTTPS on 443 with certificates for
     /// `names[i]`.
     fn start(names: [&str; 2]) -> Option<Self> {
+        Self::start_with(names.map(|n| CA.1.issue(&[n]).unwrap()), CONFIG, &[])
+    }
+
+    /// Like `start`, the backends presenting `identities`, the agent given `config` and
+    /// `extra` arguments.
+    fn start_with(
+        identities: [lb_tests::tls_server::Identity; 2],
+        config_text: &str,
+        extra: &[&str],
+    ) -> Option<Self> {
         if !require_root() {
             return None;
         }
-        let ca = &CA.1;
         let answers = ["us-east-1", "us-west-1"].map(String::from);
         let bed = TestBed::with_backends(AttachMode::Tc, &answers).unwrap();
         let servers = (1u8..)
             .zip(&answers)
-            .zip(names)
-            .map(|((i, answer), name)| {
+            .zip(identities)
+            .map(|((i, answer), identity)| {
                 HttpsNameServer::start(
                     &bed.backends[i as usize - 1].ns,
                     SocketAddr::from((backend_addr(i), 443)),
                     answer,
-                    ca.issue(&[name]).unwrap(),
+                    identity,
                 )
                 .unwrap()
             })
@@ -73,11 +82,11 @@ impl Scenario {
         dns.set(WEST, &[backend_addr(2)], 30);
         let dir = TempDir::new("lbtls").unwrap();
         let config = dir.0.join("lb.yaml");
-        write_atomically(&config, CONFIG).unwrap();
+        write_atomically(&config, config_text).unwrap();
         let resolver = dns.addr().to_string();
-        let agent =
-            AgentProcess::start_with(&bed, &config, &["--admin", ADMIN, "--resolver", &resolver])
-                .unwrap();
+        let mut args = vec!["--admin", ADMIN, "--resolver", &resolver];
+        args.extend(extra);
+        let agent = AgentProcess::start_with(&bed, &config, &args).unwrap();
         let s = Self {
             bed,
             _dns: dns,
@@ -155,6 +164,37 @@ fn plain_http_calls_reach_the_local_region_over_tls() {
         metrics.contains("lb_dataplane_packets_total{verdict=\"pass_tls_origination\"}"),
         "the kernel passed the TLS frontend's packets"
     );
+    // The operator's views count the forwarder's connections as the kernel's.
+    let series = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+    };
+    let east = format!("{}:443", backend_addr(1));
+    assert!(
+        series(&format!(
+            "lb_tls_endpoint_attempts_total{{endpoint=\"{east}\",result=\"forwarded\"}}"
+        )) >= 10
+    );
+    assert!(
+        series(&format!(
+            "lb_tls_endpoint_bytes_total{{endpoint=\"{east}\",direction=\"received\"}}"
+        )) > 0
+    );
+    let clusters = s.admin_get("/clusters");
+    let fact = |name: &str| -> u64 {
+        let prefix = format!("outbound|80||mydb.com::{east}::{name}::");
+        clusters
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str())?.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{clusters}"))
+    };
+    assert!(
+        fact("cx_total") >= 10 && fact("ssl.handshake") >= 10,
+        "{clusters}"
+    );
+    assert!(fact("rq_success") >= 10, "HTTP responses read: {clusters}");
 }
 
 /// A frontend without TLS beside the TLS one keeps the kernel path: its connections are
@@ -279,6 +319,20 @@ fn a_certificate_for_the_wrong_name_fails_over() {
     let east = format!("{}:443", backend_addr(1));
     let row = table.lines().find(|l| l.starts_with(&east)).unwrap();
     assert!(row.contains("FAILED"), "{table}");
+    let clusters = s.admin_get("/clusters");
+    assert!(
+        clusters.lines().any(|l| l.starts_with(&format!(
+            "outbound|80||mydb.com::{east}::ssl.fail.certificate_wrong_name::"
+        )) && !l.ends_with("::0")),
+        "{clusters}"
+    );
+    let metrics = s.admin_get("/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "lb_tls_endpoint_handshake_failures_total{{endpoint=\"{east}\",kind=\"certificate_wrong_name\"}}"
+        )),
+        "{metrics}"
+    );
 }
 
 /// us-east-1 answers 503 over TLS: the forwarder reads the status from the decrypted
@@ -298,4 +352,302 @@ fn a_503_over_tls_ejects_the_endpoint() {
         backend_addr(1)
     );
     assert!(clusters.contains(&flags), "{clusters}");
+}
+
+/// A call's connect and reads may wait this long: a connection made while no agent
+/// listens waits for the next one (its SYN is held back and sent again), as a client with
+/// its usual connect timeout does.
+const PATIENT: Duration = Duration::from_secs(15);
+
+/// An agent upgrade under steady TLS-originated load loses no request: the stopping agent
+/// (SIGTERM) takes no new connection and finishes the ones it has (a keep-alive connection
+/// is still answered by it after the next agent serves the new ones), then exits by itself.
+#[test]
+fn an_upgrade_under_load_loses_no_request() {
+    let Some(mut s) = Scenario::start([EAST, WEST]) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    let mut kept = s
+        .bed
+        .client
+        .run(|| lb_tests::KeepAliveClient::connect(to, PATIENT))
+        .unwrap();
+    assert_eq!(kept.get("/").unwrap(), "us-east-1");
+    // `lb conntrack` lists it, as the forwarder carries it.
+    let conntrack = s.agent.lb(&s.bed.node, ADMIN, &["conntrack"]);
+    assert!(
+        conntrack.lines().any(|l| l.contains("TLS FORWARDED")
+            && l.contains(&format!("{}:443", backend_addr(1)))
+            && l.contains("mydb.com")),
+        "{conntrack}"
+    );
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let client = &s.bed.client;
+    let (answered, failed, slowest) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            let (mut answered, mut failed, mut slowest) = (0u32, Vec::new(), Duration::ZERO);
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                match client.run(|| lb_tests::http_get(to, "/", PATIENT)) {
+                    Ok(_) => answered += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                slowest = slowest.max(started.elapsed());
+            }
+            (answered, failed, slowest)
+        });
+        let upgraded = (|| {
+            std::thread::sleep(Duration::from_millis(300));
+            s.agent.upgrade()?;
+            // The stopping agent lets the admin port go as it stops; then the next one's
+            // `/ready` answers, and it serves new connections.
+            std::thread::sleep(Duration::from_millis(1500));
+            let admin: SocketAddr = ADMIN.parse().unwrap();
+            lb_tests::agent_process::wait_until(&s.bed.node, Duration::from_secs(20), || {
+                lb_tests::http_get(admin, "/ready", Duration::from_millis(500))
+            })?;
+            let node = &s.bed.node;
+            let served_by_next = || -> u64 {
+                let dump: serde_json::Value = node
+                    .run(|| lb_tests::http_get(admin, "/config_dump", DEFAULT_TIMEOUT))
+                    .ok()
+                    .and_then(|d| serde_json::from_str(&d).ok())
+                    .unwrap_or_default();
+                dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))]
+                    ["connections"]
+                    .as_u64()
+                    .unwrap_or(0)
+            };
+            let started = Instant::now();
+            while served_by_next() < 3 {
+                anyhow::ensure!(started.elapsed() < FOLLOW, "the next agent serves no call");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            anyhow::ensure!(
+                !s.agent.wait_previous(Duration::ZERO),
+                "the stopping agent exited with a connection in progress"
+            );
+            // The stopping agent still forwards the connection it has.
+            let during = kept.get("/")?;
+            drop(kept);
+            anyhow::Ok(during)
+        })();
+        std::thread::sleep(Duration::from_millis(500));
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        let load = load.join().unwrap();
+        assert_eq!(
+            upgraded.expect("the upgrade"),
+            "us-east-1",
+            "the kept connection, answered by the stopping agent"
+        );
+        load
+    });
+    println!(
+        "upgrade under load: {answered} calls answered, {} failed, slowest {slowest:?}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed calls: {failed:?}");
+    assert!(answered >= 5, "{answered}");
+    assert!(
+        s.agent.wait_previous(Duration::from_secs(5)),
+        "the stopping agent exits once its connections are done, not at the end of the \
+         grace period"
+    );
+    s.wait_all_from(to, "us-east-1");
+}
+
+/// A connection made while no agent runs is not refused: its SYN is held back by the
+/// data plane until the next agent listens, which then serves it.
+#[test]
+fn a_connection_made_between_agents_waits_for_the_next() {
+    let Some(mut s) = Scenario::start([EAST, WEST]) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    assert!(
+        s.agent.stop(),
+        "the agent stops at once when it has no connection"
+    );
+    let client = &s.bed.client;
+    let answer = std::thread::scope(|scope| {
+        let call = scope.spawn(|| client.run(|| lb_tests::http_get(to, "/", PATIENT)));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(!call.is_finished(), "the call waits while no agent runs");
+        s.agent.restart().unwrap();
+        call.join().unwrap()
+    });
+    assert_eq!(answer.expect("the call made between agents"), "us-east-1");
+}
+
+/// The value of `/config_dump`'s `tls_origination` field `field` for us-east-1's endpoint.
+fn east_count(s: &Scenario, field: &str) -> u64 {
+    let dump = s.config_dump();
+    dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))][field]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// us-east-1 presents an expired certificate: its handshakes fail, counted as
+/// `certificate_expired`, and calls go to us-west-1 with no failed call.
+#[test]
+fn an_expired_certificate_fails_over() {
+    let identities = [
+        CA.1.issue_expired(&[EAST]).unwrap(),
+        CA.1.issue(&[WEST]).unwrap(),
+    ];
+    let Some(s) = Scenario::start_with(identities, CONFIG, &[]) else {
+        return;
+    };
+    let to = s.vip();
+    let names = names_from(&s.bed.client, to, 10).expect("no failed call");
+    assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
+    let dump = s.config_dump();
+    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    assert!(
+        east["tls_errors"]["certificate_expired"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{dump:#}"
+    );
+    assert_eq!(s.servers[0].handshakes(), 0);
+}
+
+/// us-east-1 accepts TCP and never answers the ClientHello: the attempt ends at its
+/// deadline (counted as a timeout, its socket closed), the call is served by us-west-1,
+/// and us-east-1 is ejected, so the next calls do not wait.
+#[test]
+fn a_backend_stalling_mid_handshake_times_out_and_fails_over() {
+    let Some(mut s) = Scenario::start([EAST, WEST]) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    // us-east-1's server replaced by one that reads and never answers.
+    drop(s.servers.remove(0));
+    let stalling = s.bed.backends[0]
+        .ns
+        .run(|| std::net::TcpListener::bind(SocketAddr::from((backend_addr(1), 443))))
+        .unwrap();
+    let held = std::thread::spawn(move || {
+        let (mut stream, _) = stalling.accept().unwrap();
+        stream.set_read_timeout(Some(PATIENT)).unwrap();
+        let mut sink = Vec::new();
+        // Returns once lb closes its side: the stalled attempt is not left open.
+        let _ = std::io::Read::read_to_end(&mut stream, &mut sink);
+        !sink.is_empty()
+    });
+    let started = Instant::now();
+    let answer = s.bed.client.run(|| lb_tests::http_get(to, "/", PATIENT));
+    assert_eq!(answer.expect("the call is served"), "us-west-1");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the first attempt waited for its deadline: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        held.join().unwrap(),
+        "a ClientHello was sent and the socket closed"
+    );
+    assert!(east_count(&s, "timeouts") >= 1);
+    // Ejected (consecutive local-origin failures): the next calls go straight to us-west-1.
+    let started = Instant::now();
+    let names = names_from(&s.bed.client, to, 5).expect("no failed call");
+    assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// A client that connects and never sends holds its connection (and the backend's) only
+/// for the idle timeout (the Node's `tcp_established` timeout, 2 s here): then it is
+/// closed and counted, and the other calls were served meanwhile.
+#[test]
+fn a_client_that_never_sends_is_closed_when_idle() {
+    let config = CONFIG.replacen(
+        "  locality: us-east1\n",
+        "  locality: us-east1\n  dataplane: { timeouts: { tcp_established: 2s } }\n",
+        1,
+    );
+    assert_ne!(config, CONFIG);
+    let Some(s) = Scenario::start_with(
+        [CA.1.issue(&[EAST]).unwrap(), CA.1.issue(&[WEST]).unwrap()],
+        &config,
+        &[],
+    ) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    let mut silent = s
+        .bed
+        .client
+        .run(|| lb_tests::clients::connect(to, PATIENT))
+        .unwrap();
+    silent.set_read_timeout(Some(PATIENT)).unwrap();
+    let opened = Instant::now();
+    names_from(&s.bed.client, to, 5).expect("other calls are served meanwhile");
+    let mut buf = [0u8; 16];
+    let read = std::io::Read::read(&mut silent, &mut buf);
+    let waited = opened.elapsed();
+    assert!(
+        matches!(read, Ok(0) | Err(_)) && waited >= Duration::from_millis(1500),
+        "closed by lb after the idle timeout: {read:?} after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let dump = s.config_dump();
+    assert_eq!(dump["tls_origination"]["idle_closed"], 1, "{dump:#}");
+    assert_eq!(dump["tls_origination"]["active"], 0, "{dump:#}");
+}
+
+/// With `--tls-max-connections 4`, a fifth connection while four are open is reset and
+/// counted; once some close, calls are served again.
+#[test]
+fn the_number_of_forwarded_connections_is_bounded() {
+    let Some(s) = Scenario::start_with(
+        [CA.1.issue(&[EAST]).unwrap(), CA.1.issue(&[WEST]).unwrap()],
+        CONFIG,
+        &["--tls-max-connections", "4"],
+    ) else {
+        return;
+    };
+    let to = s.vip();
+    s.wait_all_from(to, "us-east-1");
+    let mut open: Vec<lb_tests::KeepAliveClient> = (0..4)
+        .map(|_| {
+            let mut c = s
+                .bed
+                .client
+                .run(|| lb_tests::KeepAliveClient::connect(to, DEFAULT_TIMEOUT))
+                .unwrap();
+            assert_eq!(c.get("/").unwrap(), "us-east-1");
+            c
+        })
+        .collect();
+    let refused = names_from(&s.bed.client, to, 1);
+    assert!(
+        refused.is_err(),
+        "a fifth connection is not served: {refused:?}"
+    );
+    let dump = s.config_dump();
+    assert_eq!(dump["tls_origination"]["over_limit"], 1, "{dump:#}");
+    assert_eq!(dump["tls_origination"]["active"], 4, "{dump:#}");
+    assert!(
+        s.admin_get("/metrics")
+            .contains("lb_tls_connections_closed_total{reason=\"over_limit\"} 1"),
+        "counted in /metrics"
+    );
+    // Two slots free: a call's connection may still be finishing as the next one comes.
+    open.truncate(2);
+    s.wait_all_from(to, "us-east-1");
+    assert_eq!(
+        open[0].get("/").unwrap(),
+        "us-east-1",
+        "the open ones go on"
+    );
 }

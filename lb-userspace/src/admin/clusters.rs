@@ -23,6 +23,14 @@
 //!   refused, timed-out or reset connections, as Envoy's router charges them);
 //! - `rq_total`: `rq_success + rq_error`.
 //!
+//! For a TLS-originating service (`trafficPolicy.tls`) the forwarder does this work:
+//! `cx_total` counts its attempts (connects and handshakes, failed or not), `rq_success`
+//! what it reported as successes, and each endpoint also shows the forwarder's own
+//! counters, named as Envoy names a cluster's TLS and byte counters: `ssl.handshake`,
+//! `ssl.connection_error`, `ssl.fail.KIND` (a failed handshake by kind:
+//! `certificate_wrong_name`, `certificate_unknown_issuer`, ...), `cx_connect_timeout`,
+//! `cx_rx_bytes_total`, `cx_tx_bytes_total`.
+//!
 //! `cx_active` (open connections) is not shown: counting it means walking the whole
 //! connection table. Success-rate detection is not implemented, so `success_rate` and
 //! `local_origin_success_rate` are `-1`, as Envoy prints them without enough data.
@@ -58,6 +66,8 @@ struct Host {
     failed_outlier_check: bool,
     failed_eds_health: bool,
     draining: bool,
+    /// The TLS forwarder's counters, for a TLS-originating service's endpoint.
+    tls: Option<crate::tls_origination::EndpointCounts>,
 }
 
 impl Host {
@@ -80,10 +90,24 @@ impl Host {
             failed_outlier_check: false,
             failed_eds_health: false,
             draining: false,
+            tls: None,
         }
     }
 
-    fn add(&mut self, svc: &ServiceSnapshot, e: &EndpointSnapshot) {
+    fn add(
+        &mut self,
+        svc: &ServiceSnapshot,
+        e: &EndpointSnapshot,
+        tls: Option<&crate::tls_origination::Counts>,
+    ) {
+        if let Some(counts) = tls.filter(|_| svc.service.policy.tls.is_some()) {
+            // The forwarder's attempts, and the outcomes it reported.
+            let c = counts.of(e.address);
+            self.cx_total += c.attempts();
+            let totals = &e.status.totals;
+            self.rq_success += totals.rq_total - totals.rq_error;
+            self.tls = Some(c);
+        }
         self.cx_connect_fail += e.status.totals.cx_connect_fail;
         self.cx_total += e.stats.new_connections;
         self.rq_error += e.status.totals.rq_error;
@@ -98,14 +122,35 @@ impl Host {
     }
 
     /// Counters by name, as Envoy sorts them in the text output.
-    fn stats(&self) -> [(&'static str, u64); 5] {
-        [
+    fn stats(&self) -> Vec<(String, u64)> {
+        let mut stats: Vec<(String, u64)> = [
             ("cx_connect_fail", self.cx_connect_fail),
             ("cx_total", self.cx_total),
             ("rq_error", self.rq_error),
             ("rq_success", self.rq_success),
             ("rq_total", self.rq_success + self.rq_error),
         ]
+        .map(|(name, value)| (name.to_string(), value))
+        .into();
+        if let Some(tls) = &self.tls {
+            stats.extend([
+                ("cx_connect_timeout".to_string(), tls.timeouts),
+                ("cx_rx_bytes_total".to_string(), tls.bytes_received),
+                ("cx_tx_bytes_total".to_string(), tls.bytes_sent),
+                ("ssl.handshake".to_string(), tls.connections),
+                (
+                    "ssl.connection_error".to_string(),
+                    tls.tls_errors.values().sum(),
+                ),
+            ]);
+            stats.extend(
+                tls.tls_errors
+                    .iter()
+                    .map(|(kind, n)| (format!("ssl.fail.{kind}"), *n)),
+            );
+            stats.sort();
+        }
+        stats
     }
 
     /// Envoy's `HostUtility::healthFlagsToString`, flags in Envoy's order.
@@ -174,7 +219,7 @@ fn clusters(snapshot: &Snapshot) -> Vec<Cluster> {
                     cluster.hosts.last_mut().expect("just pushed")
                 }
             };
-            host.add(svc, e);
+            host.add(svc, e, snapshot.tls.as_deref());
         }
     }
     // Envoy lists a cluster's hosts by priority.
@@ -202,7 +247,7 @@ pub fn text(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "{n}::added_via_api::true");
         for h in &c.hosts {
             let a = h.address;
-            for (stat, value) in h.stats() {
+            for (stat, value) in &h.stats() {
                 let _ = writeln!(out, "{n}::{a}::{stat}::{value}");
             }
             let _ = writeln!(out, "{n}::{a}::hostname::{}", h.hostname);
@@ -245,7 +290,8 @@ fn host_json(h: &Host) -> Value {
     let stats: Vec<Value> = h
         .stats()
         .iter()
-        .map(|&(name, value)| {
+        .map(|(name, value)| {
+            let value = *value;
             if value == 0 {
                 json!({ "name": name })
             } else {

@@ -156,6 +156,8 @@ pub fn json(snapshot: &Snapshot) -> Value {
                 "endpoints": endpoints,
                 "active": t.active.load(std::sync::atomic::Ordering::Relaxed),
                 "unserved": t.unserved.load(std::sync::atomic::Ordering::Relaxed),
+                "over_limit": t.over_limit.load(std::sync::atomic::Ordering::Relaxed),
+                "idle_closed": t.idle_closed.load(std::sync::atomic::Ordering::Relaxed),
             })
         }),
         // `--dns-listen`: queries answered from lb's names, forwarded, malformed, dropped.

@@ -445,6 +445,93 @@ impl Collector for ServiceSeries {
     }
 }
 
+/// The TLS forwarder's families: per endpoint (attempts by outcome, failed handshakes by
+/// kind, bytes each way) and in all (connections open now, connections no backend took).
+fn register_tls(registry: &mut Registry, tls: &crate::tls_origination::Counts) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let active = Gauge::<i64>::default();
+    active.set(tls.active.load(Relaxed) as i64);
+    registry.register(
+        "tls_connections_active",
+        "TLS-originated connections open now (they live in the agent: a SIGKILL cuts them)",
+        active,
+    );
+    let unserved = Counter::<u64>::default();
+    unserved.inc_by(tls.unserved.load(Relaxed));
+    registry.register(
+        "tls_connections_unserved",
+        "Client connections to TLS frontends closed because no backend could be reached \
+         (every attempt failed, none was eligible, or the forwarder was full)",
+        unserved,
+    );
+    let closed = Counters::default();
+    for (reason, n) in [("over_limit", &tls.over_limit), ("idle", &tls.idle_closed)] {
+        closed
+            .get_or_create(&vec![("reason", reason.to_string())])
+            .inc_by(n.load(Relaxed));
+    }
+    registry.register(
+        "tls_connections_closed",
+        "TLS-originated connections lb closed: over_limit (--tls-max-connections in \
+         progress; also unserved), idle (no byte either way for the tcp_established timeout)",
+        closed,
+    );
+    let attempts = Counters::default();
+    let failures = Counters::default();
+    let bytes = Counters::default();
+    let endpoints = tls.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+    for (endpoint, c) in endpoints.iter() {
+        let endpoint = endpoint.to_string();
+        for (result, n) in [
+            ("forwarded", c.connections),
+            ("connect_failure", c.connect_failures),
+            ("timeout", c.timeouts),
+            ("tls_error", c.tls_errors.values().sum()),
+        ] {
+            attempts
+                .get_or_create(&vec![
+                    ("endpoint", endpoint.clone()),
+                    ("result", result.to_string()),
+                ])
+                .inc_by(n);
+        }
+        for (kind, n) in &c.tls_errors {
+            failures
+                .get_or_create(&vec![
+                    ("endpoint", endpoint.clone()),
+                    ("kind", kind.clone()),
+                ])
+                .inc_by(*n);
+        }
+        for (direction, n) in [("sent", c.bytes_sent), ("received", c.bytes_received)] {
+            bytes
+                .get_or_create(&vec![
+                    ("endpoint", endpoint.clone()),
+                    ("direction", direction.to_string()),
+                ])
+                .inc_by(n);
+        }
+    }
+    registry.register(
+        "tls_endpoint_attempts",
+        "The TLS forwarder's attempts per endpoint (a TCP connect and a TLS handshake under \
+         one deadline), by result",
+        attempts,
+    );
+    registry.register(
+        "tls_endpoint_handshake_failures",
+        "Failed TLS handshakes per endpoint, by kind (certificate_wrong_name, \
+         certificate_unknown_issuer, certificate_expired, certificate_invalid, \
+         alert_received, protocol, closed_during_handshake, io)",
+        failures,
+    );
+    registry.register(
+        "tls_endpoint_bytes",
+        "Bytes the TLS forwarder carried per endpoint: sent (from clients) and received",
+        bytes,
+    );
+}
+
 /// Priority levels as label values (`0`, `1`, ...), made once.
 static PRIORITY_NAMES: std::sync::LazyLock<Vec<String>> =
     std::sync::LazyLock::new(|| (0..64).map(|p| p.to_string()).collect());
@@ -691,6 +778,9 @@ pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::f
              malformed (FORMERR or unreadable), dropped (too many in flight)",
             queries,
         );
+    }
+    if let Some(tls) = &snapshot.tls {
+        register_tls(&mut registry, tls);
     }
     let loaded_at = Gauge::<f64, AtomicU64>::default();
     loaded_at.set(unix_seconds(snapshot.reloads.loaded_at));

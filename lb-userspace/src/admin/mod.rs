@@ -104,6 +104,7 @@ pub async fn serve(listener: tokio::net::TcpListener, admin: Arc<AdminState>) {
         .route("/clusters", get(clusters))
         .route("/metrics", get(metrics))
         .route("/config_dump", get(config_dump))
+        .route("/tls_connections", get(tls_connections))
         .merge(mutating)
         .with_state(admin);
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -147,6 +148,7 @@ async fn help() -> &'static str {
      GET  /metrics                 Prometheus metrics\n\
      GET  /config_dump             the configuration in force (JSON)\n\
      GET  /services                services, priority loads and shares (JSON)\n\
+     GET  /tls_connections         the connections the TLS forwarder carries now (JSON)\n\
      POST /endpoints/IP:PORT/{eject|uneject|drain|undrain}[?service=NAME|VIP:PORT]\n\
      POST /endpoints/IP:PORT/events/{connect-failure|timeout|reset|success|STATUS}\n\
      POST /reload                  read the configuration files now\n\
@@ -249,6 +251,27 @@ impl std::fmt::Write for ChunkWriter {
 async fn config_dump(State(admin): Admin) -> Result<Response, (StatusCode, String)> {
     let snapshot = Snapshot::take(admin.agent()?, false);
     Ok(pretty_json(&config_dump::json(&snapshot)))
+}
+
+/// The TLS forwarder's connections now (for `lb conntrack`): they are not in the
+/// connection table, which holds the kernel path's.
+async fn tls_connections(State(admin): Admin) -> Result<Response, (StatusCode, String)> {
+    let agent = admin.agent()?;
+    let counts = crate::agent::lock(agent)
+        .tls
+        .as_ref()
+        .map(|t| t.counts.clone());
+    let live: Vec<serde_json::Value> = counts
+        .map(|c| c.live())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(c, age)| {
+            let mut v = serde_json::to_value(&c).unwrap_or_default();
+            v["age_seconds"] = serde_json::json!(age);
+            v
+        })
+        .collect();
+    Ok(pretty_json(&serde_json::json!(live)))
 }
 
 async fn reload(State(admin): Admin) -> (StatusCode, String) {

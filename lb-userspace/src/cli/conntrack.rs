@@ -11,6 +11,11 @@
 //! tick resolution (1–10 ms), and refreshes an entry at most once a second, so idle times
 //! are accurate to about a second. Entries past their state's idle timeout are treated as
 //! absent by the data plane; they are left out unless `--all`.
+//!
+//! Connections of TLS-originating frontends are not in the table (the kernel passes them
+//! to the agent's TLS forwarder, which opens its own connection to the backend): they are
+//! asked of the agent (`GET /tls_connections`) and shown with the state `TLS FORWARDED`
+//! (its age, no idle time or expiry: they last as long as both sides keep them).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -64,8 +69,9 @@ struct Connection {
     /// Seconds since lb saw the connection's first packet (±10 ms); unknown (null) for
     /// connections carried over from a connection table of the previous layout.
     age_seconds: Option<f64>,
-    /// Seconds since the newest entry of the connection was refreshed (±1 s).
-    idle_seconds: f64,
+    /// Seconds since the newest entry of the connection was refreshed (±1 s); null for a
+    /// TLS-forwarded connection.
+    idle_seconds: Option<f64>,
     /// Seconds until the data plane treats it as gone, when the timeouts are pinned.
     expires_in_seconds: Option<f64>,
     expired: bool,
@@ -109,6 +115,25 @@ impl BackendFilter {
             Self::Id(id) => c.backend_id == *id,
         }
     }
+}
+
+/// A connection the agent's TLS forwarder carries (`GET /tls_connections`).
+#[derive(serde::Deserialize)]
+struct Forwarded {
+    client: String,
+    frontend: String,
+    backend: String,
+    service: String,
+    age_seconds: f64,
+}
+
+/// The agent's TLS-forwarded connections; none when it does not answer.
+fn tls_forwarded(admin: std::net::SocketAddr) -> Vec<Forwarded> {
+    super::client::request(admin, "GET", "/tls_connections", &[])
+        .ok()
+        .filter(|r| r.status == 200)
+        .and_then(|r| serde_json::from_str(&r.body).ok())
+        .unwrap_or_default()
 }
 
 pub fn conntrack(
@@ -219,7 +244,7 @@ pub fn conntrack(
             backend,
             state: state_name(main.state),
             age_seconds: age.map(|a| a.as_secs_f64()),
-            idle_seconds: idle.as_secs_f64(),
+            idle_seconds: Some(idle.as_secs_f64()),
             expires_in_seconds: left.map(|l| l.max(0) as f64 / 1e9),
             expired,
             service_id: sid,
@@ -269,6 +294,35 @@ pub fn conntrack(
             add(None, Some((k, e)));
         }
     }
+    if agent_reachable {
+        for c in tls_forwarded(common.admin) {
+            let sid = services
+                .iter()
+                .find(|(_, (f, _))| f.split('/').next() == Some(c.frontend.as_str()))
+                .map_or(0, |(id, _)| *id);
+            let row = Connection {
+                protocol: "TCP".into(),
+                client: c.client,
+                frontend: c.frontend,
+                backend: c.backend,
+                state: "TLS FORWARDED",
+                age_seconds: Some(c.age_seconds),
+                idle_seconds: None,
+                expires_in_seconds: None,
+                expired: false,
+                service_id: sid,
+                service: c.service,
+                backend_id: 0,
+                retries: 0,
+                entries: "forwarder",
+            };
+            let wanted = service_id.is_none_or(|id| id == row.service_id)
+                && backend_filter.as_ref().is_none_or(|b| b.matches(&row));
+            if wanted {
+                rows.push(row);
+            }
+        }
+    }
     rows.sort_by(|a, b| {
         (a.service_id, &a.backend, &a.client).cmp(&(b.service_id, &b.backend, &b.client))
     });
@@ -294,7 +348,7 @@ pub fn conntrack(
         if c.retries > 0 {
             state.push_str(&format!(" (re-steered {}x)", c.retries));
         }
-        if c.entries != "both" {
+        if c.entries != "both" && c.entries != "forwarder" {
             state.push_str(&format!(" ({})", c.entries));
         }
         t.row(vec![
@@ -305,7 +359,8 @@ pub fn conntrack(
             state,
             c.age_seconds
                 .map_or("-".into(), |s| duration(Duration::from_secs_f64(s))),
-            duration(Duration::from_secs_f64(c.idle_seconds)),
+            c.idle_seconds
+                .map_or("-".into(), |s| duration(Duration::from_secs_f64(s))),
             c.expires_in_seconds
                 .map_or("-".into(), |s| duration(Duration::from_secs_f64(s))),
             c.service.clone(),

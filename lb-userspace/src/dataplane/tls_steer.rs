@@ -45,4 +45,16 @@ impl Dataplane {
         self.tls_steering = Some(prog.take_link(id)?);
         Ok(())
     }
+
+    /// This agent stopping: its listener leaves the SOCKMAP (TC and XDP then hold new SYNs
+    /// back until a listener is there again) and `lb_sk_lookup` is detached (the next
+    /// agent's program places the TLS frontends' connections).
+    pub fn stop_tls_steering(&mut self) {
+        if let Some(map) = self.ebpf.map_mut(names::TLS_LISTENER) {
+            if let Ok(mut map) = SockMap::try_from(map) {
+                let _ = map.clear_index(&0);
+            }
+        }
+        self.tls_steering = None;
+    }
 }

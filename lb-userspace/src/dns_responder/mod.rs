@@ -144,8 +144,16 @@ struct Responder {
     in_flight: Arc<Semaphore>,
 }
 
-/// Binds `addr` (UDP and TCP) and starts answering, until the agent stops. `upstream`:
-/// the DNS server to forward to, or the system's resolver configuration.
+/// The responder answers while this lives; dropped, it stops and its port is free (for
+/// the next agent, when this one stops).
+pub struct Serving {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Binds `addr` (UDP and TCP) and starts answering, until the returned [`Serving`] is
+/// dropped. `upstream`: the DNS server to forward to, or the system's resolver
+/// configuration. While `addr` is taken, binding is tried again for a few seconds (a
+/// previous agent stopping lets it go).
 ///
 /// The responder runs on a thread and runtime of its own: a flood of queries keeps that
 /// thread busy, not the agent's (health decisions, publishing, the admin endpoint), and
@@ -155,17 +163,18 @@ pub fn serve(
     names: SharedNames,
     upstream: Option<SocketAddr>,
     counts: Arc<ResponderCounts>,
-) -> Result<()> {
+) -> Result<Serving> {
     let mut builder = crate::sources::dns::resolver_builder(upstream)
         .context("the upstream resolvers of --dns-listen")?;
     // Answers are cached by TTL; the default cache (32 answers) would send most of a
     // node's names upstream again. dnsmasq's largest cache is as big.
     builder.options_mut().cache_size = FORWARD_CACHE;
     // Bound here, so that a taken port is the agent's start error.
-    let udp = std::net::UdpSocket::bind(addr)
+    let udp = bind_retrying(|| std::net::UdpSocket::bind(addr))
         .with_context(|| format!("--dns-listen: binding UDP {addr}"))?;
-    let tcp = std::net::TcpListener::bind(addr)
+    let tcp = bind_retrying(|| std::net::TcpListener::bind(addr))
         .with_context(|| format!("--dns-listen: binding TCP {addr}"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -191,11 +200,31 @@ pub fn serve(
                 });
                 log::info!("DNS responder on {addr} (UDP and TCP)");
                 tokio::spawn(serve_tcp(tcp, responder.clone()));
-                serve_udp(Arc::new(udp), responder).await;
+                tokio::select! {
+                    _ = serve_udp(Arc::new(udp), responder) => {}
+                    _ = stopped => {}
+                }
             })
         })
         .context("--dns-listen: starting the responder's thread")?;
-    Ok(())
+    Ok(Serving { _stop: stop })
+}
+
+/// `bind`, tried again for up to [`crate::agent::TAKEOVER_WAIT`] while the address is in
+/// use.
+fn bind_retrying<T>(bind: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + crate::agent::TAKEOVER_WAIT;
+    loop {
+        match bind() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            bound => return bound,
+        }
+    }
 }
 
 async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>) {

@@ -53,8 +53,14 @@ use crate::{
 /// One attempt (TCP connect and TLS handshake) takes at most this long.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Connections forwarded at once, at most; beyond, new ones are closed at once.
+/// Connections forwarded at once unless told otherwise (`--tls-max-connections`);
+/// beyond, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 16_384;
+
+/// After its listener left the SOCKMAP, a stopping forwarder still accepts for this long:
+/// a handshake the kernel began with it just before ends in its accept queue, not in a
+/// reset (a lost final ACK is sent again within a second).
+const HANDOFF: Duration = Duration::from_millis(1200);
 
 /// What the forwarder needs of one TLS frontend.
 pub struct TlsFrontend {
@@ -163,9 +169,90 @@ pub struct Counts {
     pub unserved: std::sync::atomic::AtomicU64,
     /// Connections in progress now.
     pub active: std::sync::atomic::AtomicU64,
+    /// Connections closed after no byte went either way for the idle timeout.
+    pub idle_closed: std::sync::atomic::AtomicU64,
+    /// Connections refused because `--tls-max-connections` were in progress (also in
+    /// `unserved`).
+    pub over_limit: std::sync::atomic::AtomicU64,
+    /// The connections being forwarded now, for `lb conntrack`.
+    pub live: Mutex<HashMap<u64, LiveConnection>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// One connection the forwarder carries now.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveConnection {
+    pub client: SocketAddrV4,
+    pub frontend: SocketAddrV4,
+    /// The backend it was forwarded to.
+    pub backend: SocketAddrV4,
+    pub service: String,
+    #[serde(skip)]
+    pub since: std::time::Instant,
+}
+
+/// A connection's place in [`Counts::live`], left when dropped (however the connection
+/// ends).
+struct LiveEntry<'a> {
+    counts: &'a Counts,
+    id: u64,
+}
+
+impl Drop for LiveEntry<'_> {
+    fn drop(&mut self) {
+        self.counts
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl EndpointCounts {
+    /// Every attempt made to it: forwarded, or failed.
+    pub fn attempts(&self) -> u64 {
+        self.connections
+            + self.connect_failures
+            + self.timeouts
+            + self.tls_errors.values().sum::<u64>()
+    }
 }
 
 impl Counts {
+    fn enter(&self, connection: LiveConnection) -> LiveEntry<'_> {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, connection);
+        LiveEntry { counts: self, id }
+    }
+
+    /// The connections carried now, oldest first, with their age in seconds.
+    pub fn live(&self) -> Vec<(LiveConnection, f64)> {
+        let mut all: Vec<_> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| (c.clone(), c.since.elapsed().as_secs_f64()))
+            .collect();
+        all.sort_by(|a, b| b.1.total_cmp(&a.1));
+        all
+    }
+
+    /// `endpoint`'s counters (zero when the forwarder never tried it).
+    pub fn of(&self, endpoint: SocketAddrV4) -> EndpointCounts {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&endpoint)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn with(&self, endpoint: SocketAddrV4, f: impl FnOnce(&mut EndpointCounts)) {
         let mut all = self
             .endpoints
@@ -175,6 +262,15 @@ impl Counts {
     }
 }
 
+/// What bounds the forwarder's work.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections forwarded at once.
+    pub max_connections: usize,
+    /// A connection idle (no byte either way) for this long is closed.
+    pub idle_timeout: Duration,
+}
+
 pub struct Forwarder {
     pub frontends: Frontends,
     reader: SelectionReader,
@@ -182,12 +278,18 @@ pub struct Forwarder {
     pub counts: Arc<Counts>,
     connect_retries: u32,
     slots: Arc<tokio::sync::Semaphore>,
+    /// A connection with no byte either way for this long is closed (the data plane's
+    /// `tcp_established` timeout, which forgets idle connections of the kernel path).
+    idle_timeout: Duration,
+    /// Notified when the agent stops: the listener is closed, connections go on.
+    stop_accepting: tokio::sync::Notify,
 }
 
 impl Forwarder {
     pub fn new(
         reader: SelectionReader,
         connect_retries: u32,
+        limits: Limits,
         events: mpsc::UnboundedSender<ForwarderEvent>,
     ) -> Self {
         Self {
@@ -196,14 +298,50 @@ impl Forwarder {
             events,
             counts: Arc::default(),
             connect_retries,
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
+            idle_timeout: limits.idle_timeout,
+            stop_accepting: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Stops taking connections: the listener, already out of the SOCKMAP
+    /// (`Dataplane::stop_tls_steering`), accepts what the kernel had begun for it, then is
+    /// closed. The connections in progress go on.
+    pub fn stop_accepting(&self) {
+        self.stop_accepting.notify_one();
+    }
+
+    /// Waits, up to `timeout`, for the connections in progress to end; returns how many
+    /// were still open.
+    pub async fn drain(&self, timeout: Duration) -> u64 {
+        let active = || {
+            self.counts
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        active()
     }
 
     /// Accepts the connections `lb_sk_lookup` hands to `listener`, until the agent stops.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let stopping = self.stop_accepting.notified();
+        tokio::pin!(stopping);
+        let mut handoff_ends = None;
         loop {
-            let (client, _) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = &mut stopping, if handoff_ends.is_none() => {
+                    handoff_ends = Some(tokio::time::Instant::now() + HANDOFF);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(handoff_ends.unwrap_or_else(tokio::time::Instant::now)),
+                    if handoff_ends.is_some() => return,
+            };
+            let (client, _) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     log::warn!("TLS forwarder: accept: {e}");
@@ -213,9 +351,10 @@ impl Forwarder {
             };
             let Ok(permit) = self.slots.clone().try_acquire_owned() else {
                 // Full: dropped at once (the client sees a reset), counted.
-                self.counts
-                    .unserved
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = client.set_zero_linger();
+                for counter in [&self.counts.unserved, &self.counts.over_limit] {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 continue;
             };
             let forwarder = self.clone();
@@ -277,6 +416,13 @@ impl Forwarder {
             }
         };
         let _ = client.set_nodelay(true);
+        let _live = self.counts.enter(LiveConnection {
+            client: peer,
+            frontend: local,
+            backend: endpoint,
+            service: target.name.clone(),
+            since: std::time::Instant::now(),
+        });
         self.copy(client, upstream, endpoint, &target, &service)
             .await
     }
@@ -403,23 +549,42 @@ impl Forwarder {
     ) -> Result<()> {
         let (mut client_read, mut client_write) = client.into_split();
         let (mut up_read, mut up_write) = tokio::io::split(upstream);
+        // Each direction's bytes are counted as they pass: a connection that ends in an
+        // error (a backend closing without close_notify, a reset) carried them too.
+        let last_active = std::sync::atomic::AtomicU64::new(crate::clock::monotonic_coarse_ns());
+        let active = || {
+            last_active.store(
+                crate::clock::monotonic_coarse_ns(),
+                std::sync::atomic::Ordering::Relaxed,
+            )
+        };
         let to_upstream = async {
-            let sent = tokio::io::copy(&mut client_read, &mut up_write).await;
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut sent = 0u64;
+            let result = loop {
+                let n = match client_read.read(&mut buf).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => n,
+                    Err(e) => break Err(e),
+                };
+                active();
+                if let Err(e) = up_write.write_all(&buf[..n]).await {
+                    break Err(e);
+                }
+                sent += n as u64;
+            };
             // The client is done sending: close_notify, then FIN.
             let _ = up_write.shutdown().await;
-            sent
+            (sent, result)
         };
         let to_client = async {
             let mut buf = vec![0u8; 16 * 1024];
             let mut received = 0u64;
-            loop {
+            let result = loop {
                 let n = match up_read.read(&mut buf).await {
-                    Ok(0) => break,
+                    Ok(0) => break Ok(()),
                     Ok(n) => n,
-                    Err(e) => {
-                        let _ = client_write.shutdown().await;
-                        return Err(e);
-                    }
+                    Err(e) => break Err(e),
                 };
                 if target.http {
                     if let Some(status) = crate::tls_origination::http_status(&buf[..n]) {
@@ -427,20 +592,98 @@ impl Forwarder {
                         self.report(service, endpoint, event);
                     }
                 }
-                client_write.write_all(&buf[..n]).await?;
+                active();
+                if let Err(e) = client_write.write_all(&buf[..n]).await {
+                    break Err(e);
+                }
                 received += n as u64;
-            }
+            };
             let _ = client_write.shutdown().await;
-            Ok(received)
+            (received, result)
         };
-        let (sent, received) = tokio::join!(to_upstream, to_client);
+        let both = async { tokio::join!(to_upstream, to_client) };
+        let idle = async {
+            loop {
+                let quiet = Duration::from_nanos(
+                    crate::clock::monotonic_coarse_ns()
+                        .saturating_sub(last_active.load(std::sync::atomic::Ordering::Relaxed)),
+                );
+                if quiet >= self.idle_timeout {
+                    return;
+                }
+                tokio::time::sleep(self.idle_timeout - quiet).await;
+            }
+        };
+        let ((sent, sending), (received, receiving)) = tokio::select! {
+            done = both => done,
+            () = idle => {
+                self.counts
+                    .idle_closed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Both sides closed when the halves drop: the client sees a reset.
+                anyhow::bail!("{}: idle for {:?}, closed", target.name, self.idle_timeout);
+            }
+        };
         self.counts.with(endpoint, |c| {
-            c.bytes_sent += *sent.as_ref().unwrap_or(&0);
-            c.bytes_received += *received.as_ref().unwrap_or(&0);
+            c.bytes_sent += sent;
+            c.bytes_received += received;
         });
-        sent?;
-        received?;
+        sending?;
+        receiving?;
         Ok(())
+    }
+}
+
+/// The forwarder and the threads it runs on: a runtime of its own, so that the agent's
+/// work (a reload, a burst of cluster changes) does not delay forwarding, and so that a
+/// stopping agent can finish its connections after the rest of it has stopped.
+pub struct Running {
+    pub forwarder: Arc<Forwarder>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Running {
+    /// Starts serving `listener` (the one in `lb_sk_lookup`'s SOCKMAP).
+    pub fn start(forwarder: Arc<Forwarder>, listener: std::net::TcpListener) -> Result<Self> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("lb-tls")
+            .enable_all()
+            .build()
+            .context("the TLS forwarder's runtime")?;
+        listener.set_nonblocking(true)?;
+        let serving = forwarder.clone();
+        runtime.spawn(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serving.serve(listener).await,
+                Err(e) => log::error!("TLS forwarder: its listener: {e}"),
+            }
+        });
+        Ok(Self { forwarder, runtime })
+    }
+
+    /// The agent stopped (SIGTERM) and the rest of it is gone: the connections in
+    /// progress are finished, for `grace` at most; those still open then are cut.
+    pub fn finish(self, grace: Duration) {
+        let active = self
+            .forwarder
+            .counts
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if active > 0 {
+            log::info!("finishing {active} TLS-originated connections ({grace:?} at most)");
+        }
+        let left = self.runtime.block_on(self.forwarder.drain(grace));
+        if left > 0 {
+            log::warn!(
+                "{left} TLS-originated connections cut: still open after {grace:?} \
+                 (--drain-timeout)"
+            );
+        } else if active > 0 {
+            log::info!("every TLS-originated connection finished");
+        }
+        self.runtime.shutdown_timeout(Duration::from_millis(100));
     }
 }
 

@@ -33,6 +33,38 @@ pub struct Identity {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl Identity {
+    /// Writes the certificate chain and the key as PEM files `dir/STEM.pem` and
+    /// `dir/STEM.key` (for a server's or a client's configuration); returns their paths.
+    pub fn write_pem(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf)> {
+        let cert_path = dir.join(format!("{stem}.pem"));
+        let key_path = dir.join(format!("{stem}.key"));
+        let chain: String = self
+            .chain
+            .iter()
+            .map(|c| pem_block("CERTIFICATE", c.as_ref()))
+            .collect();
+        std::fs::write(&cert_path, chain)?;
+        std::fs::write(
+            &key_path,
+            pem_block("PRIVATE KEY", self.key.secret_der()),
+        )?;
+        Ok((cert_path, key_path))
+    }
+
+    /// A copy (the key is not `Clone`).
+    pub fn clone_key(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
+}
+
 impl TestCa {
     /// A new CA, its certificate written to `dir/ca.pem`.
     pub fn new(dir: &Path) -> Result<Self> {

@@ -24,6 +24,7 @@ use crate::netns::Netns;
 /// (for `caCertificates`, or `SSL_CERT_FILE`).
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
+    certificate: CertificateDer<'static>,
     pub pem_path: PathBuf,
 }
 
@@ -45,10 +46,7 @@ impl Identity {
             .map(|c| pem_block("CERTIFICATE", c.as_ref()))
             .collect();
         std::fs::write(&cert_path, chain)?;
-        std::fs::write(
-            &key_path,
-            pem_block("PRIVATE KEY", self.key.secret_der()),
-        )?;
+        std::fs::write(&key_path, pem_block("PRIVATE KEY", self.key.secret_der()))?;
         Ok((cert_path, key_path))
     }
 
@@ -78,9 +76,15 @@ impl TestCa {
         let pem_path = dir.join("ca.pem");
         std::fs::write(&pem_path, cert.pem())?;
         Ok(Self {
+            certificate: cert.der().clone(),
             issuer: Issuer::new(params, key),
             pem_path,
         })
+    }
+
+    /// The CA's own certificate.
+    pub fn certificate(&self) -> CertificateDer<'static> {
+        self.certificate.clone()
     }
 
     /// A certificate for `names` (DNS names or addresses), signed by this CA.
@@ -130,6 +134,18 @@ pub struct HttpsNameServer {
 impl HttpsNameServer {
     /// Binds `addr` in `ns` and serves `identity`'s certificate.
     pub fn start(ns: &Netns, addr: SocketAddr, name: &str, identity: Identity) -> Result<Self> {
+        Self::start_with_clients(ns, addr, name, identity, None)
+    }
+
+    /// Like `start`; with `client_ca`, a client must present a certificate it signed
+    /// (mutual TLS), else the handshake fails.
+    pub fn start_with_clients(
+        ns: &Netns,
+        addr: SocketAddr,
+        name: &str,
+        identity: Identity,
+        client_ca: Option<&TestCa>,
+    ) -> Result<Self> {
         let listener = ns
             .run(|| std::net::TcpListener::bind(addr))
             .with_context(|| format!("HTTPS server: binding {addr} in {}", ns.name()))?;
@@ -138,11 +154,24 @@ impl HttpsNameServer {
             deprecated,
             reason = "ring, as lb's forwarder uses; no post-quantum groups"
         )]
-        let provider = rustls::crypto::ring::default_provider();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(identity.chain, identity.key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.certificate())?;
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider,
+                    )
+                    .build()?,
+                )
+            }
+        };
+        let config = builder.with_single_cert(identity.chain, identity.key)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let shared = Arc::new(Shared {
             status: AtomicU16::new(200),

@@ -49,15 +49,16 @@ impl Scenario {
     /// Backends 1 (us-east-1) and 2 (us-west-1) serve HTTPS on 443 with certificates for
     /// `names[i]`.
     fn start(names: [&str; 2]) -> Option<Self> {
-        Self::start_with(names.map(|n| CA.1.issue(&[n]).unwrap()), CONFIG, &[])
+        Self::start_with(names.map(|n| CA.1.issue(&[n]).unwrap()), CONFIG, &[], None)
     }
 
-    /// Like `start`, the backends presenting `identities`, the agent given `config` and
-    /// `extra` arguments.
+    /// Like `start`, the backends presenting `identities` (and with `client_ca`, requiring
+    /// a client certificate it signed), the agent given `config` and `extra` arguments.
     fn start_with(
         identities: [lb_tests::tls_server::Identity; 2],
         config_text: &str,
         extra: &[&str],
+        client_ca: Option<&TestCa>,
     ) -> Option<Self> {
         if !require_root() {
             return None;
@@ -68,11 +69,12 @@ impl Scenario {
             .zip(&answers)
             .zip(identities)
             .map(|((i, answer), identity)| {
-                HttpsNameServer::start(
+                HttpsNameServer::start_with_clients(
                     &bed.backends[i as usize - 1].ns,
                     SocketAddr::from((backend_addr(i), 443)),
                     answer,
                     identity,
+                    client_ca,
                 )
                 .unwrap()
             })
@@ -498,7 +500,7 @@ fn an_expired_certificate_fails_over() {
         CA.1.issue_expired(&[EAST]).unwrap(),
         CA.1.issue(&[WEST]).unwrap(),
     ];
-    let Some(s) = Scenario::start_with(identities, CONFIG, &[]) else {
+    let Some(s) = Scenario::start_with(identities, CONFIG, &[], None) else {
         return;
     };
     let to = s.vip();
@@ -579,6 +581,7 @@ fn a_client_that_never_sends_is_closed_when_idle() {
         [CA.1.issue(&[EAST]).unwrap(), CA.1.issue(&[WEST]).unwrap()],
         &config,
         &[],
+        None,
     ) else {
         return;
     };
@@ -613,6 +616,7 @@ fn the_number_of_forwarded_connections_is_bounded() {
         [CA.1.issue(&[EAST]).unwrap(), CA.1.issue(&[WEST]).unwrap()],
         CONFIG,
         &["--tls-max-connections", "4"],
+        None,
     ) else {
         return;
     };
@@ -650,4 +654,109 @@ fn the_number_of_forwarded_connections_is_bounded() {
         "us-east-1",
         "the open ones go on"
     );
+}
+
+/// The blog's configuration with `trafficPolicy.tls` replaced by `tls` (YAML flow form).
+fn with_tls(tls: &str) -> String {
+    let config = CONFIG.replacen(
+        "    tls:\n      mode: SIMPLE\n",
+        &format!("    tls: {tls}\n"),
+        1,
+    );
+    assert_ne!(config, CONFIG);
+    config
+}
+
+/// `sni`: sent, and checked on every endpoint's certificate instead of its own DNS name
+/// (the backends' certificates are for `db.internal` only).
+#[test]
+fn the_rules_sni_is_checked_instead_of_the_endpoints_name() {
+    let Some(s) = Scenario::start_with(
+        [
+            CA.1.issue(&["db.internal"]).unwrap(),
+            CA.1.issue(&["db.internal"]).unwrap(),
+        ],
+        &with_tls("{ mode: SIMPLE, sni: db.internal }"),
+        &[],
+        None,
+    ) else {
+        return;
+    };
+    s.wait_all_from(s.vip(), "us-east-1");
+    assert!(s.servers[0].handshakes() >= 10);
+}
+
+/// `subjectAltNames`: a certificate must carry one of them; us-east-1's, valid for its own
+/// name only, is refused, and calls go to us-west-1, whose certificate carries it.
+#[test]
+fn subject_alt_names_are_required_of_the_certificate() {
+    let Some(s) = Scenario::start_with(
+        [
+            CA.1.issue(&[EAST]).unwrap(),
+            CA.1.issue(&[WEST, "approved.example"]).unwrap(),
+        ],
+        &with_tls("{ mode: SIMPLE, subjectAltNames: [approved.example] }"),
+        &[],
+        None,
+    ) else {
+        return;
+    };
+    let names = names_from(&s.bed.client, s.vip(), 10).expect("no failed call");
+    assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
+    let dump = s.config_dump();
+    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    assert!(
+        east["tls_errors"]["certificate_wrong_name"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{dump:#}"
+    );
+}
+
+/// `insecureSkipVerify: true`: certificates from a CA nobody trusts, for other names,
+/// are accepted.
+#[test]
+fn insecure_skip_verify_accepts_any_certificate() {
+    let dir = TempDir::new("lbca-untrusted").unwrap();
+    let untrusted = TestCa::new(&dir.0).unwrap();
+    let Some(s) = Scenario::start_with(
+        [
+            untrusted.issue(&["anything.example"]).unwrap(),
+            untrusted.issue(&["anything.example"]).unwrap(),
+        ],
+        &with_tls("{ mode: SIMPLE, insecureSkipVerify: true }"),
+        &[],
+        None,
+    ) else {
+        return;
+    };
+    s.wait_all_from(s.vip(), "us-east-1");
+}
+
+/// `mode: MUTUAL`: the backends require a client certificate from the test's CA; lb
+/// presents the one in `clientCertificate` / `privateKey`, and calls are served.
+#[test]
+fn mutual_tls_presents_the_client_certificate() {
+    let dir = TempDir::new("lbclient").unwrap();
+    let (cert, key) =
+        CA.1.issue(&["client.lb.example"])
+            .unwrap()
+            .write_pem(&dir.0, "client")
+            .unwrap();
+    let Some(s) = Scenario::start_with(
+        [CA.1.issue(&[EAST]).unwrap(), CA.1.issue(&[WEST]).unwrap()],
+        &with_tls(&format!(
+            "{{ mode: MUTUAL, clientCertificate: {}, privateKey: {} }}",
+            cert.display(),
+            key.display()
+        )),
+        &[],
+        Some(&CA.1),
+    ) else {
+        return;
+    };
+    s.wait_all_from(s.vip(), "us-east-1");
+    // Counted by the server only once it verified lb's certificate.
+    assert!(s.servers[0].handshakes() >= 10);
 }

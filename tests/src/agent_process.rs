@@ -120,6 +120,11 @@ impl AgentProcess {
         })
     }
 
+    /// The agent's pid (nsenter execs lb: the child is the agent itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `lb ARGS --admin ADMIN --pin-dir PIN_DIR` against this agent, run in `ns` as an
     /// operator would on the node: its standard output (a failing command panics).
     pub fn lb(&self, ns: &crate::Netns, admin: &str, args: &[&str]) -> String {

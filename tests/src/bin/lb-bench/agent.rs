@@ -172,3 +172,48 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     let t = ticks(14)? + ticks(15)?;
     Ok(Duration::from_nanos(t * 1_000_000_000 / hz))
 }
+
+/// The CPU time process `pid` and every process descending from it have used: a server's
+/// master and its workers.
+pub fn tree_cpu_time(pid: u32) -> Result<Duration> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Some(p) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and this read.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state is field 3, the parent's pid 4.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.push((p, ppid));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|&&(_, pp)| pp == parent)
+                .map(|&(p, _)| p),
+        );
+        at += 1;
+    }
+    let mut total = cpu_time(pid)?;
+    for &p in &tree[1..] {
+        // A worker that exited in between counts no more (its time went to its parent's
+        // children's time, not read here).
+        total += cpu_time(p).unwrap_or_default();
+    }
+    Ok(total)
+}

@@ -77,8 +77,8 @@ impl Default for Options {
 /// Backends behind every target.
 const BACKENDS: u8 = 4;
 /// The load generator's CPU; everything else (servers, proxies, agent) runs on the other.
-const CLIENT_CPU: usize = 0;
-const SERVER_CPU: usize = 1;
+pub const CLIENT_CPU: usize = 0;
+pub const SERVER_CPU: usize = 1;
 
 /// lb's VIP (the agent's configuration below).
 const LB_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -93,7 +93,7 @@ const NGINX_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 14);
 const VIP_PORT: u16 = 80;
 
 /// How long a target may take to answer its first request after being set up.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
@@ -203,16 +203,16 @@ fn tool(name: &str, package: &str) -> Result<PathBuf> {
         }
     }
     bail!(
-        "the end-to-end measurements need `{name}`: install Debian's {package} \
+        "the bench's peers need `{name}`: install Debian's {package} \
          (apt-get install {package}), or skip them"
     )
 }
 
 /// The programs the peers and the load generator need.
-struct Tools {
-    wrk: PathBuf,
-    haproxy: PathBuf,
-    nginx: PathBuf,
+pub struct Tools {
+    pub wrk: PathBuf,
+    pub haproxy: PathBuf,
+    pub nginx: PathBuf,
     /// `load_module` path of nginx's stream module; `None` when built in.
     stream_module: Option<PathBuf>,
     iptables: PathBuf,
@@ -222,7 +222,7 @@ struct Tools {
 }
 
 impl Tools {
-    fn find() -> Result<Self> {
+    pub fn find() -> Result<Self> {
         let nginx = tool("nginx", "nginx")?;
         let built = Command::new(&nginx).arg("-V").output()?;
         let built = String::from_utf8_lossy(&built.stderr).into_owned();
@@ -254,7 +254,7 @@ impl Tools {
     }
 
     /// One line of versions for the markdown.
-    fn versions(&self) -> String {
+    pub fn versions(&self) -> String {
         let first_line = |program: &Path, arg: &str| -> String {
             let out = Command::new(program).arg(arg).output();
             let text = out
@@ -286,17 +286,18 @@ impl Tools {
 }
 
 /// A server or proxy started in a namespace (`ip netns exec NS PROGRAM ...`, which execs the
-/// program: the child is the server itself), killed when dropped. Servers run in the
-/// foreground as one process (nginx `master_process off`, HAProxy `-db`), so killing the
-/// child leaves nothing behind.
-struct Daemon {
+/// program: the child is the server itself), stopped when dropped. Servers run in the
+/// foreground (nginx `daemon off`, HAProxy `-db`), most as one process (nginx
+/// `master_process off`); an nginx master with workers is stopped with SIGTERM first, so
+/// that it stops its workers (they do not die with it).
+pub struct Daemon {
     what: String,
     child: Child,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(
+    pub fn start(
         what: &str,
         ns: &Netns,
         argv: &[&str],
@@ -334,7 +335,7 @@ impl Daemon {
     }
 
     /// An error when the process has exited, with what it wrote.
-    fn ensure_running(&mut self) -> Result<()> {
+    pub fn ensure_running(&mut self) -> Result<()> {
         if let Ok(Some(status)) = self.child.try_wait() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             bail!("{} exited ({status}): {}", self.what, log.trim());
@@ -342,8 +343,13 @@ impl Daemon {
         Ok(())
     }
 
+    /// The server's pid (the nginx master, when it has workers).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits until `addr` accepts connections in `ns` (the server listens).
-    fn wait_listening(&mut self, ns: &Netns, addr: SocketAddr) -> Result<()> {
+    pub fn wait_listening(&mut self, ns: &Netns, addr: SocketAddr) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             self.ensure_running()?;
@@ -367,35 +373,77 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill has no memory preconditions; the pid is our unreaped child's.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+/// The HTTPS side of a backend (the TLS section's): a port serving the same answers with
+/// this certificate, and worker processes under a master, as a TLS server is run: one
+/// process's CPU would be the limit of every TLS target.
+pub struct BackendHttps<'a> {
+    pub port: u16,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub workers: usize,
+}
+
+/// nginx's http temporary folders, under `dir` (its defaults may not exist or be writable).
+pub fn nginx_temp_paths(dir: &Path, stem: &str) -> String {
+    let d = dir.display();
+    ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+        .map(|kind| {
+            let folder = if kind == "client_body" { "body" } else { kind };
+            format!("  {kind}_temp_path {d}/{stem}.{folder};\n")
+        })
+        .concat()
+}
+
 /// nginx as a backend: `GET /` answers 200 with the backend's name, keep-alive without a
-/// request limit. One process, as the proxies.
-fn backend_nginx_conf(dir: &Path, i: u8) -> String {
+/// request limit. One process, as the proxies, unless it also serves `https`; then
+/// `GET /status` is its `stub_status` (connections accepted: how many a balancer opened).
+pub fn backend_nginx_conf(dir: &Path, i: u8, https: Option<&BackendHttps>) -> String {
     let d = dir.display();
     let addr = backend_addr(i);
+    let temp = nginx_temp_paths(dir, &format!("be{i}"));
+    let (processes, tls) = match https {
+        None => (
+            "master_process off;\nworker_processes 1;".to_string(),
+            String::new(),
+        ),
+        Some(h) => (
+            format!("master_process on;\nworker_processes {};", h.workers),
+            format!(
+                "    listen {addr}:{} ssl backlog=4096;\n    ssl_certificate {};\n    \
+                 ssl_certificate_key {};\n    ssl_protocols TLSv1.2 TLSv1.3;\n    \
+                 location = /status {{ stub_status; }}\n",
+                h.port,
+                h.cert.display(),
+                h.key.display()
+            ),
+        ),
+    };
     format!(
         r#"daemon off;
-master_process off;
-worker_processes 1;
+{processes}
 worker_rlimit_nofile 16384;
 pid {d}/be{i}.pid;
 error_log {d}/be{i}.error.log warn;
 events {{ worker_connections 8192; }}
 http {{
   access_log off;
-  client_body_temp_path {d}/be{i}.body;
-  proxy_temp_path {d}/be{i}.proxy;
-  fastcgi_temp_path {d}/be{i}.fastcgi;
-  uwsgi_temp_path {d}/be{i}.uwsgi;
-  scgi_temp_path {d}/be{i}.scgi;
-  keepalive_requests 100000000;
+{temp}  keepalive_requests 100000000;
   server {{
     listen {addr}:{BACKEND_HTTP_PORT} backlog=4096;
-    default_type text/plain;
+{tls}    default_type text/plain;
     location / {{ return 200 "backend-{i}\n"; }}
   }}
 }}
@@ -461,7 +509,7 @@ backend backends
 
 /// lb's connection table: both directions of each connection, room for all of a run's
 /// connections (5 s at 30k connections/s).
-const LB_MAX_CONNECTIONS: u32 = 1 << 20;
+pub const LB_MAX_CONNECTIONS: u32 = 1 << 20;
 
 /// lb's configuration: one service, the VIP to the four backends.
 fn lb_config() -> String {
@@ -700,7 +748,7 @@ impl Bench {
         let nginx = bench.tools.nginx.display().to_string();
         for i in 1..=BACKENDS {
             let conf = d.join(format!("be{i}.conf"));
-            write_atomically(&conf, &backend_nginx_conf(&d, i))?;
+            write_atomically(&conf, &backend_nginx_conf(&d, i, None))?;
             let ns = &bench.bed.backends[usize::from(i) - 1].ns;
             // No TIME_WAIT in the backends. The server closes first, so each connection
             // leaves one there, keyed by the client's address and port; a later connection
@@ -834,6 +882,7 @@ impl Bench {
             LoadMode::KeepAlive => loadgen::wrk(
                 &self.tools.wrk,
                 &self.bed.client,
+                "http",
                 &target.addrs(),
                 opts.concurrency,
                 duration,
@@ -875,7 +924,7 @@ fn ipvs_status() -> String {
 }
 
 /// Median (mean of the two middle values for an even count). `v` must not be empty.
-fn median(v: &[f64]) -> f64 {
+pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -886,7 +935,7 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-fn min_max(v: &[f64]) -> (f64, f64) {
+pub fn min_max(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
@@ -894,7 +943,7 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 }
 
 /// Per-round ratios of `a`'s requests/s to `b`'s (same round, same mode).
-fn ratios(a: &[RunFigures], b: &[RunFigures]) -> Vec<f64> {
+pub fn ratios(a: &[RunFigures], b: &[RunFigures]) -> Vec<f64> {
     a.iter()
         .zip(b)
         .map(|(a, b)| {
@@ -908,7 +957,7 @@ fn ratios(a: &[RunFigures], b: &[RunFigures]) -> Vec<f64> {
 }
 
 /// `0.93 (0.90–0.95)`, with ` within noise` when the range straddles 1.
-fn ratio_cell(r: &[f64], flag_noise: bool) -> String {
+pub fn ratio_cell(r: &[f64], flag_noise: bool) -> String {
     let (lo, hi) = min_max(r);
     let noise = if flag_noise && lo <= 1.0 && hi >= 1.0 {
         ", within noise"
@@ -919,14 +968,14 @@ fn ratio_cell(r: &[f64], flag_noise: bool) -> String {
 }
 
 /// The 1-minute load average (`/proc/loadavg`).
-fn load_average() -> String {
+pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
 }
 
-fn machine_line(tools: &Tools, pin: bool) -> String {
+pub fn machine_line(tools: &Tools, pin: bool) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -222,10 +222,12 @@ pub fn new_connections(
 }
 
 /// `wrk -t1 -c{concurrency} -d{secs}s --latency -s SCRIPT` in `ns`, pinned to `cpu`: keep-alive
-/// requests. wrk takes whole seconds: `duration` is rounded (at least 1 s).
+/// requests, over `scheme` (`http`, or `https`: wrk's TLS, which checks no certificate).
+/// wrk takes whole seconds: `duration` is rounded (at least 1 s).
 pub fn wrk(
     wrk: &Path,
     ns: &Netns,
+    scheme: &str,
     addrs: &[SocketAddr],
     concurrency: usize,
     duration: Duration,
@@ -233,7 +235,7 @@ pub fn wrk(
 ) -> Result<RunFigures> {
     let secs = duration.as_secs_f64().round().max(1.0) as u64;
     let first = *addrs.first().context("no address to send requests to")?;
-    let url = format!("http://{first}/");
+    let url = format!("{scheme}://{first}/");
     // One wrk thread per address (one for every target measured with keep-alive), each
     // with its share of the connections; a script gives thread i the i-th address.
     let script = std::env::temp_dir().join(format!(

@@ -15,7 +15,11 @@
 //!    server loaded with 10,000 Services of 10 endpoints: start to ready, memory, one
 //!    endpoint change to the table being live;
 //! 6. dns (`dns`): the agent's DNS responder beside dnsmasq (hosts lb owns, names it
-//!    forwards), and the agent resolving endpoint names whose answers change every second.
+//!    forwards), and the agent resolving endpoint names whose answers change every second;
+//! 7. TLS origination (`tls`): plain HTTP from the client, TLS to the backend opened by
+//!    lb's forwarder, by HAProxy and by nginx, beside plain HTTP through lb's kernel path;
+//!    keep-alive and one new connection per request, in interleaved rounds, with each
+//!    balancer's CPU per request.
 //!
 //! Every section prints markdown tables; the plots are SVG files (`plots`) in `--out`.
 //! `--write-docs` puts the tables into `docs/benchmarks.md` between the section's markers
@@ -48,6 +52,7 @@ mod plots;
 mod report;
 mod results;
 mod stats;
+mod tls;
 
 #[derive(Parser)]
 #[command(
@@ -145,6 +150,18 @@ struct Args {
     /// DNS: seconds of each resolution-churn phase (steady, churn).
     #[arg(long, default_value_t = 15.0)]
     dns_churn_secs: f64,
+    /// Skip the TLS-origination comparison (lb's forwarder, HAProxy, nginx).
+    #[arg(long)]
+    no_tls: bool,
+    /// TLS origination: interleaved rounds (every target once per round in each mode).
+    #[arg(long, default_value_t = 5)]
+    tls_rounds: usize,
+    /// TLS origination: seconds of each measured run.
+    #[arg(long, default_value_t = 5.0)]
+    tls_secs: f64,
+    /// TLS origination: connections (keep-alive) or generator threads (new connections).
+    #[arg(long, default_value_t = 16)]
+    tls_concurrency: usize,
 }
 
 impl Args {
@@ -162,6 +179,8 @@ impl Args {
         self.dns_rounds = 1;
         self.dns_secs = 0.5;
         self.dns_churn_secs = 2.0;
+        self.tls_rounds = 2;
+        self.tls_secs = 1.0;
         self
     }
 }
@@ -187,7 +206,8 @@ fn main() -> Result<()> {
                 || args.no_control_plane
                 || args.no_failover
                 || args.no_kubernetes
-                || args.no_dns),
+                || args.no_dns
+                || args.no_tls),
             "--write-docs rewrites every section of docs/benchmarks.md: run every section"
         );
     }
@@ -277,6 +297,15 @@ fn main() -> Result<()> {
             churn_secs: args.dns_churn_secs,
         })?;
         sections.push(("dns", md));
+    }
+    if !args.no_tls {
+        println!();
+        let md = tls::run(&tls::Options {
+            rounds: args.tls_rounds,
+            secs: args.tls_secs,
+            concurrency: args.tls_concurrency,
+        })?;
+        sections.push(("tls", md));
     }
     println!();
     println!("bench finished in {:.0} s", started.elapsed().as_secs_f64());

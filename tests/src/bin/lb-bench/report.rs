@@ -426,6 +426,7 @@ mod tests {
             "failover-timeline",
             "kubernetes",
             "dns",
+            "tls",
         ]
         .iter()
         .map(|name| (*name, format!("{name} figures")))

@@ -25,7 +25,7 @@
 //!
 //! For a TLS-originating service (`trafficPolicy.tls`) the forwarder does this work:
 //! `cx_total` counts its attempts (connects and handshakes, failed or not), `rq_success`
-//! what it reported as successes, and each endpoint also shows the forwarder's own
+//! its successes, and each endpoint also shows the forwarder's own
 //! counters, named as Envoy names a cluster's TLS and byte counters: `ssl.handshake`,
 //! `ssl.connection_error`, `ssl.fail.KIND` (a failed handshake by kind:
 //! `certificate_wrong_name`, `certificate_unknown_issuer`, ...), `cx_connect_timeout`,
@@ -101,11 +101,11 @@ impl Host {
         tls: Option<&crate::tls_origination::Counts>,
     ) {
         if let Some(counts) = tls.filter(|_| svc.service.policy.tls.is_some()) {
-            // The forwarder's attempts, and the outcomes it reported.
+            // The forwarder's attempts, and its successes (it reports only the first
+            // after a failure to outlier detection).
             let c = counts.of(e.address);
             self.cx_total += c.attempts();
-            let totals = &e.status.totals;
-            self.rq_success += totals.rq_total - totals.rq_error;
+            self.rq_success += c.successes;
             self.tls = Some(c);
         }
         self.cx_connect_fail += e.status.totals.cx_connect_fail;

@@ -158,6 +158,11 @@ pub struct EndpointCounts {
     /// Bytes from the client to it, and back.
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Successes: HTTP responses below 500 on HTTP ports, else connections forwarded.
+    pub successes: u64,
+    /// The services (`VIP:PORT`) whose last outcome reported for it was a failure.
+    #[serde(skip)]
+    failing_in: std::collections::BTreeSet<String>,
 }
 
 /// The forwarder's counters, shared with the admin views.
@@ -375,7 +380,28 @@ impl Forwarder {
         }
     }
 
+    /// Passes an outcome to outlier detection. A success matters to it only after a
+    /// failure (it resets the consecutive counts; success rates are not computed), so
+    /// successes are counted here and only the first one after a failure is sent: the
+    /// agent then does no work per request on a healthy endpoint.
     fn report(&self, service: &str, endpoint: SocketAddrV4, event: Event) {
+        let success = match event {
+            Event::Success => true,
+            Event::HttpStatus(status) => status < 500,
+            Event::ConnectFailure | Event::Timeout | Event::Reset => false,
+        };
+        let mut send = true;
+        self.counts.with(endpoint, |c| {
+            if success {
+                c.successes += 1;
+                send = c.failing_in.remove(service);
+            } else if !c.failing_in.contains(service) {
+                c.failing_in.insert(service.to_string());
+            }
+        });
+        if !send {
+            return;
+        }
         let _ = self.events.send(ForwarderEvent {
             service: service.to_string(),
             endpoint,

@@ -107,6 +107,21 @@ counters! {
     /// running): dropped, so the client retransmits it to the next agent instead of being
     /// refused.
     DropTlsNoForwarder = 34, "drop_tls_no_forwarder";
+    /// A rewritten packet forwarded by lb itself (FIB lookup, then a redirect to the
+    /// egress interface), not routed again by the node's stack.
+    EventRedirected = 35, "event_redirected";
+    /// A rewritten packet left to the stack: larger than the egress MTU.
+    EventStackFragNeeded = 36, "event_stack_frag_needed";
+    /// A rewritten packet left to the stack: its TTL would expire here (the stack sends
+    /// ICMP time exceeded).
+    EventStackTtl = 37, "event_stack_ttl";
+    /// A rewritten packet left to the stack: a route lb does not follow (blackhole,
+    /// unreachable, prohibit, a tunnel, forwarding disabled, no route).
+    EventStackNotForwarded = 38, "event_stack_not_forwarded";
+    /// A rewritten packet left to the stack: its route is not a unicast one to forward
+    /// on: delivery on this node (a reply to a connection the node itself made to a VIP),
+    /// broadcast, multicast, or no route at all.
+    EventStackNotUnicast = 39, "event_stack_not_unicast";
 }
 
 /// Number of slots of the `COUNTERS` map (room to grow: a new size replaces the pinned

@@ -22,6 +22,7 @@ mod maps;
 mod migration;
 mod packet;
 mod parse;
+mod route;
 mod stats;
 mod tls_steer;
 
@@ -49,10 +50,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
     let mut pkt = TcPacket::new(ctx);
     match datapath::process(&mut pkt) {
-        Outcome::Pass | Outcome::Forwarded | Outcome::Replied => TC_ACT_OK,
-        // A refusal from a backend turned into a SYN to another backend: route it there
-        // directly (it came in from the refusing backend's side).
-        Outcome::Resent => pkt.reroute(),
+        Outcome::Pass => TC_ACT_OK,
+        // Rewritten: lb sends it on to the backend or the client itself, without a second
+        // routing by the stack (`route`). A refusal turned into a SYN to another backend
+        // goes the same way (it came in from the refusing backend's side).
+        Outcome::Forwarded | Outcome::Replied | Outcome::Resent => pkt.forward(false),
         Outcome::Drop => TC_ACT_SHOT,
     }
 }
@@ -63,7 +65,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match datapath::process(&mut pkt) {
         // The route the node chose was the VIP's; after DNAT the packet must leave
         // towards the backend instead.
-        Outcome::Forwarded | Outcome::Resent => pkt.reroute(),
+        Outcome::Forwarded | Outcome::Resent => pkt.forward(true),
         Outcome::Pass | Outcome::Replied => TC_ACT_OK,
         Outcome::Drop => TC_ACT_SHOT,
     }

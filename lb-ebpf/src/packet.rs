@@ -4,15 +4,12 @@
 //! - TC uses the kernel's checksum helpers, which also handle `CHECKSUM_PARTIAL` skbs
 //!   (locally generated or offloaded) and keep `skb->csum` right for `CHECKSUM_COMPLETE`.
 
-use core::mem::{offset_of, size_of};
+use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::{
-        bpf_fib_lookup, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR,
-    },
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
-        bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
         bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
     },
     programs::{TcContext, XdpContext},
@@ -23,6 +20,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     parse::{header_at, ETH_LEN, L4_OFF, MAX_HEADERS},
+    route::{self, Next},
     stats,
 };
 
@@ -249,51 +247,47 @@ impl TcPacket {
         Self { ctx }
     }
 
-    /// After DNAT on egress: send the packet out of the interface that routes to the
-    /// backend, with its L2 addresses, instead of the one the VIP's route picked.
+    /// Sends the rewritten packet on itself, to the interface and next hop the node's
+    /// FIB gives (see `route`), or leaves it to the stack, the reason counted. `local`: the
+    /// node's own packet (TC egress, after DNAT): the route the node chose was the VIP's,
+    /// and its TTL is not decremented.
     #[inline(always)]
-    pub fn reroute(&mut self) -> i32 {
-        let (data, data_end) = (self.data(), self.data_end());
-        let Some(ip) = header_at::<Ipv4Hdr>(data, data_end, ETH_LEN) else {
-            return TC_ACT_OK;
-        };
-        // SAFETY: bounds checked by header_at.
-        let ip = unsafe { &*ip };
-        // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid starting value.
-        let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-        fib.family = 2; // AF_INET
-        fib.l4_protocol = ip.proto;
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-        fib.ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-        // SAFETY: valid context and a correctly sized parameter block.
-        let rc = unsafe {
-            bpf_fib_lookup(
-                self.ctx.as_ptr(),
-                &mut fib,
-                size_of::<bpf_fib_lookup>() as i32,
-                0,
-            )
-        };
-        if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-            let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
-                return TC_ACT_OK;
-            };
-            // SAFETY: bounds checked by header_at.
-            unsafe {
-                (*eth).dst_addr = fib.dmac;
-                (*eth).src_addr = fib.smac;
-                // Returns TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad ifindex.
-                bpf_redirect(fib.ifindex, 0) as i32
+    pub fn forward(&mut self, local: bool) -> i32 {
+        // SAFETY: the skb of a valid TC context.
+        let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
+        let ctx = self.ctx.as_ptr();
+        match route::next(self, ctx, ifindex, local, true) {
+            Next::Redirect {
+                ifindex,
+                smac,
+                dmac,
+            } => {
+                let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
+                    return TC_ACT_OK;
+                };
+                stats::count(Counter::EventRedirected);
+                // SAFETY: bounds checked by header_at; the helper checks the ifindex.
+                unsafe {
+                    (*eth).dst_addr = dmac;
+                    (*eth).src_addr = smac;
+                    // TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad ifindex.
+                    bpf_redirect(ifindex, 0) as i32
+                }
             }
-        } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-            // The kernel resolves the neighbour itself and fills in the L2 header.
-            // SAFETY: a null parameter block asks the kernel to use the packet's route.
-            unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
-        } else {
-            stats::count(Counter::EventEgressNoRoute);
-            TC_ACT_OK
+            Next::ResolveNeighbour { ifindex } => {
+                stats::count(Counter::EventRedirected);
+                // The kernel routes the packet again to find its next hop, resolves it and
+                // fills in the L2 header.
+                // SAFETY: a null parameter block asks the kernel to use the packet's route.
+                unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+            }
+            Next::Stack(reason) => {
+                stats::count(reason);
+                if local {
+                    stats::count(Counter::EventEgressNoRoute);
+                }
+                TC_ACT_OK
+            }
         }
     }
 }

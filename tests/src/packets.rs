@@ -260,6 +260,29 @@ pub fn icmp_error(
     outer.build()
 }
 
+/// `frame` as a router sends it on: TTL one less, the IPv4 checksum computed from
+/// scratch, and with `macs` (destination, source) its new Ethernet addresses.
+pub fn routed(frame: &[u8], macs: Option<([u8; 6], [u8; 6])>) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if let Some((dst, src)) = macs {
+        f[..6].copy_from_slice(&dst);
+        f[6..12].copy_from_slice(&src);
+    }
+    let ihl = ((f[14] & 0x0f) as usize) * 4;
+    f[22] -= 1;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = finish(sum(&f[14..14 + ihl]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// `frame` with IPv4 TTL `ttl` (its header checksum computed from scratch).
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[22] = ttl + 1;
+    routed(&f, None)
+}
+
 /// Checks every checksum of an Ethernet/IPv4/TCP-or-UDP frame from scratch.
 pub fn checksums_valid(frame: &[u8]) -> bool {
     if frame.len() < 34 {

@@ -26,8 +26,8 @@ use lb_common::{
 };
 use lb_tests::{
     fixture_services::{
-        backend_mac, desired, routed_netns, API, API_BACKEND, BACKENDS, OTHER_VIP, ROUTE_MAC, VIP,
-        WEB,
+        backend_mac, desired, routed_netns, API, API_BACKEND, BACKENDS, DNS, OTHER_VIP, ROUTE_MAC,
+        VIP, WEB,
     },
     packets::{
         self, arp_frame, checksums_valid, icmp_error, linux_syn_options, PacketSpec, ACK, CWR, ECE,
@@ -39,24 +39,35 @@ use lb_tests::{
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 
-/// The verdict for a packet the data plane turned around (a refusal re-sent as the
-/// client's SYN): XDP passes it to the stack, TC routes it to the new backend itself.
-fn resent_verdict(hook: Hook) -> Verdict {
+/// The verdict for a packet the data plane rewrote (forwarded, replied, or a refusal
+/// re-sent as the client's SYN): XDP passes it to the stack, TC sends it on itself.
+fn rewritten_verdict(hook: Hook) -> Verdict {
     match hook {
         Hook::Xdp => Verdict::Pass,
         Hook::TcIngress => Verdict::Redirect,
     }
 }
 
-/// `frame` (a re-sent SYN) as it leaves the hook: XDP keeps the Ethernet header of the
-/// packet it rewrote; TC writes the addresses its route lookup found for the destination.
-fn resent_frame(hook: Hook, mut frame: Vec<u8>) -> Vec<u8> {
-    if hook == Hook::TcIngress {
-        let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
-        frame[..6].copy_from_slice(&backend_mac(dst));
-        frame[6..12].copy_from_slice(&ROUTE_MAC);
+/// A rewritten `frame` as it leaves the hook: XDP keeps the Ethernet header of the packet
+/// it rewrote; TC sends it on itself (see [`tc_sent_on`]).
+fn rewritten_frame(hook: Hook, frame: Vec<u8>) -> Vec<u8> {
+    match hook {
+        Hook::Xdp => frame,
+        Hook::TcIngress => tc_sent_on(&frame),
     }
-    frame
+}
+
+/// A rewritten `frame` as TC ingress sends it on itself, in the routed namespace
+/// (`routed_netns`), instead of handing it to the stack: TTL one less; to a backend (a
+/// permanent neighbour) with the neighbour's and the route's MAC addresses, to anyone
+/// else on the link (the client, no neighbour entry yet) through the kernel's neighbour
+/// resolution, which writes the addresses after the program (unchanged here).
+fn tc_sent_on(frame: &[u8]) -> Vec<u8> {
+    let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
+    let macs = BACKENDS
+        .contains(&dst)
+        .then(|| (backend_mac(dst), ROUTE_MAC));
+    packets::routed(frame, macs)
 }
 
 /// A failure signal as a case expects it (the kernel's timestamp is checked apart).
@@ -243,6 +254,22 @@ fn check_signalled(h: &mut Harness, case: Case, signals: &[Sig]) {
         .unwrap_or_else(|e| panic!("{ctx}: BPF_PROG_TEST_RUN failed: {e:?}"));
     let ended = lb::clock::monotonic_ns();
     let after = h.counters();
+    // TC sends every packet it rewrote on itself (a case's expectation is written for
+    // the stack, as XDP does); a re-sent SYN's case already says so.
+    let mut case = case;
+    let to_stack = case
+        .counters
+        .iter()
+        .any(|(c, _)| c.label().starts_with("event_stack_"));
+    if h.hook == Hook::TcIngress && case.verdict == Verdict::Pass && !to_stack {
+        if let Some(out) = case.output.take() {
+            case.output = Some(tc_sent_on(&out));
+            case.verdict = Verdict::Redirect;
+        }
+    }
+    if h.hook == Hook::TcIngress && case.verdict == Verdict::Redirect {
+        case.counters.push((Counter::EventRedirected, 1));
+    }
     assert_eq!(verdict, case.verdict, "{ctx}: verdict");
     let expected = case.output.as_ref().unwrap_or(&case.input);
     if verdict != Verdict::Drop {
@@ -567,7 +594,7 @@ fn run_fixtures(hook: Hook) {
     // The client's SYN as lb sends it again: IPv4 identification 0, all else as offered.
     // lb writes the options in Linux's order, so a Linux SYN comes out as it went in.
     let resent = |syn: &PacketSpec, to: (Ipv4Addr, u16)| {
-        resent_frame(hook, syn.clone().with_dst(to).with_ip_id(0).build())
+        rewritten_frame(hook, syn.clone().with_dst(to).with_ip_id(0).build())
     };
 
     let r_syn = linux_syn(40030);
@@ -616,7 +643,7 @@ fn run_fixtures(hook: Hook) {
                 .into(),
             // As it comes off the wire: 54 bytes padded to the Ethernet minimum of 60.
             input: padded(refusal(r1_at, 40030, ISN).build()),
-            verdict: resent_verdict(hook),
+            verdict: rewritten_verdict(hook),
             output: Some(resent(&r_syn, r2_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -742,7 +769,7 @@ fn run_fixtures(hook: Hook) {
                    the client's SYN to the next backend, with no signal"
                 .into(),
             input: stale.build(),
-            verdict: resent_verdict(hook),
+            verdict: rewritten_verdict(hook),
             output: Some(resent(&t_syn, t2_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -840,7 +867,7 @@ fn run_fixtures(hook: Hook) {
                      ECN, the MSS and NOPs"
                 ),
                 input: refusal(e_at, 40031, u32::MAX).build(),
-                verdict: resent_verdict(hook),
+                verdict: rewritten_verdict(hook),
                 output: Some(resent(&ecn_resent, next_at)),
                 counters: vec![(Counter::ForwardResteered, 1)],
             },
@@ -1637,7 +1664,7 @@ fn run_fixtures(hook: Hook) {
             input: refusal(before_at, s_port, ISN)
                 .with_payload(&[b'x'; 100])
                 .build(),
-            verdict: resent_verdict(hook),
+            verdict: rewritten_verdict(hook),
             output: Some(resent(&s_syn, after_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -1691,10 +1718,10 @@ fn run_fixtures(hook: Hook) {
     for port in 41000..41020 {
         let s = PacketSpec::tcp(client(port), vip80, SYN);
         let (verdict, out) = h.run(&s.build());
-        assert_eq!(verdict, Verdict::Pass);
+        assert_eq!(verdict, rewritten_verdict(hook));
         assert_eq!(
             out,
-            s.clone().with_dst((BACKENDS[1], 8080)).build(),
+            rewritten_frame(hook, s.clone().with_dst((BACKENDS[1], 8080)).build()),
             "{hook:?}: only the active backend"
         );
     }
@@ -1735,6 +1762,65 @@ fn run_fixtures(hook: Hook) {
 #[test]
 fn xdp_fixtures() {
     run_fixtures(Hook::Xdp);
+}
+
+/// A rewritten packet the stack must decide about goes to it, the reason counted: a TTL
+/// that expires here (the stack sends ICMP time exceeded), a packet larger than the
+/// egress MTU (the stack fragments it or sends ICMP), a destination with no route.
+fn run_stack_fallbacks(hook: Hook) {
+    let mut h = Harness::new(hook);
+    let counted = |reason: Counter| match hook {
+        Hook::Xdp => vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
+        Hook::TcIngress => vec![
+            (Counter::ForwardNew, 1),
+            (Counter::EventTracked, 1),
+            (reason, 1),
+        ],
+    };
+    let syn = PacketSpec::tcp(client(42000), (VIP, 80), SYN);
+    let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&syn));
+    let last_hop = packets::with_ttl(&syn.build(), 1);
+    check(
+        &mut h,
+        Case {
+            name: "TTL 1: DNATed, left to the stack".into(),
+            input: last_hop,
+            verdict: Verdict::Pass,
+            output: Some(packets::with_ttl(
+                &syn.clone().with_dst((addr, port)).build(),
+                1,
+            )),
+            counters: counted(Counter::EventStackTtl),
+        },
+    );
+    let big = PacketSpec::udp(client(42001), (VIP, 53), &[7u8; 1600]);
+    let (addr, port, _) = h.predicted_backend(&DNS, &flow_of(&big));
+    check(
+        &mut h,
+        Case {
+            name: "larger than the egress MTU: DNATed, left to the stack".into(),
+            input: big.build(),
+            verdict: Verdict::Pass,
+            output: Some(big.clone().with_dst((addr, port)).build()),
+            counters: counted(Counter::EventStackFragNeeded),
+        },
+    );
+}
+
+#[test]
+fn stack_fallbacks_tc() {
+    if !require_root() {
+        return;
+    }
+    routed_netns("dps").run(|| run_stack_fallbacks(Hook::TcIngress));
+}
+
+#[test]
+fn stack_fallbacks_xdp() {
+    if !require_root() {
+        return;
+    }
+    routed_netns("dpx").run(|| run_stack_fallbacks(Hook::Xdp));
 }
 
 #[test]
@@ -1804,6 +1890,10 @@ fn idle_flows_expire_after_the_configured_timeout() {
     }
     let mut options = DataplaneOptions::default();
     options.timeouts.udp_timeout_ns = 1_000_000_000;
+    routed_netns("dpi").run(|| idle_flows_expire(options));
+}
+
+fn idle_flows_expire(options: DataplaneOptions) {
     let mut h = Harness::with_options(Hook::TcIngress, options);
     let q = PacketSpec::udp(client(6000), (VIP, 53), b"query");
     let dnat = q.clone().with_dst((BACKENDS[0], 5353)).build();
@@ -2186,7 +2276,7 @@ fn a_shorter_failover_list_does_not_hide_an_eligible_backend() {
     };
     // First refusal: re-sent to list[1]; the cursor now points past it (2).
     let (verdict, _) = h.run(&refusal(h.backend_addr(list[0])).build());
-    assert_eq!(verdict, resent_verdict(Hook::Xdp));
+    assert_eq!(verdict, rewritten_verdict(Hook::Xdp));
     let orig = h.entry(&flow).unwrap();
     assert_eq!((orig.backend_id, orig.fallback_cursor), (list[1], 2));
     // The first backend is ejected: the list becomes [list[1], list[2]], shorter than the

@@ -1,0 +1,128 @@
+//! After a rewrite, lb forwards the packet itself instead of handing it back to the node's
+//! IP stack to be routed a second time (as Cilium's BPF host routing and Katran's XDP_TX
+//! do): a FIB lookup (`bpf_fib_lookup`, the node's own routing table and neighbours) gives
+//! the egress interface and the next hop's MAC address; the TTL is decremented as a router
+//! does, and the packet is redirected there.
+//!
+//! When the next hop's MAC is not known yet, TC's `bpf_redirect_neigh` resolves it in the
+//! kernel. Whenever the lookup says the stack must decide, the packet goes to the stack as
+//! before, the reason counted (`event_stack_*`):
+//! - `frag_needed`: larger than the egress MTU (the stack fragments or sends ICMP);
+//! - `ttl`: TTL 1 or 0 (the stack sends ICMP time exceeded);
+//! - `not_unicast`: delivered on this node (a reply to a connection the node itself made
+//!   to a VIP), broadcast, multicast, or no route at all;
+//! - `not_forwarded`: a route lb does not follow: blackhole, unreachable, prohibit, a
+//!   lightweight tunnel, forwarding disabled on the interface.
+//!
+//! Skipping the stack also skips what it does in between: netfilter's FORWARD and
+//! POSTROUTING hooks (as with Cilium's host routing) and its forwarding counters.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    },
+    helpers::bpf_fib_lookup,
+};
+use lb_common::{csum, Counter};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{
+    packet::Packet,
+    parse::{header_at, ETH_LEN},
+};
+
+const AF_INET: u8 = 2;
+/// Offset of the IPv4 header's TTL and protocol, one 16-bit word for the checksum.
+const TTL_OFF: usize = ETH_LEN + 8;
+const IP_CHECK_OFF: usize = ETH_LEN + 10;
+
+/// Where a rewritten packet goes.
+pub enum Next {
+    /// To `ifindex`, whose next hop's MAC is `dmac` (from `smac`); the TTL was decremented.
+    Redirect {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// To `ifindex`, the next hop not yet resolved: `bpf_redirect_neigh` resolves it.
+    ResolveNeighbour { ifindex: u32 },
+    /// To the stack, for the counted reason.
+    Stack(Counter),
+}
+
+/// Looks up the route of `pkt` (an IPv4 packet after its rewrite) as the node would
+/// forward it from `ingress_ifindex`, and decrements its TTL when lb forwards it. `ctx` is
+/// the hook's context (skb or xdp_md), which the helper needs. With `local`, the packet is
+/// the node's own (TC egress): no TTL to decrement. With `skb`, the kernel checks the
+/// egress MTU against the skb itself, which knows GSO (a GRO-merged skb is larger than
+/// the MTU and still forwardable); for XDP the IPv4 length is checked.
+#[inline(always)]
+pub fn next<P: Packet>(
+    pkt: &mut P,
+    ctx: *mut core::ffi::c_void,
+    ingress_ifindex: u32,
+    local: bool,
+    skb: bool,
+) -> Next {
+    let Some(ip) = header_at::<Ipv4Hdr>(pkt.data(), pkt.data_end(), ETH_LEN) else {
+        return Next::Stack(Counter::EventStackNotForwarded);
+    };
+    // SAFETY: bounds checked by header_at.
+    let (ttl, protocol, check, tot_len, src, dst) = unsafe {
+        let ip = &*ip;
+        (
+            ip.ttl,
+            ip.proto,
+            u16::from_ne_bytes(ip.check),
+            u16::from_be_bytes(ip.tot_len),
+            u32::from_ne_bytes(ip.src_addr),
+            u32::from_ne_bytes(ip.dst_addr),
+        )
+    };
+    if !local && ttl <= 1 {
+        return Next::Stack(Counter::EventStackTtl);
+    }
+    // SAFETY: plain data; all-zero is a valid starting value.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = protocol;
+    fib.__bindgen_anon_1.tot_len = if skb { 0 } else { tot_len };
+    fib.ifindex = ingress_ifindex;
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: a valid context and a parameter block of the size given.
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut fib, size_of::<FibParams>() as i32, 0) } as u32;
+    let next = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Next::Redirect {
+            ifindex: fib.ifindex,
+            smac: fib.smac,
+            dmac: fib.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Next::ResolveNeighbour {
+            ifindex: fib.ifindex,
+        },
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Next::Stack(Counter::EventStackFragNeeded),
+        // Local delivery (a reply to the node's own connection), broadcast, multicast,
+        // or no route.
+        BPF_FIB_LKUP_RET_NOT_FWDED => return Next::Stack(Counter::EventStackNotUnicast),
+        _ => return Next::Stack(Counter::EventStackNotForwarded),
+    };
+    if !local && decrement_ttl(pkt, ttl, protocol, check).is_err() {
+        return Next::Stack(Counter::EventStackNotForwarded);
+    }
+    next
+}
+
+/// TTL - 1, and the IPv4 checksum changed to match (so the header's sum, and a
+/// `CHECKSUM_COMPLETE` skb's `csum`, are unchanged).
+#[inline(always)]
+fn decrement_ttl<P: Packet>(pkt: &mut P, ttl: u8, protocol: u8, check: u16) -> Result<(), ()> {
+    let old = u16::from_ne_bytes([ttl, protocol]);
+    let new = u16::from_ne_bytes([ttl - 1, protocol]);
+    let check = csum::replace2(check, old, new);
+    pkt.store_u16(TTL_OFF, new)?;
+    pkt.store_u16(IP_CHECK_OFF, check)
+}

@@ -316,3 +316,45 @@ fn pods_come_and_go(mode: AttachMode) {
     pod4.wait_served().unwrap();
     drop(agent);
 }
+
+/// An interface with IPv4 forwarding off cannot pass balanced packets on: the agent says
+/// so at attach time, `/metrics` counts it (`lb_interfaces_forwarding_off`) and
+/// `/config_dump` shows it, so an operator finds why those clients' calls fail.
+#[test]
+fn interfaces_with_forwarding_off_are_reported() {
+    if !require_root() {
+        return;
+    }
+    let bed = TestBed::new(AttachMode::Tc).unwrap();
+    let client_side = bed.interfaces[0].name.clone();
+    bed.node
+        .set_sysctl(&format!("net/ipv4/conf/{client_side}/forwarding"), "0")
+        .unwrap();
+    let dir = TempDir::new("lbfwd").unwrap();
+    let config = dir.0.join("lb.yaml");
+    write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
+    let _agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN]).unwrap();
+    wait_ready(&bed.node);
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let get = |path: &str| {
+        let (status, body) = bed
+            .node
+            .run(|| http_request(admin, "GET", path, &[], Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+        body
+    };
+    assert!(
+        get("/metrics").contains("lb_interfaces_forwarding_off 1\n"),
+        "one interface with forwarding off"
+    );
+    let dump: serde_json::Value = serde_json::from_str(&get("/config_dump")).unwrap();
+    let off: Vec<&str> = dump["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["ipv4_forwarding"] == false)
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(off, [client_side.as_str()], "{dump:#}");
+}

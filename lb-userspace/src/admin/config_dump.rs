@@ -132,6 +132,13 @@ pub fn json(snapshot: &Snapshot) -> Value {
                 "udp": duration(Duration::from_nanos(t.udp_timeout_ns)),
             },
         },
+        // Where the data plane is attached, and whether the node forwards IPv4 arriving
+        // there (without it, balanced packets cannot be forwarded).
+        "interfaces": snapshot.interfaces.iter().map(|(name, mode)| json!({
+            "name": name,
+            "mode": crate::interfaces::mode_name(*mode),
+            "ipv4_forwarding": crate::interfaces::ipv4_forwarding(name),
+        })).collect::<Vec<_>>(),
         "services": snapshot.services.iter().map(service).collect::<Vec<_>>(),
         // What the sources said: objects left out, fields not acted on (each once).
         "warnings": snapshot.warnings,

@@ -684,6 +684,20 @@ pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::f
         "Interfaces the data plane is attached to (--interface names and pattern matches), by mode",
         interfaces,
     );
+    let forwarding_off = Gauge::<i64>::default();
+    forwarding_off.set(
+        snapshot
+            .interfaces
+            .iter()
+            .filter(|(name, _)| crate::interfaces::ipv4_forwarding(name) == Some(false))
+            .count() as i64,
+    );
+    registry.register(
+        "interfaces_forwarding_off",
+        "Attached interfaces with IPv4 forwarding off (net.ipv4.conf.IFACE.forwarding = 0): \
+         balanced packets arriving on them cannot be forwarded (0 on a working node)",
+        forwarding_off,
+    );
     // Active health checks, summed over the checked endpoints (per endpoint: /config_dump).
     if !snapshot.health.is_empty() {
         let endpoints = Gauges::default();

@@ -213,11 +213,26 @@ pub fn attach_present(dataplane: &mut Dataplane, specs: &[InterfaceSpec]) -> Res
     Ok(())
 }
 
+/// Whether IPv4 forwarding is on for packets arriving on `name`
+/// (`net.ipv4.conf.NAME.forwarding`); `None` when it cannot be read.
+pub fn ipv4_forwarding(name: &str) -> Option<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+    Some(std::fs::read_to_string(path).ok()?.trim() != "0")
+}
+
 fn log_attached(selector: &Selector, name: &str, ifindex: u32, mode: AttachMode) {
     info!(
         "attached to {name} (ifindex {ifindex}, {})",
         mode_name(mode)
     );
+    if ipv4_forwarding(name) == Some(false) {
+        warn!(
+            "IPv4 forwarding is off on {name} (net.ipv4.conf.{name}.forwarding = 0): balanced \
+             packets that arrive on it cannot be forwarded to backends or clients on other \
+             interfaces (each is counted event_stack_not_forwarded and left to the stack, \
+             which drops it); set net.ipv4.ip_forward=1 as on any router"
+        );
+    }
     let overruled = selector.overruled(name);
     if !overruled.is_empty() {
         warn!(

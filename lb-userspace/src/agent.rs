@@ -1196,7 +1196,12 @@ pub async fn run(opts: AgentOptions) -> Result<Stopped> {
     let mut token_file = None;
     if let Some(addr) = opts.admin {
         let token = crate::admin::token::TokenFile::create(&opts.admin_token_file)?;
-        let listener = bind_admin(addr).await?;
+        let listener = bind_retrying(|| std::net::TcpListener::bind(addr))
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .with_context(|| format!("binding the admin endpoint to {addr}"))?;
         if !addr.ip().is_loopback() {
             warn!(
                 "the admin endpoint listens on {addr}, not a loopback address: its views \
@@ -1410,25 +1415,26 @@ pub async fn run(opts: AgentOptions) -> Result<Stopped> {
     })
 }
 
-/// Binds the admin endpoint; while `addr` is taken, tries again for a few seconds: a
-/// previous agent stopping (an upgrade) lets it go as it stops.
-async fn bind_admin(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
-    let deadline = tokio::time::Instant::now() + TAKEOVER_WAIT;
+/// How long a starting agent waits for the ports a stopping one still holds.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// `bind`, tried again for up to [`TAKEOVER_WAIT`] while the address is in use: a previous
+/// agent stopping (an upgrade) lets its ports go as it stops. Called at start only, so the
+/// thread may wait.
+pub fn bind_retrying<T>(bind: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = std::time::Instant::now() + TAKEOVER_WAIT;
     loop {
-        match tokio::net::TcpListener::bind(addr).await {
+        match bind() {
             Err(e)
                 if e.kind() == std::io::ErrorKind::AddrInUse
-                    && tokio::time::Instant::now() < deadline =>
+                    && std::time::Instant::now() < deadline =>
             {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                std::thread::sleep(Duration::from_millis(50));
             }
-            bound => return bound.with_context(|| format!("binding the admin endpoint to {addr}")),
+            bound => return bound,
         }
     }
 }
-
-/// How long a starting agent waits for the ports a stopping one still holds.
-pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 /// Gives `config`'s services the endpoints their names resolve to now, and tells `dns`
 /// which names the configuration has.

@@ -159,7 +159,7 @@ fn plain_http_calls_reach_the_local_region_over_tls() {
     assert!(s.servers[0].handshakes() >= 10);
     assert_eq!(s.servers[1].handshakes(), 0);
     let dump = s.config_dump();
-    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    let east = east_tls(&dump);
     assert!(east["connections"].as_u64().unwrap() >= 10, "{dump:#}");
     let metrics = s.admin_get("/metrics");
     assert!(
@@ -309,7 +309,7 @@ fn a_certificate_for_the_wrong_name_fails_over() {
     let names = names_from(&s.bed.client, to, 10).expect("no failed call");
     assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
     let dump = s.config_dump();
-    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    let east = east_tls(&dump);
     assert!(
         east["tls_errors"]["certificate_wrong_name"]
             .as_u64()
@@ -417,10 +417,7 @@ fn an_upgrade_under_load_loses_no_request() {
                     .ok()
                     .and_then(|d| serde_json::from_str(&d).ok())
                     .unwrap_or_default();
-                dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))]
-                    ["connections"]
-                    .as_u64()
-                    .unwrap_or(0)
+                east_tls(&dump)["connections"].as_u64().unwrap_or(0)
             };
             let started = Instant::now();
             while served_by_next() < 3 {
@@ -484,12 +481,14 @@ fn a_connection_made_between_agents_waits_for_the_next() {
     assert_eq!(answer.expect("the call made between agents"), "us-east-1");
 }
 
-/// The value of `/config_dump`'s `tls_origination` field `field` for us-east-1's endpoint.
+/// us-east-1's endpoint in a `/config_dump`'s `tls_origination`: the forwarder's counters.
+fn east_tls(dump: &serde_json::Value) -> &serde_json::Value {
+    &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))]
+}
+
+/// The forwarder's counter `field` for us-east-1's endpoint, now.
 fn east_count(s: &Scenario, field: &str) -> u64 {
-    let dump = s.config_dump();
-    dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))][field]
-        .as_u64()
-        .unwrap_or(0)
+    east_tls(&s.config_dump())[field].as_u64().unwrap_or(0)
 }
 
 /// us-east-1 presents an expired certificate: its handshakes fail, counted as
@@ -507,7 +506,7 @@ fn an_expired_certificate_fails_over() {
     let names = names_from(&s.bed.client, to, 10).expect("no failed call");
     assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
     let dump = s.config_dump();
-    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    let east = east_tls(&dump);
     assert!(
         east["tls_errors"]["certificate_expired"]
             .as_u64()
@@ -704,7 +703,7 @@ fn subject_alt_names_are_required_of_the_certificate() {
     let names = names_from(&s.bed.client, s.vip(), 10).expect("no failed call");
     assert!(names.iter().all(|n| n == "us-west-1"), "{names:?}");
     let dump = s.config_dump();
-    let east = &dump["tls_origination"]["endpoints"][format!("{}:443", backend_addr(1))];
+    let east = east_tls(&dump);
     assert!(
         east["tls_errors"]["certificate_wrong_name"]
             .as_u64()

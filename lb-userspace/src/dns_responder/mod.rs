@@ -170,9 +170,9 @@ pub fn serve(
     // node's names upstream again. dnsmasq's largest cache is as big.
     builder.options_mut().cache_size = FORWARD_CACHE;
     // Bound here, so that a taken port is the agent's start error.
-    let udp = bind_retrying(|| std::net::UdpSocket::bind(addr))
+    let udp = crate::agent::bind_retrying(|| std::net::UdpSocket::bind(addr))
         .with_context(|| format!("--dns-listen: binding UDP {addr}"))?;
-    let tcp = bind_retrying(|| std::net::TcpListener::bind(addr))
+    let tcp = crate::agent::bind_retrying(|| std::net::TcpListener::bind(addr))
         .with_context(|| format!("--dns-listen: binding TCP {addr}"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     udp.set_nonblocking(true)?;
@@ -208,23 +208,6 @@ pub fn serve(
         })
         .context("--dns-listen: starting the responder's thread")?;
     Ok(Serving { _stop: stop })
-}
-
-/// `bind`, tried again for up to [`crate::agent::TAKEOVER_WAIT`] while the address is in
-/// use.
-fn bind_retrying<T>(bind: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
-    let deadline = std::time::Instant::now() + crate::agent::TAKEOVER_WAIT;
-    loop {
-        match bind() {
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            bound => return bound,
-        }
-    }
 }
 
 async fn serve_udp(socket: Arc<UdpSocket>, responder: Arc<Responder>) {

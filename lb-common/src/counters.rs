@@ -122,6 +122,13 @@ counters! {
     /// on: delivery on this node (a reply to a connection the node itself made to a VIP),
     /// broadcast, multicast, or no route at all.
     EventStackNotUnicast = 39, "event_stack_not_unicast";
+    /// XDP: a rewritten packet left to the stack because its egress interface cannot
+    /// take XDP frames (not in the agent's list of XDP_REDIRECT targets: a driver without
+    /// `ndo_xdp_xmit`, or a veth whose peer has neither an XDP program nor GRO).
+    EventStackXdpTarget = 40, "event_stack_xdp_target";
+    /// XDP: a rewritten packet left to the stack because the next hop's MAC address is
+    /// not known yet (XDP cannot resolve it; the stack does, and later packets redirect).
+    EventStackNoNeigh = 41, "event_stack_no_neigh";
 }
 
 /// Number of slots of the `COUNTERS` map (room to grow: a new size replaces the pinned

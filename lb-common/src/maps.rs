@@ -84,6 +84,11 @@ pub const AFFINITY: &str = "lb_aff_v1";
 /// Session-affinity timeout of each service id in seconds (`u32` index → `u32`; 0: no
 /// affinity). Read only for services flagged `SERVICE_AFFINITY`.
 pub const AFFINITY_TIMEOUTS: &str = "lb_svc_aff_v1";
+/// XDP_REDIRECT targets (a `DEVMAP_HASH`, ifindex → ifindex): the node's interfaces that
+/// can take XDP frames, kept by the agent. Not pinned: each agent fills its own.
+pub const XDP_TARGETS: &str = "lb_xdp_tx";
+/// Room in `XDP_TARGETS`: a node's interfaces, pods' veths included.
+pub const MAX_XDP_TARGETS: u32 = 4096;
 
 /// Every map the agent pins, by the name of its file in the pin directory.
 pub const PINNED: &[&str] = &[

@@ -33,15 +33,16 @@ use aya_ebpf::{
 };
 use datapath::Outcome;
 use packet::{TcPacket, XdpPacket, TC_ACT_OK, TC_ACT_SHOT};
+use route::Hook;
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match datapath::process(&mut XdpPacket::new(ctx)) {
-        // Rewritten packets go up the stack, which routes them to the backend or client
-        // (a re-sent SYN too: it arrived on this node, so its Ethernet header is ours).
-        Outcome::Pass | Outcome::Forwarded | Outcome::Replied | Outcome::Resent => {
-            xdp_action::XDP_PASS
-        }
+    let mut pkt = XdpPacket::new(ctx);
+    match datapath::process(&mut pkt) {
+        Outcome::Pass => xdp_action::XDP_PASS,
+        // Rewritten: lb redirects it to the backend's or client's interface itself
+        // (`route`), or the stack routes it when lb cannot.
+        Outcome::Forwarded | Outcome::Replied | Outcome::Resent => pkt.forward(),
         Outcome::Drop => xdp_action::XDP_DROP,
     }
 }
@@ -54,7 +55,7 @@ pub fn lb_tc_ingress(ctx: TcContext) -> i32 {
         // Rewritten: lb sends it on to the backend or the client itself, without a second
         // routing by the stack (`route`). A refusal turned into a SYN to another backend
         // goes the same way (it came in from the refusing backend's side).
-        Outcome::Forwarded | Outcome::Replied | Outcome::Resent => pkt.forward(false),
+        Outcome::Forwarded | Outcome::Replied | Outcome::Resent => pkt.forward(Hook::TcIngress),
         Outcome::Drop => TC_ACT_SHOT,
     }
 }
@@ -65,7 +66,7 @@ pub fn lb_tc_egress(ctx: TcContext) -> i32 {
     match datapath::process(&mut pkt) {
         // The route the node chose was the VIP's; after DNAT the packet must leave
         // towards the backend instead.
-        Outcome::Forwarded | Outcome::Resent => pkt.forward(true),
+        Outcome::Forwarded | Outcome::Resent => pkt.forward(Hook::TcEgress),
         Outcome::Pass | Outcome::Replied => TC_ACT_OK,
         Outcome::Drop => TC_ACT_SHOT,
     }

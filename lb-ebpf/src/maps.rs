@@ -4,14 +4,14 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
         Affinity, AffinityKey, ConnEntryV1, ADDR_FILTER_WORDS, DEFAULT_MAX_AFFINITY,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS,
-        SIGNALS_BYTES,
+        MAX_XDP_TARGETS, SIGNALS_BYTES,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -109,3 +109,9 @@ pub fn config() -> &'static DataplaneConfig {
     // SAFETY: LB_CONFIG is a valid static; the read is volatile only to defeat folding.
     unsafe { &*core::ptr::read_volatile(&&raw const LB_CONFIG) }
 }
+
+/// The interfaces XDP may redirect a rewritten packet to (ifindex → ifindex), filled by
+/// the agent with the node's interfaces that can take XDP frames. A packet routed
+/// anywhere else goes through the stack (`event_stack_xdp_target`).
+#[map(name = "lb_xdp_tx")]
+pub static XDP_TARGETS: DevMapHash = DevMapHash::with_max_entries(MAX_XDP_TARGETS, 0);

@@ -7,7 +7,7 @@
 use core::mem::offset_of;
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    bindings::{xdp_action, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     helpers::{
         bpf_redirect, bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
         bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_load_bytes,
@@ -19,8 +19,9 @@ use lb_common::{csum, proto, Counter};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
+    maps::XDP_TARGETS,
     parse::{header_at, ETH_LEN, L4_OFF, MAX_HEADERS},
-    route::{self, Next},
+    route::{self, Hook, Next},
     stats,
 };
 
@@ -92,6 +93,46 @@ impl XdpPacket {
     #[inline(always)]
     pub fn new(ctx: XdpContext) -> Self {
         Self { ctx }
+    }
+}
+
+impl XdpPacket {
+    /// Sends the rewritten packet on itself (XDP_REDIRECT to the interface and next hop
+    /// the node's FIB gives, see `route`), or passes it to the stack, the reason counted.
+    #[inline(always)]
+    pub fn forward(&mut self) -> u32 {
+        // SAFETY: the xdp_md of a valid XDP context.
+        let ifindex = unsafe { (*self.ctx.ctx).ingress_ifindex };
+        let ctx = self.ctx.as_ptr();
+        match route::next(self, ctx, ifindex, Hook::Xdp) {
+            Next::Redirect {
+                ifindex,
+                smac,
+                dmac,
+            } => {
+                let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
+                    return xdp_action::XDP_PASS;
+                };
+                stats::count(Counter::EventRedirected);
+                // SAFETY: bounds checked by header_at.
+                unsafe {
+                    (*eth).dst_addr = dmac;
+                    (*eth).src_addr = smac;
+                }
+                // The target was in the map a moment ago (`route::next`); should the agent
+                // have just removed it, the frame is dropped (XDP_ABORTED), as it would be
+                // by a device that cannot take it.
+                XDP_TARGETS
+                    .redirect(ifindex, 0)
+                    .unwrap_or(xdp_action::XDP_ABORTED)
+            }
+            // Not produced for XDP: a next hop without a MAC goes to the stack.
+            Next::ResolveNeighbour { .. } => xdp_action::XDP_PASS,
+            Next::Stack(reason) => {
+                stats::count(reason);
+                xdp_action::XDP_PASS
+            }
+        }
     }
 }
 
@@ -248,15 +289,15 @@ impl TcPacket {
     }
 
     /// Sends the rewritten packet on itself, to the interface and next hop the node's
-    /// FIB gives (see `route`), or leaves it to the stack, the reason counted. `local`: the
-    /// node's own packet (TC egress, after DNAT): the route the node chose was the VIP's,
-    /// and its TTL is not decremented.
+    /// FIB gives (see `route`), or leaves it to the stack, the reason counted. `hook` is
+    /// `TcIngress` or `TcEgress` (the node's own packet, after DNAT).
     #[inline(always)]
-    pub fn forward(&mut self, local: bool) -> i32 {
+    pub fn forward(&mut self, hook: Hook) -> i32 {
+        let local = hook == Hook::TcEgress;
         // SAFETY: the skb of a valid TC context.
         let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
         let ctx = self.ctx.as_ptr();
-        match route::next(self, ctx, ifindex, local, true) {
+        match route::next(self, ctx, ifindex, hook) {
             Next::Redirect {
                 ifindex,
                 smac,

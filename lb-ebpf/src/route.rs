@@ -5,14 +5,18 @@
 //! does, and the packet is redirected there.
 //!
 //! When the next hop's MAC is not known yet, TC's `bpf_redirect_neigh` resolves it in the
-//! kernel. Whenever the lookup says the stack must decide, the packet goes to the stack as
+//! kernel; XDP leaves such a packet to the stack, which resolves it for the packets after.
+//! XDP redirects only to interfaces the agent put in `XDP_TARGETS` (those whose driver
+//! takes XDP frames: a veth only when its peer has an XDP program or GRO). Whenever the lookup says the stack must decide, the packet goes to the stack as
 //! before, the reason counted (`event_stack_*`):
 //! - `frag_needed`: larger than the egress MTU (the stack fragments or sends ICMP);
 //! - `ttl`: TTL 1 or 0 (the stack sends ICMP time exceeded);
 //! - `not_unicast`: delivered on this node (a reply to a connection the node itself made
 //!   to a VIP), broadcast, multicast, or no route at all;
 //! - `not_forwarded`: a route lb does not follow: blackhole, unreachable, prohibit, a
-//!   lightweight tunnel, forwarding disabled on the interface.
+//!   lightweight tunnel, forwarding disabled on the interface;
+//! - `xdp_target` (XDP): the egress interface cannot take XDP frames;
+//! - `no_neigh` (XDP): the next hop's MAC is not known yet.
 //!
 //! Skipping the stack also skips what it does in between: netfilter's FORWARD and
 //! POSTROUTING hooks (as with Cilium's host routing) and its forwarding counters.
@@ -30,6 +34,7 @@ use lb_common::{csum, Counter};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
+    maps::XDP_TARGETS,
     packet::Packet,
     parse::{header_at, ETH_LEN},
 };
@@ -47,25 +52,37 @@ pub enum Next {
         smac: [u8; 6],
         dmac: [u8; 6],
     },
-    /// To `ifindex`, the next hop not yet resolved: `bpf_redirect_neigh` resolves it.
+    /// TC: to `ifindex`, the next hop not yet resolved: `bpf_redirect_neigh` resolves it.
     ResolveNeighbour { ifindex: u32 },
-    /// To the stack, for the counted reason.
+    /// To the stack, for the counted reason; the packet is as the rewrite left it.
     Stack(Counter),
+}
+
+/// The hook a rewritten packet leaves from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// TC ingress: a packet arriving at the node, forwarded as a router does.
+    TcIngress,
+    /// TC egress: the node's own packet after DNAT; the route the node chose was the
+    /// VIP's, and its TTL is not decremented (it has not crossed a router yet).
+    TcEgress,
+    /// XDP: as TC ingress, but only to the interfaces in `XDP_TARGETS`, and only with
+    /// the next hop's MAC known (XDP cannot resolve neighbours).
+    Xdp,
 }
 
 /// Looks up the route of `pkt` (an IPv4 packet after its rewrite) as the node would
 /// forward it from `ingress_ifindex`, and decrements its TTL when lb forwards it. `ctx` is
-/// the hook's context (skb or xdp_md), which the helper needs. With `local`, the packet is
-/// the node's own (TC egress): no TTL to decrement. With `skb`, the kernel checks the
-/// egress MTU against the skb itself, which knows GSO (a GRO-merged skb is larger than
-/// the MTU and still forwardable); for XDP the IPv4 length is checked.
+/// the hook's context (skb or xdp_md), which the helper needs. On TC the kernel checks
+/// the egress MTU against the skb itself, which knows GSO (a GRO-merged skb is larger than
+/// the MTU and still forwardable); for XDP the IPv4 length is checked. Nothing in the
+/// packet changes unless lb forwards it (a packet for the stack keeps its TTL and MACs).
 #[inline(always)]
 pub fn next<P: Packet>(
     pkt: &mut P,
     ctx: *mut core::ffi::c_void,
     ingress_ifindex: u32,
-    local: bool,
-    skb: bool,
+    hook: Hook,
 ) -> Next {
     let Some(ip) = header_at::<Ipv4Hdr>(pkt.data(), pkt.data_end(), ETH_LEN) else {
         return Next::Stack(Counter::EventStackNotForwarded);
@@ -82,25 +99,37 @@ pub fn next<P: Packet>(
             u32::from_ne_bytes(ip.dst_addr),
         )
     };
-    if !local && ttl <= 1 {
+    let routed = hook != Hook::TcEgress;
+    if routed && ttl <= 1 {
         return Next::Stack(Counter::EventStackTtl);
     }
     // SAFETY: plain data; all-zero is a valid starting value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = protocol;
-    fib.__bindgen_anon_1.tot_len = if skb { 0 } else { tot_len };
+    fib.__bindgen_anon_1.tot_len = if hook == Hook::Xdp { tot_len } else { 0 };
     fib.ifindex = ingress_ifindex;
     fib.__bindgen_anon_3.ipv4_src = src;
     fib.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: a valid context and a parameter block of the size given.
     let rc = unsafe { bpf_fib_lookup(ctx, &mut fib, size_of::<FibParams>() as i32, 0) } as u32;
     let next = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Next::Redirect {
-            ifindex: fib.ifindex,
-            smac: fib.smac,
-            dmac: fib.dmac,
-        },
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // An XDP frame redirected to a device that cannot take it is dropped after
+            // the program (by the driver): only the agent's known targets, checked before
+            // anything in the packet changes.
+            if hook == Hook::Xdp && XDP_TARGETS.get(fib.ifindex).is_none() {
+                return Next::Stack(Counter::EventStackXdpTarget);
+            }
+            Next::Redirect {
+                ifindex: fib.ifindex,
+                smac: fib.smac,
+                dmac: fib.dmac,
+            }
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH if hook == Hook::Xdp => {
+            return Next::Stack(Counter::EventStackNoNeigh)
+        }
         BPF_FIB_LKUP_RET_NO_NEIGH => Next::ResolveNeighbour {
             ifindex: fib.ifindex,
         },
@@ -110,7 +139,7 @@ pub fn next<P: Packet>(
         BPF_FIB_LKUP_RET_NOT_FWDED => return Next::Stack(Counter::EventStackNotUnicast),
         _ => return Next::Stack(Counter::EventStackNotForwarded),
     };
-    if !local && decrement_ttl(pkt, ttl, protocol, check).is_err() {
+    if routed && decrement_ttl(pkt, ttl, protocol, check).is_err() {
         return Next::Stack(Counter::EventStackNotForwarded);
     }
     next

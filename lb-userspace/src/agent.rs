@@ -1317,6 +1317,7 @@ pub async fn run(opts: AgentOptions) -> Result<Stopped> {
         agent.clone(),
         opts.interfaces.clone(),
     ));
+    follow_xdp_targets(Arc::downgrade(&agent));
 
     let mut last_stamp = config_stamp(&opts.configs);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -1497,6 +1498,44 @@ pub fn cleanup(pin_dir: &std::path::Path, admin_token_file: &std::path::Path) ->
 }
 
 /// Locks the agent; a panic while holding the lock is a bug, so it propagates.
+/// Keeps the data plane's XDP redirect targets what the kernel says they are, as devices
+/// come, go, and gain or lose what XDP frames need (a veth's peer turning GRO on or off),
+/// on a thread of its own (the kernel's notifications are read blocking), for as long as
+/// the agent lives.
+fn follow_xdp_targets(agent: std::sync::Weak<Mutex<Agent>>) {
+    let refresh = move || {
+        let Some(agent) = agent.upgrade() else {
+            return false;
+        };
+        let mut agent = lock(&agent);
+        match agent.dataplane.refresh_xdp_targets() {
+            Ok(true) => info!(
+                "XDP redirect targets now: {} interface(s)",
+                agent.dataplane.xdp_targets().len()
+            ),
+            Ok(false) => {}
+            Err(e) => warn!("updating the XDP redirect targets: {e:#}"),
+        }
+        true
+    };
+    let spawned = std::thread::Builder::new()
+        .name("lb-xdp-targets".into())
+        .spawn(move || loop {
+            match crate::dataplane::xdp_targets::on_changes(&refresh) {
+                Ok(()) => return,
+                Err(e) => warn!("following device changes for XDP redirects: {e:#}; again in 1 s"),
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            // Changes missed meanwhile.
+            if !refresh() {
+                return;
+            }
+        });
+    if let Err(e) = spawned {
+        warn!("not following device changes for XDP redirects: {e}");
+    }
+}
+
 pub fn lock(agent: &Mutex<Agent>) -> std::sync::MutexGuard<'_, Agent> {
     agent
         .lock()

@@ -43,22 +43,22 @@ pub const API: Frontend = Frontend {
 /// The one backend of `API`.
 pub const API_BACKEND: (Ipv4Addr, u16) = (BACKENDS[0], 8000);
 
-/// The MAC address the TC program's route lookup finds for the interface towards the
-/// backends, in the namespace the TC tests run in.
+/// The MAC address the programs' route lookup finds for the interface towards the
+/// backends, in the namespace the tests of rewritten packets run in.
 pub const ROUTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
-/// The MAC address the TC program's route lookup finds for backend `addr` (a permanent
+/// The MAC address the programs' route lookup finds for backend `addr` (a permanent
 /// neighbour entry in [`routed_netns`]).
 pub fn backend_mac(addr: Ipv4Addr) -> [u8; 6] {
     let o = addr.octets();
     [0x02, 0, 0, 0x0b, o[2], o[3]]
 }
 
-/// A namespace (named after `prefix`) where the TC program's route lookup
+/// A namespace (named after `prefix`) where the programs' route lookup
 /// (`bpf_fib_lookup`) finds the backends, so a re-sent SYN is redirected with known
 /// addresses: `lbr0` (MAC [`ROUTE_MAC`], 10.200.0.1/16) with a permanent neighbour per
-/// backend ([`backend_mac`]), and forwarding on, without which the lookup answers
-/// nothing. BPF_PROG_TEST_RUN runs a program in the caller's namespace (input lookup on
+/// backend ([`backend_mac`]), GRO on `lbr0`'s peer (so XDP may redirect to `lbr0`), and
+/// forwarding on, without which the lookup answers nothing. BPF_PROG_TEST_RUN runs a program in the caller's namespace (input lookup on
 /// its loopback): the host's routes and settings would make results depend on the
 /// machine.
 pub fn routed_netns(prefix: &str) -> Netns {
@@ -91,6 +91,8 @@ pub fn routed_netns(prefix: &str) -> Netns {
                 "permanent",
             ])?;
         }
+        // lbr0 takes XDP frames (XDP may redirect to it) while its peer has GRO on.
+        crate::veth::set_gro(&ns, "lbr1", true)?;
         ns.set_sysctl("net.ipv4.conf.all.forwarding", "1")
     };
     setup().expect("routes and neighbours for the TC programs");

@@ -14,7 +14,7 @@ pub enum Hook {
 pub enum Verdict {
     Pass,
     Drop,
-    /// TC only: sent out of another interface (TC_ACT_REDIRECT) after a route lookup.
+    /// Sent out of another interface after a route lookup (XDP_REDIRECT, TC_ACT_REDIRECT).
     Redirect,
 }
 
@@ -40,8 +40,9 @@ pub fn run(dp: &mut Dataplane, hook: Hook, input: &[u8]) -> anyhow::Result<(Verd
     let verdict = match (hook, code) {
         (Hook::Xdp, 2) | (Hook::TcIngress, 0) => Verdict::Pass,
         (Hook::Xdp, 1) | (Hook::TcIngress, 2) => Verdict::Drop,
-        // TC_ACT_REDIRECT: BPF_PROG_TEST_RUN reports it without sending the packet.
-        (Hook::TcIngress, 7) => Verdict::Redirect,
+        // XDP_REDIRECT, TC_ACT_REDIRECT: BPF_PROG_TEST_RUN reports them without sending
+        // the packet.
+        (Hook::Xdp, 4) | (Hook::TcIngress, 7) => Verdict::Redirect,
         (h, c) => anyhow::bail!("{h:?} returned unexpected code {c}"),
     };
     Ok((verdict, out))

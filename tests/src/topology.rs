@@ -10,7 +10,8 @@
 //! interface (TC or XDP, the mode under test), to every backend-facing interface (TC,
 //! for the replies) and to `lbvip`, the device the node's own connections to a VIP are
 //! routed to, so TC egress balances them. Transmit checksum offload is off on every
-//! veth so each receiving kernel verifies the checksums lb rewrote.
+//! veth so each receiving kernel verifies the checksums lb rewrote. GRO is on at the
+//! client's and the backends' ends, as on a pod's veth that XDP may redirect to.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -70,6 +71,8 @@ pub fn config(backends: &[u8]) -> Config {
 
 pub struct Backend {
     pub ns: Netns,
+    /// Its end of the link to the node.
+    pub ifname: String,
     pub http: HttpNameServer,
     pub udp: UdpNameServer,
 }
@@ -102,6 +105,8 @@ impl Backend {
 /// The namespaces, links and servers, without the agent.
 pub struct TestBed {
     pub client: Netns,
+    /// The client's end of its link to the node.
+    pub client_if: String,
     pub node: Netns,
     pub backends: Vec<Backend>,
     /// Interfaces lb attaches to, in the node.
@@ -130,6 +135,7 @@ impl TestBed {
         add_route(&client, "default via 10.200.0.1")?;
         veth::disable_tx_checksum_offload(&client, &cli_if)?;
         veth::disable_tx_checksum_offload(&node, &node_cli_if)?;
+        veth::set_gro(&client, &cli_if, true)?;
         let mut interfaces = vec![InterfaceSpec {
             name: node_cli_if,
             mode: client_mode,
@@ -149,6 +155,7 @@ impl TestBed {
             add_route(&ns, &format!("default via 10.200.{i}.1"))?;
             veth::disable_tx_checksum_offload(&ns, &be_if)?;
             veth::disable_tx_checksum_offload(&node, &node_if)?;
+            veth::set_gro(&ns, &be_if, true)?;
             interfaces.push(InterfaceSpec {
                 name: node_if,
                 mode: AttachMode::Tc,
@@ -156,7 +163,12 @@ impl TestBed {
             let http =
                 HttpNameServer::start(&ns, (backend_addr(i), BACKEND_HTTP_PORT).into(), name)?;
             let udp = UdpNameServer::start(&ns, (backend_addr(i), BACKEND_UDP_PORT).into(), name)?;
-            backends.push(Backend { ns, http, udp });
+            backends.push(Backend {
+                ns,
+                ifname: be_if,
+                http,
+                udp,
+            });
         }
 
         // The node's own connections to a VIP: routed to a NOARP device, so no neighbour
@@ -169,6 +181,7 @@ impl TestBed {
         });
         Ok(Self {
             client,
+            client_if: cli_if,
             node,
             backends,
             interfaces,

@@ -61,6 +61,18 @@ pub fn disable_tx_checksum_offload(ns: &Netns, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// Turns receive offload (GRO) on or off on `ifname` in `ns` (`ethtool -K IF gro on|off`).
+///
+/// A veth with GRO on receives through NAPI, which is also what lets its peer take frames
+/// that XDP redirects to the peer (`ndo_xdp_xmit`): without GRO or an XDP program on this
+/// end, the kernel drops frames redirected to the other end.
+pub fn set_gro(ns: &Netns, ifname: &str, on: bool) -> Result<()> {
+    let state = if on { "on" } else { "off" };
+    ns.exec(&["ethtool", "-K", ifname, "gro", state])
+        .with_context(|| format!("turning GRO {state} on {ifname} (is ethtool installed?)"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

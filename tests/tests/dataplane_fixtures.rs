@@ -39,35 +39,33 @@ use lb_tests::{
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 2);
 
-/// The verdict for a packet the data plane rewrote (forwarded, replied, or a refusal
-/// re-sent as the client's SYN): XDP passes it to the stack, TC sends it on itself.
-fn rewritten_verdict(hook: Hook) -> Verdict {
-    match hook {
-        Hook::Xdp => Verdict::Pass,
-        Hook::TcIngress => Verdict::Redirect,
-    }
-}
-
-/// A rewritten `frame` as it leaves the hook: XDP keeps the Ethernet header of the packet
-/// it rewrote; TC sends it on itself (see [`tc_sent_on`]).
-fn rewritten_frame(hook: Hook, frame: Vec<u8>) -> Vec<u8> {
-    match hook {
-        Hook::Xdp => frame,
-        Hook::TcIngress => tc_sent_on(&frame),
-    }
-}
-
-/// A rewritten `frame` as TC ingress sends it on itself, in the routed namespace
-/// (`routed_netns`), instead of handing it to the stack: TTL one less; to a backend (a
-/// permanent neighbour) with the neighbour's and the route's MAC addresses, to anyone
-/// else on the link (the client, no neighbour entry yet) through the kernel's neighbour
-/// resolution, which writes the addresses after the program (unchanged here).
-fn tc_sent_on(frame: &[u8]) -> Vec<u8> {
+/// A rewritten `frame` (given as the stack would get it) as XDP and TC send it on
+/// themselves in the routed namespace (`routed_netns`), instead of handing it to the
+/// stack: TTL one less; to a backend (a permanent neighbour, on a link that takes XDP
+/// frames) with the neighbour's and the route's MAC addresses, redirected. To anyone else
+/// on the link (the client, no neighbour entry yet), TC redirects it through the kernel's
+/// neighbour resolution, which writes the addresses after the program (unchanged here),
+/// and XDP leaves it to the stack as it is (which resolves the neighbour).
+fn sent_on(hook: Hook, frame: &[u8]) -> (Verdict, Vec<u8>, Counter) {
     let dst = Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33]);
     let macs = BACKENDS
         .contains(&dst)
         .then(|| (backend_mac(dst), ROUTE_MAC));
-    packets::routed(frame, macs)
+    match (hook, macs) {
+        (Hook::Xdp, None) => (Verdict::Pass, frame.to_vec(), Counter::EventStackNoNeigh),
+        _ => (
+            Verdict::Redirect,
+            packets::routed(frame, macs),
+            Counter::EventRedirected,
+        ),
+    }
+}
+
+/// A rewritten `frame` to a backend, as both hooks send it on (see [`sent_on`]).
+fn to_backend(frame: &[u8]) -> Vec<u8> {
+    let (verdict, out, _) = sent_on(Hook::Xdp, frame);
+    assert_eq!(verdict, Verdict::Redirect, "a frame to a backend");
+    out
 }
 
 /// A failure signal as a case expects it (the kernel's timestamp is checked apart).
@@ -254,20 +252,24 @@ fn check_signalled(h: &mut Harness, case: Case, signals: &[Sig]) {
         .unwrap_or_else(|e| panic!("{ctx}: BPF_PROG_TEST_RUN failed: {e:?}"));
     let ended = lb::clock::monotonic_ns();
     let after = h.counters();
-    // TC sends every packet it rewrote on itself (a case's expectation is written for
-    // the stack, as XDP does); a re-sent SYN's case already says so.
+    // Both hooks send every packet they rewrote on themselves (a case's expectation is
+    // written for the stack); a re-sent SYN's case already says so.
     let mut case = case;
     let to_stack = case
         .counters
         .iter()
         .any(|(c, _)| c.label().starts_with("event_stack_"));
-    if h.hook == Hook::TcIngress && case.verdict == Verdict::Pass && !to_stack {
+    if case.verdict == Verdict::Pass && !to_stack {
         if let Some(out) = case.output.take() {
-            case.output = Some(tc_sent_on(&out));
-            case.verdict = Verdict::Redirect;
+            let (verdict, out, counter) = sent_on(h.hook, &out);
+            case.output = Some(out);
+            case.verdict = verdict;
+            if verdict == Verdict::Pass {
+                case.counters.push((counter, 1));
+            }
         }
     }
-    if h.hook == Hook::TcIngress && case.verdict == Verdict::Redirect {
+    if case.verdict == Verdict::Redirect {
         case.counters.push((Counter::EventRedirected, 1));
     }
     assert_eq!(verdict, case.verdict, "{ctx}: verdict");
@@ -594,7 +596,7 @@ fn run_fixtures(hook: Hook) {
     // The client's SYN as lb sends it again: IPv4 identification 0, all else as offered.
     // lb writes the options in Linux's order, so a Linux SYN comes out as it went in.
     let resent = |syn: &PacketSpec, to: (Ipv4Addr, u16)| {
-        rewritten_frame(hook, syn.clone().with_dst(to).with_ip_id(0).build())
+        to_backend(&syn.clone().with_dst(to).with_ip_id(0).build())
     };
 
     let r_syn = linux_syn(40030);
@@ -643,7 +645,7 @@ fn run_fixtures(hook: Hook) {
                 .into(),
             // As it comes off the wire: 54 bytes padded to the Ethernet minimum of 60.
             input: padded(refusal(r1_at, 40030, ISN).build()),
-            verdict: rewritten_verdict(hook),
+            verdict: Verdict::Redirect,
             output: Some(resent(&r_syn, r2_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -769,7 +771,7 @@ fn run_fixtures(hook: Hook) {
                    the client's SYN to the next backend, with no signal"
                 .into(),
             input: stale.build(),
-            verdict: rewritten_verdict(hook),
+            verdict: Verdict::Redirect,
             output: Some(resent(&t_syn, t2_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -867,7 +869,7 @@ fn run_fixtures(hook: Hook) {
                      ECN, the MSS and NOPs"
                 ),
                 input: refusal(e_at, 40031, u32::MAX).build(),
-                verdict: rewritten_verdict(hook),
+                verdict: Verdict::Redirect,
                 output: Some(resent(&ecn_resent, next_at)),
                 counters: vec![(Counter::ForwardResteered, 1)],
             },
@@ -1664,7 +1666,7 @@ fn run_fixtures(hook: Hook) {
             input: refusal(before_at, s_port, ISN)
                 .with_payload(&[b'x'; 100])
                 .build(),
-            verdict: rewritten_verdict(hook),
+            verdict: Verdict::Redirect,
             output: Some(resent(&s_syn, after_at)),
             counters: vec![(Counter::ForwardResteered, 1)],
         },
@@ -1718,10 +1720,10 @@ fn run_fixtures(hook: Hook) {
     for port in 41000..41020 {
         let s = PacketSpec::tcp(client(port), vip80, SYN);
         let (verdict, out) = h.run(&s.build());
-        assert_eq!(verdict, rewritten_verdict(hook));
+        assert_eq!(verdict, Verdict::Redirect);
         assert_eq!(
             out,
-            rewritten_frame(hook, s.clone().with_dst((BACKENDS[1], 8080)).build()),
+            to_backend(&s.clone().with_dst((BACKENDS[1], 8080)).build()),
             "{hook:?}: only the active backend"
         );
     }
@@ -1761,7 +1763,13 @@ fn run_fixtures(hook: Hook) {
 
 #[test]
 fn xdp_fixtures() {
-    run_fixtures(Hook::Xdp);
+    if !require_root() {
+        return;
+    }
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpxf").run(|| {
+        run_fixtures(Hook::Xdp);
+    });
 }
 
 /// A rewritten packet the stack must decide about goes to it, the reason counted: a TTL
@@ -1769,13 +1777,12 @@ fn xdp_fixtures() {
 /// egress MTU (the stack fragments it or sends ICMP), a destination with no route.
 fn run_stack_fallbacks(hook: Hook) {
     let mut h = Harness::new(hook);
-    let counted = |reason: Counter| match hook {
-        Hook::Xdp => vec![(Counter::ForwardNew, 1), (Counter::EventTracked, 1)],
-        Hook::TcIngress => vec![
+    let counted = |reason: Counter| {
+        vec![
             (Counter::ForwardNew, 1),
             (Counter::EventTracked, 1),
             (reason, 1),
-        ],
+        ]
     };
     let syn = PacketSpec::tcp(client(42000), (VIP, 80), SYN);
     let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&syn));
@@ -1840,45 +1847,51 @@ fn full_connection_table_evicts_counts_and_keeps_routing() {
     if !require_root() {
         return;
     }
-    let mut h = Harness::with_options(
-        Hook::Xdp,
-        DataplaneOptions {
-            max_connections: 64,
-            ..Default::default()
-        },
-    );
-    let vip80 = (VIP, 80);
-    let first = PacketSpec::tcp(client(30000), vip80, SYN);
-    let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&first));
-    let (verdict, out) = h.run(&first.build());
-    assert_eq!(verdict, Verdict::Pass);
-    assert_eq!(out, first.clone().with_dst((addr, port)).build());
-    for p in 30001..30501 {
-        let (verdict, _) = h.run(&PacketSpec::tcp(client(p), vip80, SYN).build());
-        assert_eq!(verdict, Verdict::Pass);
-    }
-    let entries = h.dp.connections().unwrap().len();
-    assert!(entries <= 64, "{entries} entries in a table of 64");
-    assert!(
-        h.entry(&flow_of(&first)).is_none(),
-        "the oldest flow was evicted"
-    );
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpev").run(|| {
+        let mut h = Harness::with_options(
+            Hook::Xdp,
+            DataplaneOptions {
+                max_connections: 64,
+                ..Default::default()
+            },
+        );
+        let vip80 = (VIP, 80);
+        let first = PacketSpec::tcp(client(30000), vip80, SYN);
+        let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&first));
+        let (verdict, out) = h.run(&first.build());
+        assert_eq!(verdict, Verdict::Redirect);
+        assert_eq!(
+            out,
+            to_backend(&first.clone().with_dst((addr, port)).build())
+        );
+        for p in 30001..30501 {
+            let (verdict, _) = h.run(&PacketSpec::tcp(client(p), vip80, SYN).build());
+            assert_eq!(verdict, Verdict::Redirect);
+        }
+        let entries = h.dp.connections().unwrap().len();
+        assert!(entries <= 64, "{entries} entries in a table of 64");
+        assert!(
+            h.entry(&flow_of(&first)).is_none(),
+            "the oldest flow was evicted"
+        );
 
-    let ack = PacketSpec::tcp(client(30000), vip80, ACK);
-    check(
-        &mut h,
-        Case {
-            name: "ACK of an evicted flow".into(),
-            input: ack.build(),
-            verdict: Verdict::Pass,
-            output: Some(ack.clone().with_dst((addr, port)).build()),
-            counters: vec![
-                (Counter::ForwardNew, 1),
-                (Counter::EventTracked, 1),
-                (Counter::EventMidflowMiss, 1),
-            ],
-        },
-    );
+        let ack = PacketSpec::tcp(client(30000), vip80, ACK);
+        check(
+            &mut h,
+            Case {
+                name: "ACK of an evicted flow".into(),
+                input: ack.build(),
+                verdict: Verdict::Pass,
+                output: Some(ack.clone().with_dst((addr, port)).build()),
+                counters: vec![
+                    (Counter::ForwardNew, 1),
+                    (Counter::EventTracked, 1),
+                    (Counter::EventMidflowMiss, 1),
+                ],
+            },
+        );
+    });
 }
 
 /// Idle timeouts are set when the programs are loaded: a UDP flow idle for longer than
@@ -1932,68 +1945,71 @@ fn the_retry_budget_bounds_resteers() {
     if !require_root() {
         return;
     }
-    for budget in [0u32, 1] {
-        let mut options = DataplaneOptions {
-            max_connections: 1024,
-            ..Default::default()
-        };
-        options.timeouts.connect_retries = budget;
-        let mut h = Harness::with_options(Hook::Xdp, options);
-        let svc_id = h.programmer.service_id(&WEB).unwrap();
-        let vip80 = (VIP, 80);
-        let syn = PacketSpec::tcp(client(45000), vip80, SYN)
-            .with_seq(7)
-            .with_ack(0);
-        let flow = flow_of(&syn);
-        let (addr, port, mut id) = h.predicted_backend(&WEB, &flow);
-        let mut at = (addr, port);
-        h.run(&syn.build());
-        let refusal = |from: (Ipv4Addr, u16)| {
-            PacketSpec::tcp(from, client(45000), RST | ACK)
-                .with_seq(0)
-                .with_ack(8)
-        };
-        for n in 1..=budget {
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dprb").run(|| {
+        for budget in [0u32, 1] {
+            let mut options = DataplaneOptions {
+                max_connections: 1024,
+                ..Default::default()
+            };
+            options.timeouts.connect_retries = budget;
+            let mut h = Harness::with_options(Hook::Xdp, options);
+            let svc_id = h.programmer.service_id(&WEB).unwrap();
+            let vip80 = (VIP, 80);
+            let syn = PacketSpec::tcp(client(45000), vip80, SYN)
+                .with_seq(7)
+                .with_ack(0);
+            let flow = flow_of(&syn);
+            let (addr, port, mut id) = h.predicted_backend(&WEB, &flow);
+            let mut at = (addr, port);
+            h.run(&syn.build());
+            let refusal = |from: (Ipv4Addr, u16)| {
+                PacketSpec::tcp(from, client(45000), RST | ACK)
+                    .with_seq(0)
+                    .with_ack(8)
+            };
+            for n in 1..=budget {
+                let orig = h.entry(&flow).unwrap();
+                let (next_at, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
+                // The builder's SYN has no options: the re-sent one has NOPs only.
+                let resent = syn
+                    .clone()
+                    .with_dst(next_at)
+                    .with_ip_id(0)
+                    .with_tcp_options(&[1; 20]);
+                check_signalled(
+                    &mut h,
+                    Case {
+                        name: format!("budget {budget}: refusal {n} is re-sent"),
+                        input: refusal(at).build(),
+                        verdict: Verdict::Pass,
+                        output: Some(resent.build()),
+                        counters: vec![(Counter::ForwardResteered, 1)],
+                    },
+                    &[sig(SignalKind::ConnectRefused, svc_id, id)],
+                );
+                (at, id) = (next_at, next);
+            }
             let orig = h.entry(&flow).unwrap();
-            let (next_at, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
-            // The builder's SYN has no options: the re-sent one has NOPs only.
-            let resent = syn
-                .clone()
-                .with_dst(next_at)
-                .with_ip_id(0)
-                .with_tcp_options(&[1; 20]);
+            assert_eq!(orig.retries as u32, budget);
+            assert!(
+                h.next_backend(&WEB, &orig).is_some(),
+                "another backend would be eligible"
+            );
+            let last = refusal(at);
             check_signalled(
                 &mut h,
                 Case {
-                    name: format!("budget {budget}: refusal {n} is re-sent"),
-                    input: refusal(at).build(),
+                    name: format!("budget {budget}: the next refusal reaches the client"),
+                    input: last.build(),
                     verdict: Verdict::Pass,
-                    output: Some(resent.build()),
-                    counters: vec![(Counter::ForwardResteered, 1)],
+                    output: Some(last.clone().with_src(vip80).build()),
+                    counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
                 },
                 &[sig(SignalKind::ConnectRefused, svc_id, id)],
             );
-            (at, id) = (next_at, next);
         }
-        let orig = h.entry(&flow).unwrap();
-        assert_eq!(orig.retries as u32, budget);
-        assert!(
-            h.next_backend(&WEB, &orig).is_some(),
-            "another backend would be eligible"
-        );
-        let last = refusal(at);
-        check_signalled(
-            &mut h,
-            Case {
-                name: format!("budget {budget}: the next refusal reaches the client"),
-                input: last.build(),
-                verdict: Verdict::Pass,
-                output: Some(last.clone().with_src(vip80).build()),
-                counters: vec![(Counter::ReplyTracked, 1), (Counter::EventRefusalPassed, 1)],
-            },
-            &[sig(SignalKind::ConnectRefused, svc_id, id)],
-        );
-    }
+    });
 }
 
 /// A connection the client has completed (SYN, SYN-ACK, ACK with a request) whose backend
@@ -2027,20 +2043,23 @@ fn fragmentation_needed_after_the_handshake_is_no_connect_failure() {
     if !require_root() {
         return;
     }
-    let (mut h, backend, _) = established_before_the_backend_speaks(46000);
-    let seen = PacketSpec::tcp(client(46000), backend, ACK).with_payload(&[7; 1400]);
-    let sent = seen.clone().with_dst((VIP, 80));
-    let router = Ipv4Addr::new(10, 200, 3, 1);
-    check(
-        &mut h,
-        Case {
-            name: "fragmentation needed about the client's request".into(),
-            input: icmp_error(router, CLIENT, 3, 4, 1280, &seen, 48),
-            verdict: Verdict::Pass,
-            output: Some(icmp_error(router, CLIENT, 3, 4, 1280, &sent, 48)),
-            counters: vec![(Counter::ReplyIcmpError, 1)],
-        },
-    );
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpfn").run(|| {
+        let (mut h, backend, _) = established_before_the_backend_speaks(46000);
+        let seen = PacketSpec::tcp(client(46000), backend, ACK).with_payload(&[7; 1400]);
+        let sent = seen.clone().with_dst((VIP, 80));
+        let router = Ipv4Addr::new(10, 200, 3, 1);
+        check(
+            &mut h,
+            Case {
+                name: "fragmentation needed about the client's request".into(),
+                input: icmp_error(router, CLIENT, 3, 4, 1280, &seen, 48),
+                verdict: Verdict::Pass,
+                output: Some(icmp_error(router, CLIENT, 3, 4, 1280, &sent, 48)),
+                counters: vec![(Counter::ReplyIcmpError, 1)],
+            },
+        );
+    });
 }
 
 /// A backend that resets a connection after the client completed the handshake did not
@@ -2050,20 +2069,23 @@ fn reset_after_the_handshake_is_no_refusal() {
     if !require_root() {
         return;
     }
-    let (mut h, backend, id) = established_before_the_backend_speaks(46001);
-    let svc_id = h.programmer.service_id(&WEB).unwrap();
-    let rst = PacketSpec::tcp(backend, client(46001), RST | ACK);
-    check_signalled(
-        &mut h,
-        Case {
-            name: "RST from the backend before it sent anything".into(),
-            input: rst.build(),
-            verdict: Verdict::Pass,
-            output: Some(rst.clone().with_src((VIP, 80)).build()),
-            counters: vec![(Counter::ReplyTracked, 1)],
-        },
-        &[sig(SignalKind::EstablishedReset, svc_id, id)],
-    );
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dprs").run(|| {
+        let (mut h, backend, id) = established_before_the_backend_speaks(46001);
+        let svc_id = h.programmer.service_id(&WEB).unwrap();
+        let rst = PacketSpec::tcp(backend, client(46001), RST | ACK);
+        check_signalled(
+            &mut h,
+            Case {
+                name: "RST from the backend before it sent anything".into(),
+                input: rst.build(),
+                verdict: Verdict::Pass,
+                output: Some(rst.clone().with_src((VIP, 80)).build()),
+                counters: vec![(Counter::ReplyTracked, 1)],
+            },
+            &[sig(SignalKind::EstablishedReset, svc_id, id)],
+        );
+    });
 }
 
 /// A late packet of an older connection on the same client ports, from the backend it
@@ -2077,78 +2099,81 @@ fn an_older_connections_late_packet_leaves_the_new_connection_alone() {
     if !require_root() {
         return;
     }
-    let mut h = Harness::new(Hook::Xdp);
-    let list = h.dp.failover_list(&WEB).unwrap();
-    let vip80 = (VIP, 80);
-    let spec = |port| {
-        PacketSpec::tcp(client(port), vip80, SYN)
-            .with_seq(7)
-            .with_ack(0)
-    };
-    let port = port_landing_on(&h, &WEB, spec, list[0], 48000);
-    let flow = flow_of(&spec(port));
-    let first = h.backend_addr(list[0]);
-    // The older connection: refused by the backend the table gives, re-sent to another,
-    // then closed by the client.
-    h.run(&spec(port).build());
-    let (verdict, _) = h.run(
-        &PacketSpec::tcp(first, client(port), RST | ACK)
-            .with_seq(0)
-            .with_ack(8)
-            .build(),
-    );
-    assert_ne!(verdict, Verdict::Drop);
-    let old = h.entry(&flow).unwrap();
-    assert_ne!(old.backend_id, list[0], "re-steered");
-    let older_backend = h.backend_addr(old.backend_id);
-    h.run(
-        &PacketSpec::tcp(client(port), vip80, FIN | ACK)
-            .with_seq(8)
-            .build(),
-    );
-    assert_eq!(h.entry(&flow).unwrap().state, ConnState::TcpClosing as u8);
-    // The new connection on the same ports: the table's backend again, established.
-    let syn = PacketSpec::tcp(client(port), vip80, SYN)
-        .with_seq(1000)
-        .with_ack(0);
-    h.run(&syn.build());
-    h.run(
-        &PacketSpec::tcp(first, client(port), SYN | ACK)
-            .with_seq(5000)
-            .with_ack(1001)
-            .build(),
-    );
-    h.run(
-        &PacketSpec::tcp(client(port), vip80, ACK)
-            .with_seq(1001)
-            .with_ack(5001)
-            .build(),
-    );
-    let new = h.entry(&flow).unwrap();
-    assert_eq!(
-        (new.backend_id, new.state),
-        (list[0], ConnState::TcpEstablished as u8)
-    );
-    // Entries are refreshed (and their partner with them) at most once a second.
-    std::thread::sleep(Duration::from_millis(1100));
-    let late = PacketSpec::tcp(older_backend, client(port), FIN | ACK).with_seq(9000);
-    let (verdict, out) = h.run(&late.build());
-    assert_eq!(verdict, Verdict::Pass);
-    assert_eq!(
-        out,
-        late.clone().with_src(vip80).build(),
-        "the older connection's packet is translated as before"
-    );
-    let after = h.entry(&flow).unwrap();
-    assert_eq!(
-        (after.backend_id, after.state),
-        (list[0], ConnState::TcpEstablished as u8),
-        "the new connection's entry is left alone"
-    );
-    let reply = h
-        .entry(&flow_of(&PacketSpec::tcp(first, client(port), ACK)))
-        .unwrap();
-    assert_eq!(reply.state, ConnState::TcpEstablished as u8);
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dplp").run(|| {
+        let mut h = Harness::new(Hook::Xdp);
+        let list = h.dp.failover_list(&WEB).unwrap();
+        let vip80 = (VIP, 80);
+        let spec = |port| {
+            PacketSpec::tcp(client(port), vip80, SYN)
+                .with_seq(7)
+                .with_ack(0)
+        };
+        let port = port_landing_on(&h, &WEB, spec, list[0], 48000);
+        let flow = flow_of(&spec(port));
+        let first = h.backend_addr(list[0]);
+        // The older connection: refused by the backend the table gives, re-sent to another,
+        // then closed by the client.
+        h.run(&spec(port).build());
+        let (verdict, _) = h.run(
+            &PacketSpec::tcp(first, client(port), RST | ACK)
+                .with_seq(0)
+                .with_ack(8)
+                .build(),
+        );
+        assert_ne!(verdict, Verdict::Drop);
+        let old = h.entry(&flow).unwrap();
+        assert_ne!(old.backend_id, list[0], "re-steered");
+        let older_backend = h.backend_addr(old.backend_id);
+        h.run(
+            &PacketSpec::tcp(client(port), vip80, FIN | ACK)
+                .with_seq(8)
+                .build(),
+        );
+        assert_eq!(h.entry(&flow).unwrap().state, ConnState::TcpClosing as u8);
+        // The new connection on the same ports: the table's backend again, established.
+        let syn = PacketSpec::tcp(client(port), vip80, SYN)
+            .with_seq(1000)
+            .with_ack(0);
+        h.run(&syn.build());
+        h.run(
+            &PacketSpec::tcp(first, client(port), SYN | ACK)
+                .with_seq(5000)
+                .with_ack(1001)
+                .build(),
+        );
+        h.run(
+            &PacketSpec::tcp(client(port), vip80, ACK)
+                .with_seq(1001)
+                .with_ack(5001)
+                .build(),
+        );
+        let new = h.entry(&flow).unwrap();
+        assert_eq!(
+            (new.backend_id, new.state),
+            (list[0], ConnState::TcpEstablished as u8)
+        );
+        // Entries are refreshed (and their partner with them) at most once a second.
+        std::thread::sleep(Duration::from_millis(1100));
+        let late = PacketSpec::tcp(older_backend, client(port), FIN | ACK).with_seq(9000);
+        let (verdict, out) = h.run(&late.build());
+        assert_eq!(verdict, Verdict::Pass);
+        assert_eq!(
+            out,
+            late.clone().with_src(vip80).build(),
+            "the older connection's packet is translated as before"
+        );
+        let after = h.entry(&flow).unwrap();
+        assert_eq!(
+            (after.backend_id, after.state),
+            (list[0], ConnState::TcpEstablished as u8),
+            "the new connection's entry is left alone"
+        );
+        let reply = h
+            .entry(&flow_of(&PacketSpec::tcp(first, client(port), ACK)))
+            .unwrap();
+        assert_eq!(reply.state, ConnState::TcpEstablished as u8);
+    });
 }
 
 /// A SYN with another initial sequence number while a handshake is pending on the same
@@ -2163,56 +2188,59 @@ fn a_new_attempt_on_the_same_ports_is_a_new_connection() {
     if !require_root() {
         return;
     }
-    let mut h = Harness::new(Hook::Xdp);
-    let list = h.dp.failover_list(&WEB).unwrap();
-    let vip80 = (VIP, 80);
-    let syn = |port, isn| {
-        PacketSpec::tcp(client(port), vip80, SYN)
-            .with_seq(isn)
-            .with_ack(0)
-    };
-    let port = port_landing_on(&h, &WEB, |p| syn(p, 7), list[0], 49000);
-    let flow = flow_of(&syn(port, 7));
-    let first = h.backend_addr(list[0]);
-    h.run(&syn(port, 7).build());
-    h.run(
-        &PacketSpec::tcp(first, client(port), RST | ACK)
-            .with_seq(0)
-            .with_ack(8)
-            .build(),
-    );
-    let moved = h.entry(&flow).unwrap();
-    assert_ne!(moved.backend_id, list[0], "re-steered");
-    let moved_reply = flow_of(&PacketSpec::tcp(
-        h.backend_addr(moved.backend_id),
-        client(port),
-        ACK,
-    ));
-    assert!(h.entry(&moved_reply).is_some());
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpna").run(|| {
+        let mut h = Harness::new(Hook::Xdp);
+        let list = h.dp.failover_list(&WEB).unwrap();
+        let vip80 = (VIP, 80);
+        let syn = |port, isn| {
+            PacketSpec::tcp(client(port), vip80, SYN)
+                .with_seq(isn)
+                .with_ack(0)
+        };
+        let port = port_landing_on(&h, &WEB, |p| syn(p, 7), list[0], 49000);
+        let flow = flow_of(&syn(port, 7));
+        let first = h.backend_addr(list[0]);
+        h.run(&syn(port, 7).build());
+        h.run(
+            &PacketSpec::tcp(first, client(port), RST | ACK)
+                .with_seq(0)
+                .with_ack(8)
+                .build(),
+        );
+        let moved = h.entry(&flow).unwrap();
+        assert_ne!(moved.backend_id, list[0], "re-steered");
+        let moved_reply = flow_of(&PacketSpec::tcp(
+            h.backend_addr(moved.backend_id),
+            client(port),
+            ACK,
+        ));
+        assert!(h.entry(&moved_reply).is_some());
 
-    let before = h.counters();
-    let (verdict, out) = h.run(&syn(port, 9000).build());
-    assert_eq!(verdict, Verdict::Pass);
-    assert_eq!(
-        out,
-        syn(port, 9000).with_dst(first).build(),
-        "to the table's backend"
-    );
-    let after = h.counters();
-    assert_eq!(after["forward_new"] - before["forward_new"], 1);
-    let entry = h.entry(&flow).unwrap();
-    assert_eq!(
-        (entry.backend_id, entry.syn_isn, entry.retries),
-        (list[0], 9000, 0)
-    );
-    assert!(
-        h.entry(&moved_reply).is_none(),
-        "the first attempt's backend side is gone"
-    );
-    // Its retransmission is the same attempt: tracked, not another new connection.
-    let before = h.counters();
-    h.run(&syn(port, 9000).build());
-    assert_eq!(h.counters()["forward_new"], before["forward_new"]);
+        let before = h.counters();
+        let (verdict, out) = h.run(&syn(port, 9000).build());
+        assert_eq!(verdict, Verdict::Redirect);
+        assert_eq!(
+            out,
+            to_backend(&syn(port, 9000).with_dst(first).build()),
+            "to the table's backend"
+        );
+        let after = h.counters();
+        assert_eq!(after["forward_new"] - before["forward_new"], 1);
+        let entry = h.entry(&flow).unwrap();
+        assert_eq!(
+            (entry.backend_id, entry.syn_isn, entry.retries),
+            (list[0], 9000, 0)
+        );
+        assert!(
+            h.entry(&moved_reply).is_none(),
+            "the first attempt's backend side is gone"
+        );
+        // Its retransmission is the same attempt: tracked, not another new connection.
+        let before = h.counters();
+        h.run(&syn(port, 9000).build());
+        assert_eq!(h.counters()["forward_new"], before["forward_new"]);
+    });
 }
 
 /// A retransmitted SYN moved to another backend (connect timeout) is one packet: the
@@ -2222,28 +2250,31 @@ fn a_syn_resent_after_a_timeout_counts_as_one_packet() {
     if !require_root() {
         return;
     }
-    let mut h = Harness::new(Hook::Xdp);
-    let svc_id = h.programmer.service_id(&WEB).unwrap();
-    let syn = PacketSpec::tcp(client(47000), (VIP, 80), SYN).with_ack(0);
-    h.run(&syn.build());
-    let orig = h.entry(&flow_of(&syn)).unwrap();
-    let (_, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
-    let packets = |h: &Harness| {
-        (
-            h.dp.service_stats(svc_id).unwrap().packets,
-            h.dp.backend_stats(next).unwrap().packets,
-        )
-    };
-    let before = packets(&h);
-    std::thread::sleep(Duration::from_nanos(SYN_RETRANSMIT_MIN_NS) + Duration::from_millis(50));
-    h.run(&syn.build());
-    assert_eq!(h.entry(&flow_of(&syn)).unwrap().backend_id, next);
-    let after = packets(&h);
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (1, 1),
-        "packets of the service and of the new backend"
-    );
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpsr").run(|| {
+        let mut h = Harness::new(Hook::Xdp);
+        let svc_id = h.programmer.service_id(&WEB).unwrap();
+        let syn = PacketSpec::tcp(client(47000), (VIP, 80), SYN).with_ack(0);
+        h.run(&syn.build());
+        let orig = h.entry(&flow_of(&syn)).unwrap();
+        let (_, next, _) = h.next_backend(&WEB, &orig).expect("another backend");
+        let packets = |h: &Harness| {
+            (
+                h.dp.service_stats(svc_id).unwrap().packets,
+                h.dp.backend_stats(next).unwrap().packets,
+            )
+        };
+        let before = packets(&h);
+        std::thread::sleep(Duration::from_nanos(SYN_RETRANSMIT_MIN_NS) + Duration::from_millis(50));
+        h.run(&syn.build());
+        assert_eq!(h.entry(&flow_of(&syn)).unwrap().backend_id, next);
+        let after = packets(&h);
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 1),
+            "packets of the service and of the new backend"
+        );
+    });
 }
 
 /// The failover list can be republished shorter between two re-steers of one connection
@@ -2255,63 +2286,67 @@ fn a_shorter_failover_list_does_not_hide_an_eligible_backend() {
     if !require_root() {
         return;
     }
-    let mut h = Harness::new(Hook::Xdp);
-    let svc_id = h.programmer.service_id(&WEB).unwrap();
-    let list = h.dp.failover_list(&WEB).unwrap();
-    assert_eq!(list.len(), 3);
-    let vip80 = (VIP, 80);
-    let spec = |port| {
-        PacketSpec::tcp(client(port), vip80, SYN)
-            .with_seq(7)
-            .with_ack(0)
-    };
-    let port = port_landing_on(&h, &WEB, spec, list[0], 46000);
-    let syn = spec(port);
-    let flow = flow_of(&syn);
-    h.run(&syn.build());
-    let refusal = |from: (Ipv4Addr, u16)| {
-        PacketSpec::tcp(from, client(port), RST | ACK)
-            .with_seq(0)
-            .with_ack(8)
-    };
-    // First refusal: re-sent to list[1]; the cursor now points past it (2).
-    let (verdict, _) = h.run(&refusal(h.backend_addr(list[0])).build());
-    assert_eq!(verdict, rewritten_verdict(Hook::Xdp));
-    let orig = h.entry(&flow).unwrap();
-    assert_eq!((orig.backend_id, orig.fallback_cursor), (list[1], 2));
-    // The first backend is ejected: the list becomes [list[1], list[2]], shorter than the
-    // cursor.
-    h.programmer
-        .apply(
-            &mut h.dp,
-            &desired([
-                BackendState::Ejected,
-                BackendState::Active,
-                BackendState::Active,
-            ]),
-        )
-        .unwrap();
-    assert_eq!(h.dp.failover_list(&WEB).unwrap(), vec![list[1], list[2]]);
-    h.signals();
-    let next = h.backend_addr(list[2]);
-    let refusing = h.backend_addr(list[1]);
-    let resent = syn
-        .clone()
-        .with_dst(next)
-        .with_ip_id(0)
-        .with_tcp_options(&[1; 20]);
-    check_signalled(
-        &mut h,
-        Case {
-            name: "second refusal after the list shrank goes to the last eligible backend".into(),
-            input: refusal(refusing).build(),
-            verdict: Verdict::Pass,
-            output: Some(resent.build()),
-            counters: vec![(Counter::ForwardResteered, 1)],
-        },
-        &[sig(SignalKind::ConnectRefused, svc_id, list[1])],
-    );
-    assert_eq!(h.entry(&flow).unwrap().backend_id, list[2]);
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpsl").run(|| {
+        let mut h = Harness::new(Hook::Xdp);
+        let svc_id = h.programmer.service_id(&WEB).unwrap();
+        let list = h.dp.failover_list(&WEB).unwrap();
+        assert_eq!(list.len(), 3);
+        let vip80 = (VIP, 80);
+        let spec = |port| {
+            PacketSpec::tcp(client(port), vip80, SYN)
+                .with_seq(7)
+                .with_ack(0)
+        };
+        let port = port_landing_on(&h, &WEB, spec, list[0], 46000);
+        let syn = spec(port);
+        let flow = flow_of(&syn);
+        h.run(&syn.build());
+        let refusal = |from: (Ipv4Addr, u16)| {
+            PacketSpec::tcp(from, client(port), RST | ACK)
+                .with_seq(0)
+                .with_ack(8)
+        };
+        // First refusal: re-sent to list[1]; the cursor now points past it (2).
+        let (verdict, _) = h.run(&refusal(h.backend_addr(list[0])).build());
+        assert_eq!(verdict, Verdict::Redirect);
+        let orig = h.entry(&flow).unwrap();
+        assert_eq!((orig.backend_id, orig.fallback_cursor), (list[1], 2));
+        // The first backend is ejected: the list becomes [list[1], list[2]], shorter than the
+        // cursor.
+        h.programmer
+            .apply(
+                &mut h.dp,
+                &desired([
+                    BackendState::Ejected,
+                    BackendState::Active,
+                    BackendState::Active,
+                ]),
+            )
+            .unwrap();
+        assert_eq!(h.dp.failover_list(&WEB).unwrap(), vec![list[1], list[2]]);
+        h.signals();
+        let next = h.backend_addr(list[2]);
+        let refusing = h.backend_addr(list[1]);
+        let resent = syn
+            .clone()
+            .with_dst(next)
+            .with_ip_id(0)
+            .with_tcp_options(&[1; 20]);
+        check_signalled(
+            &mut h,
+            Case {
+                name: "second refusal after the list shrank goes to the last eligible backend"
+                    .into(),
+                input: refusal(refusing).build(),
+                verdict: Verdict::Pass,
+                output: Some(resent.build()),
+                counters: vec![(Counter::ForwardResteered, 1)],
+            },
+            &[sig(SignalKind::ConnectRefused, svc_id, list[1])],
+        );
+        assert_eq!(h.entry(&flow).unwrap().backend_id, list[2]);
+    });
 }
 
 /// `desired` with web's session affinity (Kubernetes `sessionAffinity: ClientIP`) set to
@@ -2553,7 +2588,10 @@ fn session_affinity_keeps_a_client_on_its_backend_xdp() {
     if !require_root() {
         return;
     }
-    run_session_affinity(Hook::Xdp);
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpax").run(|| {
+        run_session_affinity(Hook::Xdp);
+    });
 }
 
 #[test]
@@ -2581,64 +2619,68 @@ fn session_affinity_is_adopted_across_a_restart() {
     if !require_root() {
         return;
     }
-    let dir = PinDir(std::path::PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbaff")));
-    let options = DataplaneOptions {
-        max_connections: 1024,
-        ..Default::default()
-    };
-    let services = with_affinity([BackendState::Active; 3], Some(Duration::from_secs(3600)));
-    let start = |adopt: bool| {
-        let mut dp = Dataplane::load_pinned(&options, Some(&dir.0)).unwrap();
-        let mut programmer = if adopt {
-            Programmer::adopt(&mut dp).unwrap().0
-        } else {
-            Programmer::default()
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    routed_netns("dpar").run(|| {
+        let dir =
+            PinDir(std::path::PathBuf::from("/sys/fs/bpf").join(lb_tests::unique_name("lbaff")));
+        let options = DataplaneOptions {
+            max_connections: 1024,
+            ..Default::default()
         };
-        programmer.apply(&mut dp, &services).unwrap();
-        let signals = dp.take_signals().unwrap();
-        Harness {
-            dp,
-            programmer,
-            hook: Hook::Xdp,
-            signals,
+        let services = with_affinity([BackendState::Active; 3], Some(Duration::from_secs(3600)));
+        let start = |adopt: bool| {
+            let mut dp = Dataplane::load_pinned(&options, Some(&dir.0)).unwrap();
+            let mut programmer = if adopt {
+                Programmer::adopt(&mut dp).unwrap().0
+            } else {
+                Programmer::default()
+            };
+            programmer.apply(&mut dp, &services).unwrap();
+            let signals = dp.take_signals().unwrap();
+            Harness {
+                dp,
+                programmer,
+                hook: Hook::Xdp,
+                signals,
+            }
+        };
+        let kept = {
+            let mut h = start(false);
+            let flow = flow_of(&PacketSpec::tcp(client(28000), (VIP, 80), SYN));
+            let (addr, port, id) = h.predicted_backend(&WEB, &flow);
+            new_web_connection(
+                &mut h,
+                "before the restart: balanced",
+                28000,
+                (addr, port),
+                Some(Counter::EventAffinityMiss),
+            );
+            id
+        };
+        let mut h = start(true);
+        for name in [
+            lb_common::maps::AFFINITY,
+            lb_common::maps::AFFINITY_TIMEOUTS,
+        ] {
+            assert!(h.dp.adopted().contains(&name), "{name} adopted");
         }
-    };
-    let kept = {
-        let mut h = start(false);
-        let flow = flow_of(&PacketSpec::tcp(client(28000), (VIP, 80), SYN));
-        let (addr, port, id) = h.predicted_backend(&WEB, &flow);
+        let svc_id = h.programmer.service_id(&WEB).unwrap();
+        assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 3600);
+        assert_eq!(remembered(&h), Some(kept));
+        // A port the hash sends elsewhere.
+        let port = (28001..29000)
+            .find(|&p| {
+                let flow = flow_of(&PacketSpec::tcp(client(p), (VIP, 80), SYN));
+                h.predicted_backend(&WEB, &flow).2 != kept
+            })
+            .unwrap();
+        let to = h.backend_addr(kept);
         new_web_connection(
             &mut h,
-            "before the restart: balanced",
-            28000,
-            (addr, port),
-            Some(Counter::EventAffinityMiss),
+            "after the restart: the client's backend",
+            port,
+            to,
+            Some(Counter::EventAffinityHit),
         );
-        id
-    };
-    let mut h = start(true);
-    for name in [
-        lb_common::maps::AFFINITY,
-        lb_common::maps::AFFINITY_TIMEOUTS,
-    ] {
-        assert!(h.dp.adopted().contains(&name), "{name} adopted");
-    }
-    let svc_id = h.programmer.service_id(&WEB).unwrap();
-    assert_eq!(h.dp.affinity_timeout(svc_id).unwrap(), 3600);
-    assert_eq!(remembered(&h), Some(kept));
-    // A port the hash sends elsewhere.
-    let port = (28001..29000)
-        .find(|&p| {
-            let flow = flow_of(&PacketSpec::tcp(client(p), (VIP, 80), SYN));
-            h.predicted_backend(&WEB, &flow).2 != kept
-        })
-        .unwrap();
-    let to = h.backend_addr(kept);
-    new_web_connection(
-        &mut h,
-        "after the restart: the client's backend",
-        port,
-        to,
-        Some(Counter::EventAffinityHit),
-    );
+    });
 }

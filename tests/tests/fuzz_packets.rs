@@ -692,7 +692,7 @@ fn explain(services: &[DesiredService], input: &[u8], output: &[u8]) -> Result<C
     }
 }
 
-/// `out`, a packet TC redirected, without what routing changed: its MAC addresses and
+/// `out`, a packet lb redirected, without what routing changed: its MAC addresses and
 /// its TTL, which must be one less than `input`'s (a re-sent SYN, built whole, is left as
 /// it is).
 fn unrouted(input: &[u8], out: &[u8]) -> Result<Vec<u8>, String> {
@@ -807,7 +807,7 @@ fn fuzz(hook: Hook) -> Totals {
                     passed_unchanged += 1;
                 }
                 _ => {
-                    // TC sends a rewritten packet on itself, as a router: new MAC
+                    // lb sends a rewritten packet on itself, as a router: new MAC
                     // addresses and TTL - 1 (the IPv4 checksum is checked below); what is
                     // left to explain is lb's rewrite.
                     let rewrite = match verdict {
@@ -971,8 +971,14 @@ fn fuzz_xdp() {
     if !require_root() {
         return;
     }
-    let t = fuzz(Hook::Xdp);
-    assert!(!t.verdicts.contains_key(&Verdict::Redirect));
+    // XDP forwards rewritten packets by the routes of the namespace it runs in.
+    let ns = routed_netns("fzx");
+    let t = ns.run(|| fuzz(Hook::Xdp));
+    assert!(
+        t.verdicts.contains_key(&Verdict::Redirect),
+        "{:?}",
+        t.verdicts
+    );
     // The generator reaches every kind of rewrite and the malformed-packet paths.
     for c in [Change::Dnat, Change::Snat, Change::Icmp, Change::ResentSyn] {
         assert!(t.changes.contains_key(&c), "no {c:?} in {:?}", t.changes);

@@ -453,6 +453,7 @@ spec:
             services,
             counters: Vec::new(),
             interfaces: Vec::new(),
+            xdp_targets: Vec::new(),
             cluster: None,
             cluster_apply_error: None,
             dns: Default::default(),

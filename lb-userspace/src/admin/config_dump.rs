@@ -138,7 +138,11 @@ pub fn json(snapshot: &Snapshot) -> Value {
             "name": name,
             "mode": crate::interfaces::mode_name(*mode),
             "ipv4_forwarding": crate::interfaces::ipv4_forwarding(name),
+            // Whether XDP can redirect packets out of it (else the stack forwards them).
+            "xdp_redirect_target": snapshot.xdp_targets.contains(name),
         })).collect::<Vec<_>>(),
+        // Every interface XDP redirects rewritten packets to.
+        "xdp_redirect_targets": snapshot.xdp_targets,
         "services": snapshot.services.iter().map(service).collect::<Vec<_>>(),
         // What the sources said: objects left out, fields not acted on (each once).
         "warnings": snapshot.warnings,

@@ -698,6 +698,14 @@ pub fn render_into(snapshot: Snapshot, out: &mut impl std::fmt::Write) -> std::f
          balanced packets arriving on them cannot be forwarded (0 on a working node)",
         forwarding_off,
     );
+    let xdp_targets = Gauge::<i64>::default();
+    xdp_targets.set(snapshot.xdp_targets.len() as i64);
+    registry.register(
+        "xdp_redirect_targets",
+        "Interfaces XDP redirects rewritten packets to (drivers that take XDP frames; a veth \
+         whose peer has GRO or an XDP program); packets to others go through the stack",
+        xdp_targets,
+    );
     // Active health checks, summed over the checked endpoints (per endpoint: /config_dump).
     if !snapshot.health.is_empty() {
         let endpoints = Gauges::default();

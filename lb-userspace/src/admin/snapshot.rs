@@ -40,6 +40,8 @@ pub struct Snapshot {
     pub counters: Vec<(Counter, u64)>,
     /// The interfaces the data plane is attached to, and how.
     pub interfaces: Vec<(String, crate::dataplane::AttachMode)>,
+    /// The interfaces XDP redirects rewritten packets to (the others: through the stack).
+    pub xdp_targets: Vec<String>,
     /// The cluster, when it is a source.
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
     /// Why the cluster's latest state is not in force, while it is not.
@@ -218,6 +220,13 @@ impl Snapshot {
                     .attached_interfaces()
                     .iter()
                     .map(|(name, a)| (name.clone(), a.mode))
+                    .collect(),
+                xdp_targets: agent
+                    .dataplane
+                    .xdp_targets()
+                    .iter()
+                    .map(|&i| crate::dataplane::xdp_targets::name_of(i))
+                    .filter(|n| !n.is_empty())
                     .collect(),
                 cluster: agent.cluster.clone(),
                 cluster_apply_error: agent.cluster_apply_error.clone(),

@@ -10,6 +10,7 @@ pub mod reader;
 pub mod selection;
 pub mod sync;
 mod tls_steer;
+pub mod xdp_targets;
 
 pub use links::AttachedInterface;
 
@@ -208,6 +209,9 @@ pub struct Dataplane {
     /// `lb_sk_lookup` attached to the agent's network namespace, once a TLS forwarder
     /// listens (`tls_steer`).
     tls_steering: Option<aya::programs::sk_lookup::SkLookupLink>,
+    /// Where XDP may redirect (`xdp_targets`), and what it holds.
+    xdp_targets: aya::maps::DevMapHash<MapData>,
+    xdp_target_set: std::collections::BTreeSet<u32>,
 }
 
 /// The maps indexed by service or backend id: adopted together or not at all.
@@ -635,6 +639,8 @@ impl Dataplane {
             affinity_timeouts: take(&mut ebpf, names::AFFINITY_TIMEOUTS)?,
             affinity_secs: StdHashMap::new(),
             migration_flags: take(&mut ebpf, names::MIGRATION)?,
+            xdp_targets: take(&mut ebpf, names::XDP_TARGETS)?,
+            xdp_target_set: Default::default(),
             ebpf,
             options: options.clone(),
             active_half: StdHashMap::new(),
@@ -649,6 +655,11 @@ impl Dataplane {
         };
         if dp.adopted.contains(&names::SERVICES) {
             dp.adopt_services()?;
+        }
+        // Before any program is attached, so XDP redirects from its first packet on;
+        // without the list, XDP leaves every rewritten packet to the stack (counted).
+        if let Err(e) = dp.refresh_xdp_targets() {
+            log::warn!("XDP will not redirect (the stack forwards instead): {e:#}");
         }
         // First pass: the new programs find the old connections once attached. Until the
         // last pass they also look up the older table on a miss and write new connections

@@ -233,12 +233,56 @@ fn log_attached(selector: &Selector, name: &str, ifindex: u32, mode: AttachMode)
              which drops it); set net.ipv4.ip_forward=1 as on any router"
         );
     }
+    if mode == AttachMode::Xdp {
+        log_xdp_redirect_targets(name);
+    }
     let overruled = selector.overruled(name);
     if !overruled.is_empty() {
         warn!(
             "{name} also matches {} in another mode; the first --interface that selects \
              it is used",
             overruled.join(", ")
+        );
+    }
+}
+
+/// At an XDP attach: which interfaces XDP can redirect rewritten packets to, and which it
+/// cannot (the stack forwards to those), with what makes a veth a target.
+fn log_xdp_redirect_targets(name: &str) {
+    let devices = match crate::dataplane::xdp_targets::devices() {
+        Ok(d) => d,
+        Err(e) => {
+            return warn!(
+                "XDP on {name}: the interfaces that can take XDP frames cannot be listed \
+                 ({e:#}); rewritten packets go through the stack"
+            )
+        }
+    };
+    let (can, cannot): (Vec<_>, Vec<_>) = devices
+        .iter()
+        .filter(|d| d.name != "lo")
+        .partition(|d| d.xdp_target);
+    let names = |list: &[&crate::dataplane::xdp_targets::Device]| {
+        let mut s: Vec<_> = list.iter().take(8).map(|d| d.name.as_str()).collect();
+        if list.len() > 8 {
+            s.push("...");
+        }
+        s.join(", ")
+    };
+    info!(
+        "XDP on {name}: rewritten packets are redirected to {} interface(s) that can take \
+         XDP frames ({})",
+        can.len(),
+        names(&can)
+    );
+    if !cannot.is_empty() {
+        warn!(
+            "XDP on {name}: packets balanced to {} other interface(s) ({}) go through the \
+             node's stack (counted event_stack_xdp_target): their drivers cannot take XDP \
+             frames; a veth can when its peer has GRO on (`ethtool -K PEER gro on` in the \
+             peer's network namespace) or an XDP program",
+            cannot.len(),
+            names(&cannot)
         );
     }
 }

@@ -69,20 +69,33 @@ fn run_once(
     packet: &[u8],
     out: &mut [u8],
 ) -> Result<u64> {
+    Ok(run_with_verdict(ebpf_prog, hook, packet, out)?.0)
+}
+
+/// Runs one packet once: the kernel-measured duration in ns, and whether the program
+/// redirected it (XDP_REDIRECT, TC_ACT_REDIRECT).
+fn run_with_verdict(
+    ebpf_prog: &mut aya::programs::Program,
+    hook: Hook,
+    packet: &[u8],
+    out: &mut [u8],
+) -> Result<(u64, bool)> {
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(packet);
     opts.data_out = Some(out);
-    let d = match hook {
+    let (d, redirected) = match hook {
         Hook::Xdp => {
             let p: &mut Xdp = ebpf_prog.try_into()?;
-            p.test_run(opts)?.duration
+            let r = p.test_run(opts)?;
+            (r.duration, r.return_value == 4)
         }
         Hook::Tc => {
             let p: &mut SchedClassifier = ebpf_prog.try_into()?;
-            p.test_run(opts)?.duration
+            let r = p.test_run(opts)?;
+            (r.duration, r.return_value == 7)
         }
     };
-    Ok(d.as_nanos() as u64)
+    Ok((d.as_nanos() as u64, redirected))
 }
 
 /// A client of the session-affinity rows: `i`'s own address (a new client), or one of
@@ -205,7 +218,7 @@ fn measure(args: &Options) -> Result<String> {
         Ok(n)
     };
     let mut baseline = Ebpf::load(BASELINE_OBJECT).context("loading the baseline programs")?;
-    for name in ["baseline_xdp", "baseline_tc"] {
+    for name in ["baseline_xdp", "baseline_tc", "forward_xdp", "forward_tc"] {
         match baseline
             .program_mut(name)
             .context("baseline program missing")?
@@ -236,9 +249,15 @@ fn measure(args: &Options) -> Result<String> {
     emit!(md, "| --- | --- | ---: | ---: | ---: |");
     let started = Instant::now();
     let mut out = vec![0u8; 2048];
-    for (hook, prog_name, base_name, label) in [
-        (Hook::Xdp, XDP_PROGRAM, "baseline_xdp", "XDP"),
-        (Hook::Tc, TC_INGRESS_PROGRAM, "baseline_tc", "TC"),
+    for (hook, prog_name, base_name, forward_name, label) in [
+        (Hook::Xdp, XDP_PROGRAM, "baseline_xdp", "forward_xdp", "XDP"),
+        (
+            Hook::Tc,
+            TC_INGRESS_PROGRAM,
+            "baseline_tc",
+            "forward_tc",
+            "TC",
+        ),
     ] {
         // Offsets keep the two programs' flows apart.
         let off = if hook == Hook::Xdp { 0 } else { 2 * n };
@@ -306,7 +325,7 @@ fn measure(args: &Options) -> Result<String> {
         let (ok_plain, ok_http) = (http_ok(&dp, &WEB)?, http_ok(&dp, &WEB_HTTP)?);
         let unparsed = dp.counter(Counter::EventHttpUnparsed)?;
 
-        const PATHS: [&str; 10] = [
+        const PATHS: [&str; 11] = [
             "new TCP flow",
             "established flow",
             "reply (reverse NAT)",
@@ -317,7 +336,13 @@ fn measure(args: &Options) -> Result<String> {
             "translated traffic seen again",
             "new TCP flow, session affinity, client's backend kept",
             "new TCP flow, session affinity, new client",
+            "forwarding alone (a program doing only the route lookup, MACs and redirect lb does after a rewrite)",
         ];
+        let forward_prog = baseline.program_mut(forward_name).context("forward")?;
+        anyhow::ensure!(
+            run_with_verdict(forward_prog, hook, &translated, &mut out)?.1,
+            "{label}: the forwarding program did not redirect a packet to a backend"
+        );
         // Per path: the round medians above the same round's trivial-program median.
         let mut above: [Vec<f64>; PATHS.len()] = Default::default();
         let mut base_medians = Vec::new();
@@ -330,10 +355,10 @@ fn measure(args: &Options) -> Result<String> {
             let base = median(t);
             base_medians.push(base);
             for (path, row) in above.iter_mut().enumerate() {
-                let prog = if path < 8 {
-                    dp.program_mut(prog_name)?
-                } else {
-                    dp_affinity.program_mut(prog_name)?
+                let prog = match path {
+                    0..8 => dp.program_mut(prog_name)?,
+                    8..10 => dp_affinity.program_mut(prog_name)?,
+                    _ => baseline.program_mut(forward_name).context("forward")?,
                 };
                 let mut t = Vec::with_capacity(per_round);
                 for i in 0..per_round {
@@ -347,7 +372,8 @@ fn measure(args: &Options) -> Result<String> {
                         6 => &non_vip,
                         7 => &translated,
                         8 => &kept_flows[round * per_round + i],
-                        _ => &new_client_flows[round * per_round + i],
+                        9 => &new_client_flows[round * per_round + i],
+                        _ => &translated,
                     };
                     t.push(run_once(prog, hook, packet, &mut out)?);
                 }

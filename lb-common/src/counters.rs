@@ -129,6 +129,9 @@ counters! {
     /// XDP: a rewritten packet left to the stack because the next hop's MAC address is
     /// not known yet (XDP cannot resolve it; the stack does, and later packets redirect).
     EventStackNoNeigh = 41, "event_stack_no_neigh";
+    /// A rewritten packet forwarded by the next hop cached for its destination (no FIB
+    /// lookup; counted on top of `event_redirected`).
+    EventNexthopCached = 42, "event_nexthop_cached";
 }
 
 /// Number of slots of the `COUNTERS` map (room to grow: a new size replaces the pinned

@@ -56,5 +56,6 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for Signal {}
     unsafe impl aya::Pod for crate::maps::AffinityKey {}
+    unsafe impl aya::Pod for crate::maps::NextHop {}
     unsafe impl aya::Pod for crate::maps::Affinity {}
 }

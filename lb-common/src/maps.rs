@@ -89,6 +89,43 @@ pub const AFFINITY_TIMEOUTS: &str = "lb_svc_aff_v1";
 pub const XDP_TARGETS: &str = "lb_xdp_tx";
 /// Room in `XDP_TARGETS`: a node's interfaces, pods' veths included.
 pub const MAX_XDP_TARGETS: u32 = 4096;
+/// The next-hop cache (a per-CPU array of `NextHop`): where recent destinations were
+/// routed, so most packets skip the FIB lookup. Not pinned.
+pub const NEXTHOP_CACHE: &str = "lb_nh_cache";
+/// Slots of `NEXTHOP_CACHE` per CPU (a power of two; direct-mapped by destination).
+pub const NEXTHOP_SLOTS: u32 = 1024;
+/// The routing generation (an array of one `u32`): bumped by the agent at every change of
+/// the node's links, routes, neighbours or rules, which makes every cached next hop stale;
+/// 0 turns the cache off (no agent following the changes, or routing the cache cannot
+/// hold: policy rules, multipath routes). Not pinned.
+pub const ROUTING_GENERATION: &str = "lb_route_gen";
+
+/// A cached FIB result: the route of `dst` for packets arriving on `ingress_ifindex`,
+/// valid while `generation` is the current routing generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// IPv4 destination, as in the packet.
+    pub dst: u32,
+    pub ingress_ifindex: u32,
+    /// 0: empty.
+    pub generation: u32,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// The route's MTU: a longer packet takes the full lookup (which fragments-needed or
+    /// GSO decide).
+    pub mtu: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+assert_size!(NextHop, 32);
+
+/// The slot of `NEXTHOP_CACHE` for (`dst`, `ingress_ifindex`).
+#[inline(always)]
+pub const fn nexthop_slot(dst: u32, ingress_ifindex: u32) -> u32 {
+    (dst ^ ingress_ifindex.wrapping_mul(0x9E37_79B1)).wrapping_mul(0x85EB_CA6B)
+        >> (32 - NEXTHOP_SLOTS.trailing_zeros())
+}
 
 /// Every map the agent pins, by the name of its file in the pin directory.
 pub const PINNED: &[&str] = &[

@@ -9,9 +9,9 @@ use aya_ebpf::{
 use lb_common::{
     counters::COUNTER_SLOTS,
     maps::{
-        Affinity, AffinityKey, ConnEntryV1, ADDR_FILTER_WORDS, DEFAULT_MAX_AFFINITY,
+        Affinity, AffinityKey, ConnEntryV1, NextHop, ADDR_FILTER_WORDS, DEFAULT_MAX_AFFINITY,
         DEFAULT_MAX_BACKENDS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SLOTS,
-        MAX_XDP_TARGETS, SIGNALS_BYTES,
+        MAX_XDP_TARGETS, NEXTHOP_SLOTS, SIGNALS_BYTES,
     },
     Backend, ConnEntry, DataplaneConfig, FlowKey, Service, ServiceKey, TrafficStats,
 };
@@ -115,3 +115,11 @@ pub fn config() -> &'static DataplaneConfig {
 /// anywhere else goes through the stack (`event_stack_xdp_target`).
 #[map(name = "lb_xdp_tx")]
 pub static XDP_TARGETS: DevMapHash = DevMapHash::with_max_entries(MAX_XDP_TARGETS, 0);
+
+/// Where recent destinations were routed (per CPU, direct-mapped; see `route`).
+#[map(name = "lb_nh_cache")]
+pub static NEXTHOP_CACHE: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXTHOP_SLOTS, 0);
+
+/// The routing generation the cached next hops must carry; 0: the cache is off.
+#[map(name = "lb_route_gen")]
+pub static ROUTING_GENERATION: Array<u32> = Array::with_max_entries(1, 0);

@@ -26,17 +26,22 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH,
     },
     helpers::bpf_fib_lookup,
 };
-use lb_common::{csum, Counter};
+use lb_common::{
+    csum,
+    maps::{nexthop_slot, NextHop},
+    Counter,
+};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    maps::XDP_TARGETS,
+    maps::{NEXTHOP_CACHE, ROUTING_GENERATION, XDP_TARGETS},
     packet::Packet,
     parse::{header_at, ETH_LEN},
+    stats,
 };
 
 const AF_INET: u8 = 2;
@@ -103,6 +108,40 @@ pub fn next<P: Packet>(
     if routed && ttl <= 1 {
         return Next::Stack(Counter::EventStackTtl);
     }
+    // The next-hop cache: where this destination was routed from this interface under
+    // the current routing generation. A packet longer than the route's MTU takes the full
+    // lookup, which decides (GSO, fragmentation needed).
+    let generation = ROUTING_GENERATION.get(0).copied().unwrap_or(0);
+    let slot = nexthop_slot(dst, ingress_ifindex);
+    let cached = if generation != 0 {
+        NEXTHOP_CACHE.get_ptr_mut(slot)
+    } else {
+        None
+    };
+    if let Some(nh) = cached {
+        // SAFETY: pointer to this CPU's live map value returned by the kernel.
+        let nh = unsafe { &*nh };
+        if nh.generation == generation
+            && nh.dst == dst
+            && nh.ingress_ifindex == ingress_ifindex
+            && u32::from(tot_len) <= nh.mtu
+        {
+            let next = Next::Redirect {
+                ifindex: nh.ifindex,
+                smac: nh.smac,
+                dmac: nh.dmac,
+            };
+            // The agent bumps the generation when the XDP targets change too.
+            if hook == Hook::Xdp && XDP_TARGETS.get(nh.ifindex).is_none() {
+                return Next::Stack(Counter::EventStackXdpTarget);
+            }
+            if routed && decrement_ttl(pkt, ttl, protocol, check).is_err() {
+                return Next::Stack(Counter::EventStackNotForwarded);
+            }
+            stats::count(Counter::EventNexthopCached);
+            return next;
+        }
+    }
     // SAFETY: plain data; all-zero is a valid starting value.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
@@ -120,6 +159,21 @@ pub fn next<P: Packet>(
             // anything in the packet changes.
             if hook == Hook::Xdp && XDP_TARGETS.get(fib.ifindex).is_none() {
                 return Next::Stack(Counter::EventStackXdpTarget);
+            }
+            if let Some(nh) = cached {
+                let mtu = route_mtu(ctx, &fib, ingress_ifindex);
+                // SAFETY: pointer to this CPU's live map value returned by the kernel.
+                unsafe {
+                    *nh = NextHop {
+                        dst,
+                        ingress_ifindex,
+                        generation,
+                        ifindex: fib.ifindex,
+                        mtu,
+                        smac: fib.smac,
+                        dmac: fib.dmac,
+                    }
+                };
             }
             Next::Redirect {
                 ifindex: fib.ifindex,
@@ -143,6 +197,32 @@ pub fn next<P: Packet>(
         return Next::Stack(Counter::EventStackNotForwarded);
     }
     next
+}
+
+/// The MTU of the route `found` holds (the parameters as the lookup left them): asked of a
+/// second lookup with the largest IPv4 length, which answers "fragmentation needed" with
+/// the MTU. 0 (never a cache hit) when it does not.
+#[inline(always)]
+fn route_mtu(ctx: *mut core::ffi::c_void, found: &FibParams, ingress_ifindex: u32) -> u32 {
+    let mut fib = *found;
+    fib.__bindgen_anon_1.tot_len = u16::MAX;
+    // The lookup wrote the egress interface over the ingress one.
+    fib.ifindex = ingress_ifindex;
+    // SAFETY: a valid context and a parameter block of the size given.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx,
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    } as u32;
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // SAFETY: reading the union's output member, which the kernel wrote.
+        u32::from(unsafe { fib.__bindgen_anon_1.mtu_result })
+    } else {
+        0
+    }
 }
 
 /// TTL - 1, and the IPv4 checksum changed to match (so the header's sum, and a

@@ -1318,6 +1318,7 @@ pub async fn run(opts: AgentOptions) -> Result<Stopped> {
         opts.interfaces.clone(),
     ));
     follow_xdp_targets(Arc::downgrade(&agent));
+    tokio::spawn(crate::dataplane::routing::follow(Arc::downgrade(&agent)));
 
     let mut last_stamp = config_stamp(&opts.configs);
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

@@ -2684,3 +2684,88 @@ fn session_affinity_is_adopted_across_a_restart() {
         );
     });
 }
+
+/// With the next-hop cache on, a destination's route is looked up once and reused (counted
+/// `event_nexthop_cached`) until the routing generation moves on: a changed neighbour is
+/// used from the next packet after `routing_changed`, which the agent calls at every change
+/// the kernel announces. With the cache off, every packet is looked up.
+fn run_nexthop_cache(hook: Hook, ns: &lb_tests::Netns) {
+    let mut h = Harness::new(hook);
+    h.dp.set_nexthop_cache(true).unwrap();
+    let syn = PacketSpec::tcp(client(48000), (VIP, 80), SYN);
+    let (addr, port, _) = h.predicted_backend(&WEB, &flow_of(&syn));
+    let ack = PacketSpec::tcp(client(48000), (VIP, 80), ACK);
+    let cached = |h: &Harness| h.counters()["event_nexthop_cached"];
+    let send = |h: &mut Harness, p: &PacketSpec| {
+        let before = cached(h);
+        let (verdict, out) = h.run(&p.build());
+        assert_eq!(verdict, Verdict::Redirect, "{hook:?}");
+        (out, cached(h) - before)
+    };
+    let expected = |p: &PacketSpec, mac: [u8; 6]| {
+        packets::routed(
+            &p.clone().with_dst((addr, port)).build(),
+            Some((mac, ROUTE_MAC)),
+        )
+    };
+    assert_eq!(
+        send(&mut h, &syn),
+        (expected(&syn, backend_mac(addr)), 0),
+        "{hook:?}: first packet looked up"
+    );
+    assert_eq!(
+        send(&mut h, &ack),
+        (expected(&ack, backend_mac(addr)), 1),
+        "{hook:?}: then cached"
+    );
+
+    // The backend's neighbour entry changes (a new MAC address).
+    let new_mac = [0x02, 0, 0, 0x0c, 0, 1];
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &addr.to_string(),
+        "lladdr",
+        "02:00:00:0c:00:01",
+        "dev",
+        "lbr0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    // Until the change is announced, the cached next hop stands.
+    assert_eq!(
+        send(&mut h, &ack).1,
+        1,
+        "{hook:?}: cached until the generation moves"
+    );
+    h.dp.routing_changed().unwrap();
+    assert_eq!(
+        send(&mut h, &ack),
+        (expected(&ack, new_mac), 0),
+        "{hook:?}: looked up again"
+    );
+    assert_eq!(
+        send(&mut h, &ack),
+        (expected(&ack, new_mac), 1),
+        "{hook:?}: cached again"
+    );
+
+    h.dp.set_nexthop_cache(false).unwrap();
+    assert_eq!(
+        send(&mut h, &ack),
+        (expected(&ack, new_mac), 0),
+        "{hook:?}: cache off"
+    );
+}
+
+#[test]
+fn the_nexthop_cache_serves_until_routing_changes() {
+    if !require_root() {
+        return;
+    }
+    for hook in [Hook::Xdp, Hook::TcIngress] {
+        let ns = routed_netns("dpnh");
+        ns.run(|| run_nexthop_cache(hook, &ns));
+    }
+}

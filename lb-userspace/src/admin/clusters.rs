@@ -454,6 +454,7 @@ spec:
             counters: Vec::new(),
             interfaces: Vec::new(),
             xdp_targets: Vec::new(),
+            nexthop_cache: false,
             cluster: None,
             cluster_apply_error: None,
             dns: Default::default(),

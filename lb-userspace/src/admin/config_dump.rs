@@ -143,6 +143,9 @@ pub fn json(snapshot: &Snapshot) -> Value {
         })).collect::<Vec<_>>(),
         // Every interface XDP redirects rewritten packets to.
         "xdp_redirect_targets": snapshot.xdp_targets,
+        // Whether forwarded packets reuse the next hop found for their destination (off
+        // with policy rules or multipath routes, or while routing changes are not followed).
+        "nexthop_cache": snapshot.nexthop_cache,
         "services": snapshot.services.iter().map(service).collect::<Vec<_>>(),
         // What the sources said: objects left out, fields not acted on (each once).
         "warnings": snapshot.warnings,

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub interfaces: Vec<(String, crate::dataplane::AttachMode)>,
     /// The interfaces XDP redirects rewritten packets to (the others: through the stack).
     pub xdp_targets: Vec<String>,
+    /// Whether forwarded packets use the next-hop cache (`dataplane::routing`).
+    pub nexthop_cache: bool,
     /// The cluster, when it is a source.
     pub cluster: Option<crate::sources::kubernetes::Cluster>,
     /// Why the cluster's latest state is not in force, while it is not.
@@ -221,6 +223,7 @@ impl Snapshot {
                     .iter()
                     .map(|(name, a)| (name.clone(), a.mode))
                     .collect(),
+                nexthop_cache: agent.dataplane.nexthop_cache_on(),
                 xdp_targets: agent
                     .dataplane
                     .xdp_targets()

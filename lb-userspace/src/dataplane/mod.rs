@@ -7,6 +7,7 @@ pub mod memory;
 mod mmap;
 pub mod pin;
 pub mod reader;
+pub mod routing;
 pub mod selection;
 pub mod sync;
 mod tls_steer;
@@ -212,6 +213,9 @@ pub struct Dataplane {
     /// Where XDP may redirect (`xdp_targets`), and what it holds.
     xdp_targets: aya::maps::DevMapHash<MapData>,
     xdp_target_set: std::collections::BTreeSet<u32>,
+    /// The routing generation cached next hops must carry (`routing`); 0: cache off.
+    routing_generation: Array<MapData, u32>,
+    routing_generation_now: u32,
 }
 
 /// The maps indexed by service or backend id: adopted together or not at all.
@@ -641,6 +645,8 @@ impl Dataplane {
             migration_flags: take(&mut ebpf, names::MIGRATION)?,
             xdp_targets: take(&mut ebpf, names::XDP_TARGETS)?,
             xdp_target_set: Default::default(),
+            routing_generation: take(&mut ebpf, names::ROUTING_GENERATION)?,
+            routing_generation_now: 0,
             ebpf,
             options: options.clone(),
             active_half: StdHashMap::new(),

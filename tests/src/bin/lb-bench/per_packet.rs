@@ -163,6 +163,9 @@ fn measure(args: &Options) -> Result<String> {
     // The session-affinity rows: another load, so their flows do not fill the first one's
     // connection table (which would change the other rows' figures).
     let mut dp_affinity = Dataplane::load(&options)?;
+    // As the agent runs them where a destination decides the route.
+    dp.set_nexthop_cache(true)?;
+    dp_affinity.set_nexthop_cache(true)?;
     let backends: Vec<DesiredBackend> = (0..3)
         .map(|i| DesiredBackend {
             addr: Ipv4Addr::new(10, 200, i + 1, 2),
@@ -325,7 +328,7 @@ fn measure(args: &Options) -> Result<String> {
         let (ok_plain, ok_http) = (http_ok(&dp, &WEB)?, http_ok(&dp, &WEB_HTTP)?);
         let unparsed = dp.counter(Counter::EventHttpUnparsed)?;
 
-        const PATHS: [&str; 11] = [
+        const PATHS: [&str; 12] = [
             "new TCP flow",
             "established flow",
             "reply (reverse NAT)",
@@ -337,6 +340,7 @@ fn measure(args: &Options) -> Result<String> {
             "new TCP flow, session affinity, client's backend kept",
             "new TCP flow, session affinity, new client",
             "forwarding alone (a program doing only the route lookup, MACs and redirect lb does after a rewrite)",
+            "established flow, next-hop cache off (a route lookup per packet)",
         ];
         let forward_prog = baseline.program_mut(forward_name).context("forward")?;
         anyhow::ensure!(
@@ -355,9 +359,12 @@ fn measure(args: &Options) -> Result<String> {
             let base = median(t);
             base_medians.push(base);
             for (path, row) in above.iter_mut().enumerate() {
+                if path == 11 {
+                    dp.set_nexthop_cache(false)?;
+                }
                 let prog = match path {
-                    0..8 => dp.program_mut(prog_name)?,
-                    8..10 => dp_affinity.program_mut(prog_name)?,
+                    0..8 | 11 => dp.program_mut(prog_name)?,
+                    8 | 9 => dp_affinity.program_mut(prog_name)?,
                     _ => baseline.program_mut(forward_name).context("forward")?,
                 };
                 let mut t = Vec::with_capacity(per_round);
@@ -373,11 +380,15 @@ fn measure(args: &Options) -> Result<String> {
                         7 => &translated,
                         8 => &kept_flows[round * per_round + i],
                         9 => &new_client_flows[round * per_round + i],
-                        _ => &translated,
+                        10 => &translated,
+                        _ => &est,
                     };
                     t.push(run_once(prog, hook, packet, &mut out)?);
                 }
                 row.push(median(t) - base);
+                if path == 11 {
+                    dp.set_nexthop_cache(true)?;
+                }
             }
         }
         // Every run of the "parsing on" row counted one 200, none of the others did, and

@@ -1,6 +1,8 @@
-//! XDP forwards rewritten packets itself (XDP_REDIRECT), to the interfaces that can take
-//! XDP frames, and leaves the rest to the node's stack; the agent keeps the list of those
-//! interfaces what the kernel says, as a veth's peer turns GRO on and off.
+//! lb forwards rewritten packets itself. XDP redirects them (XDP_REDIRECT) to the
+//! interfaces that can take XDP frames and leaves the rest to the node's stack; the agent
+//! keeps the list of those interfaces what the kernel says, as a veth's peer turns GRO on
+//! and off. Both hooks reuse a destination's next hop while the node's routing stays as it
+//! was, and not on a node whose routing a destination alone does not decide.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -184,4 +186,93 @@ fn xdp_redirects_to_backends_and_follows_their_links() {
         event(&before, "event_stack_xdp_target"),
         "every packet redirected again"
     );
+}
+
+/// The agent turns the next-hop cache on where a destination and an interface decide the
+/// route, so balanced packets reuse their next hop (`event_nexthop_cached`), and off while
+/// the node has a policy rule (routing by source, mark, ...), which it follows as it comes
+/// and goes.
+#[test]
+fn the_nexthop_cache_follows_the_nodes_policy_rules() {
+    if !require_root() {
+        return;
+    }
+    let bed = TestBed::new(AttachMode::Tc).unwrap();
+    let dir = TempDir::new("lbnh").unwrap();
+    let config = dir.0.join("lb.yaml");
+    write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
+    let _agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN]).unwrap();
+    let admin: SocketAddr = ADMIN.parse().unwrap();
+    let get = |path: &str| -> Result<String> {
+        match bed
+            .node
+            .run(|| http_request(admin, "GET", path, &[], Duration::from_secs(2)))?
+        {
+            (200, body) => Ok(body),
+            (status, body) => bail!("{path}: {status} {body}"),
+        }
+    };
+    wait_until(&bed.node, Duration::from_secs(20), || {
+        get("/ready").map(drop)
+    })
+    .expect("the agent becomes ready");
+    let cache_on = || -> bool {
+        let dump: serde_json::Value = serde_json::from_str(&get("/config_dump").unwrap()).unwrap();
+        dump["nexthop_cache"].as_bool().unwrap()
+    };
+    let wait_cache = |on: bool| {
+        wait_until(&bed.node, Duration::from_secs(5), || {
+            ensure!(cache_on() == on, "next-hop cache not {on} yet");
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    };
+    let calls = |n: usize| {
+        for i in 0..n {
+            bed.client
+                .run(|| http_get(vip_http(), "/", DEFAULT_TIMEOUT))
+                .unwrap_or_else(|e| panic!("call {i} through the VIP: {e:#}"));
+        }
+    };
+    let cached_during = |n: usize| {
+        let before = event(&get("/metrics").unwrap(), "event_nexthop_cached");
+        calls(n);
+        event(&get("/metrics").unwrap(), "event_nexthop_cached") - before
+    };
+    wait_cache(true);
+    assert!(cached_during(10) > 0, "packets reuse their next hop");
+
+    bed.node
+        .ip(&[
+            "rule",
+            "add",
+            "from",
+            "10.99.0.0/16",
+            "table",
+            "100",
+            "priority",
+            "100",
+        ])
+        .unwrap();
+    wait_cache(false);
+    assert_eq!(
+        cached_during(10),
+        0,
+        "every packet looked up under a policy rule"
+    );
+
+    bed.node
+        .ip(&[
+            "rule",
+            "del",
+            "from",
+            "10.99.0.0/16",
+            "table",
+            "100",
+            "priority",
+            "100",
+        ])
+        .unwrap();
+    wait_cache(true);
+    assert!(cached_during(10) > 0, "the cache is back without the rule");
 }

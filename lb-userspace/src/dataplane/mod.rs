@@ -1473,3 +1473,67 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(services: u32, backends: u32, table_slots: u32) -> DataplaneOptions {
+        DataplaneOptions {
+            max_services: services + 1,
+            max_backends: backends + 1,
+            table_slots,
+            ..Default::default()
+        }
+    }
+
+    /// The array holds every split of the backends over the services (each service's
+    /// window as `sync` sizes it) with room to spare, and is sized to that, not to two
+    /// windows of `table_slots` per service.
+    #[test]
+    fn the_selection_array_is_sized_to_what_the_tables_need() {
+        let window = |n: usize, t: u32| {
+            selection::table_size(n, (t - FALLBACK_LEN) as usize) as u64 + FALLBACK_LEN as u64
+        };
+        for (services, per_service, table_slots) in [
+            (10_000u32, 100u32, 8192u32),
+            (1000, 100, 8192),
+            (256, 16, 8192),
+            (40, 3, 1024),
+        ] {
+            let o = options(services, services * per_service, table_slots);
+            let slots = u64::from(selection_slots(&o).unwrap());
+            let even = u64::from(services) * window(per_service as usize, table_slots);
+            // One service with all but one backend each of the others: the most uneven.
+            let uneven = window(
+                (services * per_service - (services - 1)) as usize,
+                table_slots,
+            ) + u64::from(services - 1) * window(1, table_slots);
+            for need in [even, uneven] {
+                assert!(
+                    need + 2 * u64::from(table_slots) <= slots,
+                    "{services} x {per_service}: {need} needed, {slots} slots"
+                );
+            }
+            let fixed = 2 * u64::from(table_slots) * u64::from(o.max_services);
+            assert!(slots <= fixed);
+            if services >= 1000 {
+                // Within 10% of the tables of an even split, and the room for 64 retired
+                // windows of the largest size, where two windows of table_slots per
+                // service would be 2.5 times as many.
+                assert!(
+                    slots * 100 <= even * 110 + 6400 * u64::from(table_slots),
+                    "{slots} slots for {even} needed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_selection_array_beyond_32_bits_is_refused_naming_the_fields() {
+        let err = selection_slots(&options(1 << 20, u32::MAX - 1, 65536))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dataplane.max_backends"), "{err}");
+    }
+}

@@ -11,8 +11,17 @@ use crate::{assert_size, flow::AddrBe};
 pub const SERVICES: &str = "lb_svc_v1";
 /// Selection tables of all services in one array of backend ids (two per `[u32; 2]`
 /// element, memory-mappable); a service uses the `[table_offset, table_offset + table_len)`
-/// window of slots named by its `Service` value.
-pub const SELECTION: &str = "lb_sel_v1";
+/// window of slots named by its `Service` value, its failover list the `fallback_len`
+/// slots after it. Windows are sized to each service's table and placed wherever the
+/// agent finds room; only the service entries say where they are, and the array is sized
+/// from the configured maximums (`max_backends`, `max_services`, `table_slots`).
+pub const SELECTION: &str = "lb_sel_v2";
+/// The selection array of the fixed layout (two windows of `table_slots` per service id,
+/// at `(id × 2 + half) × table_slots`). Same elements; an agent that finds it pinned
+/// renames the pin to `SELECTION` and adopts it, tables and all, since its service entries
+/// say where each table is. An older agent never finds `SELECTION`, so it never writes by
+/// the fixed layout over windows placed elsewhere.
+pub const SELECTION_V1: &str = "lb_sel_v1";
 /// Backends by id (`u32` index; id 0 is reserved as "none" so an empty slot never routes).
 pub const BACKENDS: &str = "lb_be_v1";
 /// Connection table (LRU): `FlowKey` → `ConnEntry`, both directions of each connection.
@@ -148,8 +157,9 @@ pub const PINNED: &[&str] = &[
 /// Default sizes; the agent overrides them at load from its configuration.
 pub const DEFAULT_MAX_SERVICES: u32 = 256;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
-/// Each service has two table halves (active and next) of up to this many slots.
-/// 8192 fits a Maglev table (prime ≥ 64 per backend) for up to 127 backends.
+/// The largest window of one service (its table and failover list). 8192 fits a Maglev
+/// table (prime ≥ 64 per backend) for up to 127 backends; a service with more gets this
+/// many, each backend fewer slots.
 pub const DEFAULT_TABLE_SLOTS: u32 = 8192;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 262_144;
 /// Session-affinity entries: one per client and service with affinity.

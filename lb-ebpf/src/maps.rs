@@ -21,11 +21,12 @@ use lb_common::{
 pub static SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES * 2, 0);
 
-/// Selection tables of all services: backend ids, two halves per service. Slot `g` is
-/// lane `g % 2` of element `g / 2`: array elements take 8 bytes, so packing two `u32`s
-/// makes the memory a dense `u32` array. Memory-mappable, so the agent writes a table
-/// with plain stores, not a syscall per slot.
-#[map(name = "lb_sel_v1")]
+/// Selection tables of all services: backend ids, each service's table in the window its
+/// `Service` value names (`offset + hash % len`). Slot `g` is lane `g % 2` of element
+/// `g / 2`: array elements take 8 bytes, so packing two `u32`s makes the memory a dense
+/// `u32` array. Memory-mappable, so the agent writes a table with plain stores, not a
+/// syscall per slot. Sized by the agent at load from its configured maximums.
+#[map(name = "lb_sel_v2")]
 pub static SELECTION: Array<[u32; 2]> =
     Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_TABLE_SLOTS, BPF_F_MMAPABLE);
 

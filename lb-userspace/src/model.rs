@@ -75,6 +75,14 @@ pub struct Node {
     pub labels: BTreeMap<String, String>,
 }
 
+/// The labels of an endpoint that has none, shared: a configuration of a million endpoints
+/// holds one empty map, not a million.
+pub fn no_labels() -> Arc<BTreeMap<String, String>> {
+    static EMPTY: std::sync::LazyLock<Arc<BTreeMap<String, String>>> =
+        std::sync::LazyLock::new(Default::default);
+    EMPTY.clone()
+}
+
 /// One endpoint of a service, with its service port already mapped to the endpoint port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {

@@ -623,6 +623,13 @@ fn upgrade_from_previous_release(mode: AttachMode) {
         "the previous release pins lb_ct_v1 only"
     );
     let v1_id = aya::maps::MapInfo::from_pin(&v1).unwrap().id();
+    // The fixed layout's selection array, which the kernel reads the tables from.
+    let selection_v1 = pin_dir.join(names::SELECTION_V1);
+    assert!(
+        selection_v1.exists() && !pin_dir.join(names::SELECTION).exists(),
+        "the previous release pins lb_sel_v1 only"
+    );
+    let selection_id = aya::maps::MapInfo::from_pin(&selection_v1).unwrap().id();
     let before = read_table(&pin_dir);
     let links = link_pins(&pin_dir);
 
@@ -645,6 +652,17 @@ fn upgrade_from_previous_release(mode: AttachMode) {
         read_table(&pin_dir),
         before,
         "the upgraded agent keeps the ids"
+    );
+    assert!(
+        !selection_v1.exists(),
+        "lb_sel_v1 is pinned as lb_sel_v2 now, so the previous release never finds it"
+    );
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(pin_dir.join(names::SELECTION))
+            .unwrap()
+            .id(),
+        selection_id,
+        "the selection array is adopted with its tables, not replaced"
     );
     assert_eq!(link_pins(&pin_dir), links, "the same links, updated");
     wait_for_map_freed(v1_id, "the previous-layout table");

@@ -317,7 +317,7 @@ impl Selection {
                 mapped = Some((ptr as *const u32, slots, bytes));
             }
         }
-        let map = Array::try_from(Map::Array(data)).context("map lb_sel_v1 has another layout")?;
+        let map = Array::try_from(Map::Array(data)).context("map lb_sel_v2 has another layout")?;
         Ok(Self { map, mapped })
     }
 
@@ -342,7 +342,7 @@ impl Selection {
             let pair = match element {
                 Some((i, pair)) if i == index => pair,
                 _ => {
-                    let pair = self.map.get(&index, 0).context("reading lb_sel_v1")?;
+                    let pair = self.map.get(&index, 0).context("reading lb_sel_v2")?;
                     element = Some((index, pair));
                     pair
                 }

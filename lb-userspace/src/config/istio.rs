@@ -380,7 +380,11 @@ fn endpoints_per_port(
                     ),
                 );
             }
-            let labels: std::sync::Arc<BTreeMap<String, String>> = e.labels.clone().into();
+            let labels: std::sync::Arc<BTreeMap<String, String>> = if e.labels.is_empty() {
+                crate::model::no_labels()
+            } else {
+                e.labels.clone().into()
+            };
             match &e.address {
                 EntryAddress::Ip(address) => list.push(Endpoint {
                     address: *address,

@@ -279,7 +279,7 @@ fn read_backend(doc: &mut Doc, at: &str, value: &Value) -> Option<(Endpoint, Bac
             address: address?,
             port: port?,
             locality: Locality::default(),
-            labels: Default::default(),
+            labels: crate::model::no_labels(),
             weight,
             hostname: None,
         },

@@ -2,6 +2,7 @@
 //! sizes and timeouts, attaches its programs, writes services and backends, and reads
 //! counters and connections back.
 
+mod batch;
 mod links;
 pub mod memory;
 mod mmap;
@@ -9,6 +10,7 @@ pub mod pin;
 pub mod reader;
 pub mod routing;
 pub mod selection;
+pub mod slots;
 pub mod sync;
 mod tls_steer;
 pub mod xdp_targets;
@@ -24,7 +26,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachType},
@@ -178,6 +180,9 @@ pub struct Dataplane {
     backend_services: Array<MapData, u32>,
     connections: HashMap<MapData, FlowKey, ConnEntry>,
     addr_filter: Array<MapData, u64>,
+    /// What `addr_filter` holds, word by word (read once at load): a bit already set
+    /// costs no call.
+    addr_words: Vec<u64>,
     counters: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
@@ -189,8 +194,16 @@ pub struct Dataplane {
     affinity_timeouts: Array<MapData, u32>,
     /// What `affinity_timeouts` holds, per service id with a timeout.
     affinity_secs: StdHashMap<u32, u32>,
-    /// Which half of each service's table is active (0 or 1).
-    active_half: StdHashMap<u32, u32>,
+    /// Each published service's window in the selection array (its table, then its
+    /// failover list): service id → (first slot, slots).
+    windows: StdHashMap<u32, (u32, u32)>,
+    /// Which ranges of the selection array are free, in use or retired.
+    ranges: slots::SlotRanges,
+    /// Slots of the selection array (its elements × 2).
+    selection_slots: u32,
+    /// Service ids adopted with their tables and not published since: a first publish
+    /// whose table is what the window already holds writes nothing.
+    unchecked: std::collections::HashSet<u32>,
     /// How many published frontends share each VIP address (for the address markers).
     vip_users: StdHashMap<Ipv4Addr, usize>,
     /// Where everything is pinned, when it is.
@@ -402,15 +415,52 @@ fn map_specs(o: &DataplaneOptions, selection_elements: u32) -> Vec<pin::MapSpec>
 /// `BPF_F_MMAPABLE`.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// A loader of lb's object with the maps sized by `options` and its settings.
-/// Elements of the selection array: `max_services` × 2 tables of `table_slots` slots, two
-/// slots per element (see lb-ebpf's SELECTION).
+/// Slots of the selection array for `options`: one window per service (its table, then
+/// its failover list) of the size `sync` gives it, for any split of `max_backends - 1`
+/// backends over `max_services - 1` services, and room for windows being replaced; never
+/// more than the two windows of `table_slots` per service a fixed layout takes.
+///
+/// A window of a service with `n` backends is at most `SLOTS_PER_BACKEND × n + extra`
+/// slots, `extra` (the smallest table's minimum and the prime above `64 n`, plus the
+/// failover list) computed below, so the sum over services is at most
+/// `SLOTS_PER_BACKEND × backends + extra × services`.
+pub fn selection_slots(options: &DataplaneOptions) -> Result<u32> {
+    let per = selection::SLOTS_PER_BACKEND as u64;
+    let table_slots = u64::from(options.table_slots);
+    let window = |n: u64| {
+        selection::table_size(n as usize, (table_slots - u64::from(FALLBACK_LEN)) as usize) as u64
+            + u64::from(FALLBACK_LEN)
+    };
+    // Beyond `table_slots / 64` backends a window is capped, so `window(n) - 64 n` only
+    // falls; below, it is the prime gap above `64 n` (at most 336 for any `u32`) once the
+    // minimum no longer applies.
+    let exact = table_slots.div_ceil(per).min(1024) + 1;
+    let mut extra = (1..=exact)
+        .map(|n| window(n).saturating_sub(per * n))
+        .max()
+        .unwrap_or(0);
+    if exact <= table_slots.div_ceil(per) {
+        extra = extra.max(336 + u64::from(FALLBACK_LEN));
+    }
+    let services = u64::from(options.max_services.saturating_sub(1));
+    let backends = u64::from(options.max_backends.saturating_sub(1));
+    let need = per * backends + extra * services;
+    // Windows retired and not yet free again (`slots::GRACE`): 64 of the largest, and
+    // 1/64 of the rest, so a burst of ejections does not wait for one.
+    let room = 64 * table_slots + need / 64;
+    let fixed = 2 * table_slots * u64::from(options.max_services);
+    let slots = (need + room).min(fixed).max(2 * table_slots);
+    u32::try_from(slots.next_multiple_of(2)).map_err(|_| {
+        anyhow::anyhow!(
+            "the selection array would need {slots} slots, more than 2^32: lower \
+             dataplane.max_backends, max_services or table_slots"
+        )
+    })
+}
+
+/// Elements of the selection array: two slots per element (see lb-ebpf's SELECTION).
 fn selection_elements(options: &DataplaneOptions) -> Result<u32> {
-    let slots = options
-        .max_services
-        .checked_mul(2 * options.table_slots)
-        .context("max_services × 2 × table_slots overflows 32 bits")?;
-    Ok(slots.div_ceil(2))
+    Ok(selection_slots(options)? / 2)
 }
 
 fn loader(options: &DataplaneOptions, selection_elements: u32) -> EbpfLoader<'_> {
@@ -511,14 +561,29 @@ impl Dataplane {
     /// too. The pins stay when `self` is dropped.
     pub fn load_pinned(options: &DataplaneOptions, pin_dir: Option<&Path>) -> Result<Self> {
         validate(options)?;
-        let selection_elements = selection_elements(options)?;
+        let mut selection_elements = selection_elements(options)?;
+        if let Some(dir) = pin_dir {
+            pin::prepare_dir(dir)?;
+            pin::rename_fixed_layout_selection(dir)?;
+            // A pinned selection array larger than this agent would make holds the tables
+            // the kernel reads now: adopted at its size with the other id maps, as long as
+            // they are all adopted (the windows are wherever its service entries say).
+            if let Some(pinned) = pin::larger_selection(dir, selection_elements) {
+                let others_fit = map_specs(options, selection_elements)
+                    .iter()
+                    .filter(|spec| ID_GROUP.contains(&spec.name) && spec.name != names::SELECTION)
+                    .all(|spec| matches!(pin::check_pinned(dir, spec), pin::PinnedMap::Compatible));
+                if others_fit {
+                    selection_elements = pinned;
+                }
+            }
+        }
         let specs = map_specs(options, selection_elements);
         // Which pinned maps are reused as they are, and which are replaced.
         let mut reuse: Vec<&'static str> = Vec::new();
         let mut adopted: Vec<&'static str> = Vec::new();
         let mut replace: Vec<&'static str> = Vec::new();
         if let Some(dir) = pin_dir {
-            pin::prepare_dir(dir)?;
             let checks: Vec<(&pin::MapSpec, pin::PinnedMap)> = specs
                 .iter()
                 .map(|spec| (spec, pin::check_pinned(dir, spec)))
@@ -621,7 +686,7 @@ impl Dataplane {
             selection: {
                 let map = ebpf
                     .take_map(names::SELECTION)
-                    .context("map lb_sel_v1 is missing from the eBPF object")?;
+                    .context("map lb_sel_v2 is missing from the eBPF object")?;
                 let aya::maps::Map::Array(data) = &map else {
                     bail!("map {} has an unexpected type", names::SELECTION);
                 };
@@ -635,6 +700,7 @@ impl Dataplane {
             backend_services: take(&mut ebpf, names::BACKEND_SERVICES)?,
             connections: take(&mut ebpf, names::CONNECTIONS)?,
             addr_filter: take(&mut ebpf, names::ADDR_FILTER)?,
+            addr_words: Vec::new(),
             counters: take(&mut ebpf, names::COUNTERS)?,
             service_stats: take(&mut ebpf, names::SERVICE_STATS)?,
             backend_stats: take(&mut ebpf, names::BACKEND_STATS)?,
@@ -649,7 +715,10 @@ impl Dataplane {
             routing_generation_now: 0,
             ebpf,
             options: options.clone(),
-            active_half: StdHashMap::new(),
+            windows: StdHashMap::new(),
+            ranges: slots::SlotRanges::new(selection_elements * 2),
+            selection_slots: selection_elements * 2,
+            unchecked: Default::default(),
             vip_users: StdHashMap::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
             adopted,
@@ -659,6 +728,10 @@ impl Dataplane {
             owned_links: Vec::new(),
             tls_steering: None,
         };
+        dp.addr_words = (0..2 * names::ADDR_FILTER_WORDS)
+            .map(|i| dp.addr_filter.get(&i, 0))
+            .collect::<Result<_, _>>()
+            .context("reading the address prefilter")?;
         if dp.adopted.contains(&names::SERVICES) {
             dp.adopt_services()?;
         }
@@ -687,16 +760,28 @@ impl Dataplane {
         &self.adopted
     }
 
-    /// Rebuilds which half of each service's table is active, and how many frontends use
-    /// each VIP address, from an adopted services map.
+    /// Rebuilds each service's window in the selection array (so no table is written over
+    /// one the kernel reads), and how many frontends use each VIP address, from an adopted
+    /// services map.
     fn adopt_services(&mut self) -> Result<()> {
-        let slots = self.options.table_slots;
         for (key, svc) in self.service_entries()? {
             let Some(frontend) = Frontend::from_key(&key) else {
                 continue;
             };
-            let half = (svc.table_offset / slots).saturating_sub(svc.id * 2) & 1;
-            self.active_half.insert(svc.id, half);
+            let len = svc.table_len + u32::from(svc.fallback_len);
+            self.ranges
+                .reserve(svc.table_offset, len)
+                .with_context(|| {
+                    format!(
+                        "adopting service {frontend} (id {}): its window {}+{len} in the pinned \
+                     selection array {}",
+                        svc.id,
+                        svc.table_offset,
+                        names::SELECTION
+                    )
+                })?;
+            self.windows.insert(svc.id, (svc.table_offset, len));
+            self.unchecked.insert(svc.id);
             // Absent in pins of a release without affinity: then 0, as created.
             let secs = self.affinity_timeouts.get(&svc.id, 0).unwrap_or(0);
             if secs != 0 {
@@ -797,7 +882,7 @@ impl Dataplane {
     /// linked to for the migration is then referenced by nothing and freed.
     fn relink_without_older_tables(&mut self) -> Result<()> {
         let dir = self.pin_dir.clone().context("no pin directory")?;
-        let selection_elements = selection_elements(&self.options)?;
+        let selection_elements = self.selection_slots / 2;
         let mut loader = loader(&self.options, selection_elements);
         for spec in map_specs(&self.options, selection_elements) {
             loader.map_pin_path(spec.name, dir.join(spec.name));
@@ -976,12 +1061,13 @@ impl Dataplane {
     /// connections of a removed service or backend may still need translating.
     fn mark_address(&mut self, addr: Ipv4Addr, role: AddrRole) -> Result<()> {
         let (index, bit) = addr_filter_slot(&AddrBe::v4(addr.octets()), role);
-        let word = self.addr_filter.get(&index, 0)?;
+        let word = self.addr_words[index as usize];
         let marked = word | 1u64 << bit;
         if marked != word {
             self.addr_filter
                 .set(index, marked, 0)
                 .with_context(|| format!("marking {addr} in the address prefilter"))?;
+            self.addr_words[index as usize] = marked;
         }
         Ok(())
     }
@@ -1007,6 +1093,54 @@ impl Dataplane {
             .with_context(|| format!("writing backend {id}"))
     }
 
+    /// Writes many backends (id, address, port, state) in few calls, as
+    /// [`Dataplane::set_backend`] writes one.
+    pub fn set_backends(&mut self, entries: &[(u32, Ipv4Addr, u16, BackendState)]) -> Result<()> {
+        let mut keys = Vec::with_capacity(entries.len());
+        let mut values = Vec::with_capacity(entries.len());
+        for &(id, addr, port, state) in entries {
+            self.check_backend_id(id)?;
+            self.mark_address(addr, AddrRole::Backend)?;
+            keys.push(id);
+            values.push(Backend {
+                addr: AddrBe::v4(addr.octets()),
+                port_be: port.to_be(),
+                family: family::V4,
+                state: state as u8,
+            });
+        }
+        let fd = fd_clone(self.backends.map().fd().as_fd())?;
+        let backends = &mut self.backends;
+        batch::update_array(fd.as_fd(), &keys, &values, names::BACKENDS, |id, v| {
+            backends
+                .set(id, *v, 0)
+                .with_context(|| format!("writing backend {id}"))
+        })
+    }
+
+    /// Records the service of many backends (backend id, service id) in few calls, as
+    /// [`Dataplane::set_backend_service`] does one.
+    pub fn set_backend_services(&mut self, entries: &[(u32, u32)]) -> Result<()> {
+        for &(id, _) in entries {
+            self.check_backend_id(id)?;
+        }
+        let keys: Vec<u32> = entries.iter().map(|e| e.0).collect();
+        let values: Vec<u32> = entries.iter().map(|e| e.1).collect();
+        let fd = fd_clone(self.backend_services.map().fd().as_fd())?;
+        let owners = &mut self.backend_services;
+        batch::update_array(
+            fd.as_fd(),
+            &keys,
+            &values,
+            names::BACKEND_SERVICES,
+            |id, v| {
+                owners
+                    .set(id, *v, 0)
+                    .with_context(|| format!("writing the service of backend {id}"))
+            },
+        )
+    }
+
     /// Clears backend `id`: it can no longer be chosen.
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.check_backend_id(id)?;
@@ -1030,13 +1164,14 @@ impl Dataplane {
 
     /// Publishes `table` (backend ids) for service `id` at `frontend`.
     ///
-    /// The table is written into the half the kernel is not reading, then the service
-    /// entry is replaced in one map update that names the new half: a packet sees either
-    /// the whole old table or the whole new one.
+    /// The table is written into a new window of the selection array, sized to it (see
+    /// [`slots`]), then the service entry is replaced in one map update that names the new
+    /// window: a packet sees either the whole old table or the whole new one. The old
+    /// window is retired, and handed out again only after [`slots::GRACE`].
     ///
     /// `fallback` (at most `FALLBACK_LEN` backend ids, in priority order) is where a
     /// refused or timed-out connection attempt goes next; it follows the table in the same
-    /// half, so both change together. `flags` are `lb_common::maps::SERVICE_*`.
+    /// window, so both change together. `flags` are `lb_common::maps::SERVICE_*`.
     ///
     /// `affinity_secs` (0: none, at most `MAX_AFFINITY_TIMEOUT_SECS`) is the service's
     /// session-affinity timeout: written before the service entry that flags it
@@ -1084,15 +1219,36 @@ impl Dataplane {
         } else {
             flags & !SERVICE_AFFINITY
         };
+        let len = (table.len() + fallback.len()) as u32;
         self.mark_address(frontend.vip, AddrRole::Vip)?;
-        let half = self.active_half.get(&id).map_or(0, |h| 1 - h);
-        let offset = (id * 2 + half) * self.options.table_slots;
-        self.selection
+        if self.unchecked.remove(&id) && self.holds(id, frontend, table, fallback, flags)? {
+            // Adopted as it is: the kernel already reads exactly this.
+            return Ok(());
+        }
+        let offset = if len == 0 {
+            0
+        } else {
+            self.ranges.allocate(len).map_err(|e| {
+                anyhow::anyhow!(
+                    "no room for the selection table of {frontend} ({} slots and a failover \
+                     list of {}) in {} ({} slots, sized from dataplane.max_services, \
+                     max_backends and table_slots): {e}",
+                    table.len(),
+                    fallback.len(),
+                    names::SELECTION,
+                    self.selection_slots
+                )
+            })?
+        };
+        let written = self
+            .selection
             .write(offset as usize, table)
-            .with_context(|| format!("writing selection table of {frontend}"))?;
-        self.selection
-            .write(offset as usize + table.len(), fallback)
-            .with_context(|| format!("writing failover list of {frontend}"))?;
+            .with_context(|| format!("writing selection table of {frontend}"))
+            .and_then(|()| {
+                self.selection
+                    .write(offset as usize + table.len(), fallback)
+                    .with_context(|| format!("writing failover list of {frontend}"))
+            });
         let value = Service {
             id,
             table_offset: offset,
@@ -1100,21 +1256,64 @@ impl Dataplane {
             fallback_len: fallback.len() as u16,
             flags,
         };
-        self.services
-            .insert(frontend.key(), value, 0)
-            .with_context(|| format!("publishing service {frontend}"))?;
-        if !self.active_half.contains_key(&id) {
-            *self.vip_users.entry(frontend.vip).or_default() += 1;
-            let marker = ServiceKey::address_marker(AddrBe::v4(frontend.vip.octets()), family::V4);
+        let published = written.and_then(|()| {
             self.services
-                .insert(marker, Service::default(), 0)
-                .with_context(|| format!("marking {} as a VIP address", frontend.vip))?;
+                .insert(frontend.key(), value, 0)
+                .with_context(|| format!("publishing service {frontend}"))
+        });
+        if let Err(e) = published {
+            // The kernel never read the new window.
+            self.ranges.retire(offset, len);
+            return Err(e);
         }
-        self.active_half.insert(id, half);
+        match self.windows.insert(id, (offset, len)) {
+            // The old window is written again only once no program can still be in it.
+            Some((old, old_len)) => self.ranges.retire(old, old_len),
+            None => {
+                *self.vip_users.entry(frontend.vip).or_default() += 1;
+                let marker =
+                    ServiceKey::address_marker(AddrBe::v4(frontend.vip.octets()), family::V4);
+                self.services
+                    .insert(marker, Service::default(), 0)
+                    .with_context(|| format!("marking {} as a VIP address", frontend.vip))?;
+            }
+        }
         if affinity_secs == 0 {
             self.set_affinity_timeout(id, 0)?;
         }
         Ok(())
+    }
+
+    /// Whether the kernel reads exactly `table`, `fallback` and `flags` for service `id`
+    /// at `frontend` already (an adopted service whose configuration did not change).
+    fn holds(
+        &self,
+        id: u32,
+        frontend: &Frontend,
+        table: &[u32],
+        fallback: &[u32],
+        flags: u16,
+    ) -> Result<bool> {
+        let Ok(svc) = self.service(frontend) else {
+            return Ok(false);
+        };
+        if svc.id != id
+            || svc.flags != flags
+            || svc.table_len as usize != table.len()
+            || svc.fallback_len as usize != fallback.len()
+        {
+            return Ok(false);
+        }
+        let start = svc.table_offset as usize;
+        Ok(self.selection.read(start, table.len())? == table
+            && self.selection.read(start + table.len(), fallback.len())? == fallback)
+    }
+
+    /// Slots of the selection array: in all, in use by published windows, and retired
+    /// (free again once no program can still read them).
+    pub fn selection_usage(&self) -> (u32, u64, u64) {
+        let used = self.windows.values().map(|w| u64::from(w.1)).sum();
+        (self.selection_slots, used, self.ranges.retired_slots())
     }
 
     /// Writes service `id`'s session-affinity timeout when it changed.
@@ -1155,7 +1354,9 @@ impl Dataplane {
         // Its clients' entries are left to age out (walking the map would cost more): the
         // programs follow one only while the backend it names belongs to the service id.
         self.set_affinity_timeout(id, 0)?;
-        if self.active_half.remove(&id).is_some() {
+        self.unchecked.remove(&id);
+        if let Some((start, len)) = self.windows.remove(&id) {
+            self.ranges.retire(start, len);
             let users = self.vip_users.entry(frontend.vip).or_default();
             *users = users.saturating_sub(1);
             if *users == 0 {
@@ -1225,6 +1426,13 @@ impl Dataplane {
     }
 }
 
+/// A descriptor of its own for a map, so it can be used while the map's handle is
+/// borrowed mutably.
+fn fd_clone(fd: std::os::fd::BorrowedFd<'_>) -> Result<std::os::fd::OwnedFd> {
+    fd.try_clone_to_owned()
+        .context("duplicating a map descriptor")
+}
+
 fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<TrafficStats> {
     let mut total = TrafficStats::default();
     for s in map.get(&id, 0)?.iter() {
@@ -1281,4 +1489,68 @@ fn validate(o: &DataplaneOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(services: u32, backends: u32, table_slots: u32) -> DataplaneOptions {
+        DataplaneOptions {
+            max_services: services + 1,
+            max_backends: backends + 1,
+            table_slots,
+            ..Default::default()
+        }
+    }
+
+    /// The array holds every split of the backends over the services (each service's
+    /// window as `sync` sizes it) with room to spare, and is sized to that, not to two
+    /// windows of `table_slots` per service.
+    #[test]
+    fn the_selection_array_is_sized_to_what_the_tables_need() {
+        let window = |n: usize, t: u32| {
+            selection::table_size(n, (t - FALLBACK_LEN) as usize) as u64 + FALLBACK_LEN as u64
+        };
+        for (services, per_service, table_slots) in [
+            (10_000u32, 100u32, 8192u32),
+            (1000, 100, 8192),
+            (256, 16, 8192),
+            (40, 3, 1024),
+        ] {
+            let o = options(services, services * per_service, table_slots);
+            let slots = u64::from(selection_slots(&o).unwrap());
+            let even = u64::from(services) * window(per_service as usize, table_slots);
+            // One service with all but one backend each of the others: the most uneven.
+            let uneven = window(
+                (services * per_service - (services - 1)) as usize,
+                table_slots,
+            ) + u64::from(services - 1) * window(1, table_slots);
+            for need in [even, uneven] {
+                assert!(
+                    need + 2 * u64::from(table_slots) <= slots,
+                    "{services} x {per_service}: {need} needed, {slots} slots"
+                );
+            }
+            let fixed = 2 * u64::from(table_slots) * u64::from(o.max_services);
+            assert!(slots <= fixed);
+            if services >= 1000 {
+                // Within 10% of the tables of an even split, and the room for 64 retired
+                // windows of the largest size, where two windows of table_slots per
+                // service would be 2.5 times as many.
+                assert!(
+                    slots * 100 <= even * 110 + 6400 * u64::from(table_slots),
+                    "{slots} slots for {even} needed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_selection_array_beyond_32_bits_is_refused_naming_the_fields() {
+        let err = selection_slots(&options(1 << 20, u32::MAX - 1, 65536))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dataplane.max_backends"), "{err}");
+    }
 }

@@ -202,6 +202,37 @@ pub fn check_pinned(dir: &Path, spec: &MapSpec) -> PinnedMap {
     }
 }
 
+/// Renames an earlier release's selection array (`lb_sel_v1`, the fixed layout) to
+/// today's name when today's is not pinned: its elements are today's, and its service
+/// entries say where each table is, so it is adopted with the other id maps (or replaced
+/// with them). An agent of that release then finds no `lb_sel_v1` and never writes by the
+/// fixed layout into windows placed elsewhere.
+pub fn rename_fixed_layout_selection(dir: &Path) -> Result<()> {
+    let old = dir.join(names::SELECTION_V1);
+    let new = dir.join(names::SELECTION);
+    if old.exists() && !new.exists() {
+        std::fs::rename(&old, &new)
+            .with_context(|| format!("renaming {} to {}", old.display(), new.display()))?;
+        info!(
+            "{} (the fixed layout's selection array) is now pinned as {}",
+            names::SELECTION_V1,
+            names::SELECTION
+        );
+    }
+    Ok(())
+}
+
+/// The entries of the selection array pinned in `dir` when it has this agent's type,
+/// element size and flags and more than `wanted` entries: it can be adopted at its size.
+pub fn larger_selection(dir: &Path, wanted: u32) -> Option<u32> {
+    let info = aya::maps::MapInfo::from_pin(dir.join(names::SELECTION)).ok()?;
+    let layout_fits = info.map_type().ok() == Some(aya::maps::MapType::Array)
+        && info.key_size() == 4
+        && info.value_size() == 8
+        && info.map_flags() == 1 << 10;
+    (layout_fits && info.max_entries() > wanted).then(|| info.max_entries())
+}
+
 /// Pins `map` as `dir/name`, replacing whatever is pinned there in one step.
 pub fn pin_map_replacing(map: &aya::maps::Map, dir: &Path, name: &str) -> Result<()> {
     pin_replacing(map, dir, name)
@@ -384,6 +415,7 @@ pub fn cleanup(dir: &Path) -> Result<Cleanup> {
         }
         let ours = names::PINNED.contains(&file.as_str())
             || file == names::CONNECTIONS_V1
+            || file == names::SELECTION_V1
             || file.starts_with(TMP_PREFIX);
         if ours {
             std::fs::remove_file(dir.join(file))

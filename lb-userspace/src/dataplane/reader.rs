@@ -22,6 +22,24 @@ impl SelectionReader {
         self.services.get(&frontend.key(), 0).ok()
     }
 
+    /// `pick`'s answer from the service entry of `frontend`, kept only when the entry is
+    /// unchanged after it: the selection window a replaced entry named is retired and
+    /// may, after a grace a preempted thread can outlast, hold another service's table.
+    pub fn consistent<T>(
+        &self,
+        frontend: &Frontend,
+        pick: impl Fn(&Service) -> Option<T>,
+    ) -> Option<(Service, T)> {
+        for _ in 0..4 {
+            let svc = self.service(frontend)?;
+            let got = pick(&svc);
+            if self.service(frontend)? == svc {
+                return got.map(|g| (svc, g));
+            }
+        }
+        None
+    }
+
     /// The backend id in selection slot `slot`.
     pub fn slot(&self, slot: u32) -> Option<u32> {
         self.selection.get(slot as usize)

@@ -13,7 +13,7 @@
 //! share owns at least 64 slots and every share is rounded to within 1/M.
 
 /// A backend as the table builder sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WeightedBackend {
     /// Id written into the table.
     pub id: u32,
@@ -23,10 +23,18 @@ pub struct WeightedBackend {
     pub weight: u64,
 }
 
+/// Slots a table has per backend of its service (before rounding up to a prime).
+pub const SLOTS_PER_BACKEND: usize = 64;
+
+/// The smallest table: a prime, so that even one or two backends' permutations spread.
+pub const MIN_TABLE_SLOTS: usize = 257;
+
 /// Smallest table size for `backends` backends: a prime ≥ 64 per backend (≥ 257), but no
-/// larger than `max_slots` (then the largest prime that fits).
+/// larger than `max_slots` (then the largest prime that fits). The size follows the
+/// service's backends, whatever their states, so an ejection keeps it (and with it
+/// Maglev's small disruption, which holds between tables of one size).
 pub fn table_size(backends: usize, max_slots: usize) -> usize {
-    let want = (backends.max(1) * 64).max(257);
+    let want = (backends.max(1) * SLOTS_PER_BACKEND).max(MIN_TABLE_SLOTS);
     if want <= max_slots {
         (want..).find(|&n| is_prime(n)).unwrap_or(want)
     } else {
@@ -84,17 +92,19 @@ pub fn maglev_table(backends: &[WeightedBackend], size: usize) -> Vec<u32> {
         return Vec::new();
     }
     let m = size as u64;
-    let (offset, skip): (Vec<u64>, Vec<u64>) = live
+    // Each backend's permutation is `(offset + k × skip) mod m` for k = 0, 1, ...: kept
+    // as the current slot and advanced by an addition (skip < m), not a division per
+    // probe, which filling a table takes about m × ln m of.
+    let (mut slot_of, skip): (Vec<usize>, Vec<usize>) = live
         .iter()
         .map(|b| {
             let h = mix(b.key);
             let skip = if m > 1 { mix(h) % (m - 1) + 1 } else { 1 };
-            (h % m, skip)
+            ((h % m) as usize, skip as usize)
         })
         .unzip();
     let quota = apportion(&live, size);
     let max_weight = live.iter().map(|b| b.weight).max().unwrap_or(1);
-    let mut next = vec![0u64; live.len()];
     let mut credit = vec![0u64; live.len()];
     let mut owned = vec![0usize; live.len()];
     let mut table = vec![u32::MAX; size];
@@ -107,8 +117,11 @@ pub fn maglev_table(backends: &[WeightedBackend], size: usize) -> Vec<u32> {
             while credit[i] >= max_weight && owned[i] < quota[i] {
                 credit[i] -= max_weight;
                 loop {
-                    let slot = ((offset[i] + next[i] * skip[i]) % m) as usize;
-                    next[i] += 1;
+                    let slot = slot_of[i];
+                    slot_of[i] += skip[i];
+                    if slot_of[i] >= size {
+                        slot_of[i] -= size;
+                    }
                     if table[slot] == u32::MAX {
                         table[slot] = b.id;
                         owned[i] += 1;
@@ -194,6 +207,62 @@ mod tests {
             .count();
         // Maglev's disruption is small, not zero; a fully rehashed table would move ~90%.
         assert!(moved * 100 <= size * 10, "{moved} of {size} slots moved");
+    }
+
+    /// Maglev's permutations, `(offset + k × skip) mod m`, as the paper writes them: the
+    /// table built by stepping through them must be that one, slot for slot, so a table
+    /// an earlier agent published is recognised and every agent builds the same one.
+    fn reference_table(backends: &[WeightedBackend], size: usize) -> Vec<u32> {
+        let live: Vec<&WeightedBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        let m = size as u64;
+        let (offset, skip): (Vec<u64>, Vec<u64>) = live
+            .iter()
+            .map(|b| {
+                let h = mix(b.key);
+                (h % m, mix(h) % (m - 1) + 1)
+            })
+            .unzip();
+        let quota = apportion(&live, size);
+        let max_weight = live.iter().map(|b| b.weight).max().unwrap();
+        let (mut next, mut credit, mut owned) = (
+            vec![0u64; live.len()],
+            vec![0u64; live.len()],
+            vec![0; live.len()],
+        );
+        let mut table = vec![u32::MAX; size];
+        let mut filled = 0;
+        while filled < size {
+            for (i, b) in live.iter().enumerate() {
+                credit[i] += b.weight;
+                while credit[i] >= max_weight && owned[i] < quota[i] {
+                    credit[i] -= max_weight;
+                    loop {
+                        let slot = ((offset[i] + next[i] * skip[i]) % m) as usize;
+                        next[i] += 1;
+                        if table[slot] == u32::MAX {
+                            table[slot] = b.id;
+                            owned[i] += 1;
+                            filled += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn tables_follow_the_permutations_slot_for_slot() {
+        for weights in [&[1u64; 100][..], &[70, 30], &[5, 3, 2, 1, 1, 0, 4]] {
+            let b = backends(weights);
+            let size = table_size(weights.len(), 8176);
+            assert_eq!(
+                maglev_table(&b, size),
+                reference_table(&b, size),
+                "{weights:?}"
+            );
+        }
     }
 
     #[test]

@@ -47,12 +47,14 @@ pub struct DesiredService {
 
 /// The backends a refused or timed-out connection attempt may move to, best first:
 /// active ones with a priority, by priority, then by weight (the larger share first).
-fn failover_list(s: &DesiredService, ids: impl Fn(&DesiredBackend) -> u32) -> Vec<u32> {
+/// `ids[i]` is the id of `s.backends[i]`.
+fn failover_list(s: &DesiredService, ids: &[u32]) -> Vec<u32> {
     let mut eligible: Vec<(u32, std::cmp::Reverse<u32>, u32)> = s
         .backends
         .iter()
-        .filter(|b| b.state == BackendState::Active)
-        .filter_map(|b| Some((b.priority?, std::cmp::Reverse(b.weight), ids(b))))
+        .zip(ids)
+        .filter(|(b, _)| b.state == BackendState::Active)
+        .filter_map(|(b, &id)| Some((b.priority?, std::cmp::Reverse(b.weight), id)))
         .collect();
     eligible.sort();
     eligible
@@ -72,6 +74,20 @@ type IdOf = (BackendKey, u32);
 /// session-affinity timeout (seconds), TLS flag.
 type PublishedTable = (Vec<WeightedBackend>, usize, Vec<u32>, bool, u32, bool);
 
+/// A digest of a [`PublishedTable`]: what the programmer keeps per service to tell
+/// whether a table must be built again (8 bytes where the inputs take kilobytes; two
+/// different inputs share a digest with a chance of 2^-64, SipHash with fixed keys).
+fn digest(inputs: &PublishedTable) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    #[expect(
+        deprecated,
+        reason = "SipHasher's fixed keys make digests stable within a run; any would do"
+    )]
+    let mut h = std::hash::SipHasher::new();
+    inputs.hash(&mut h);
+    h.finish()
+}
+
 /// The session-affinity timeout the data plane gets, in whole seconds (0: none): rounded
 /// up (a timeout is never cut short), at most a day, as Kubernetes allows.
 pub fn affinity_secs(timeout: Option<std::time::Duration>) -> u32 {
@@ -89,15 +105,53 @@ pub struct Programmer {
     services: BTreeMap<Frontend, u32>,
     backends: BTreeMap<BackendKey, u32>,
     /// The reverse of `backends`: what an id the data plane reports stands for.
-    backend_keys: BTreeMap<u32, BackendKey>,
+    backend_keys: ById<BackendKey>,
     /// Last state written per backend id.
-    written_backends: BTreeMap<u32, (Ipv4Addr, u16, BackendState)>,
-    /// Inputs of the last table published per service id.
-    written_tables: BTreeMap<u32, PublishedTable>,
+    written_backends: ById<(Ipv4Addr, u16, BackendState)>,
+    /// Digest of the inputs of the last table published per service id.
+    written_tables: std::collections::HashMap<u32, u64>,
     /// Service id last written per backend id in the backend → service map.
-    written_owners: BTreeMap<u32, u32>,
+    written_owners: ById<u32>,
     /// Where the search for the next free backend id starts (after the last one taken).
     backend_cursor: u32,
+}
+
+/// Values by id, in a vector: backend ids are dense (handed out from 1 up), so a million
+/// backends' entries take a vector's bytes rather than a tree's nodes and allocations.
+struct ById<T> {
+    values: Vec<Option<T>>,
+}
+
+impl<T> Default for ById<T> {
+    fn default() -> Self {
+        Self { values: Vec::new() }
+    }
+}
+
+impl<T> ById<T> {
+    fn get(&self, id: &u32) -> Option<&T> {
+        self.values.get(*id as usize)?.as_ref()
+    }
+
+    fn insert(&mut self, id: u32, value: T) {
+        let i = id as usize;
+        if i >= self.values.len() {
+            self.values.resize_with(i + 1, || None);
+        }
+        self.values[i] = Some(value);
+    }
+
+    fn remove(&mut self, id: &u32) -> Option<T> {
+        self.values.get_mut(*id as usize)?.take()
+    }
+
+    fn contains_key(&self, id: &u32) -> bool {
+        self.get(id).is_some()
+    }
+
+    fn clear(&mut self) {
+        self.values.clear();
+    }
 }
 
 /// Finds a free id in `1..limit`, searching from `cursor` (where the last one was found)
@@ -123,22 +177,27 @@ impl Programmer {
         let Some(&id) = self.services.get(&s.frontend) else {
             bail!("service {} ({}) was never applied", s.name, s.frontend);
         };
-        for b in &s.backends {
-            if !self.backends.contains_key(&(s.frontend, b.addr, b.port)) {
-                bail!(
-                    "service {}: backend {}:{} was never applied",
-                    s.name,
-                    b.addr,
-                    b.port
-                );
-            }
-        }
+        let ids = s
+            .backends
+            .iter()
+            .map(|b| {
+                self.backends
+                    .get(&(s.frontend, b.addr, b.port))
+                    .copied()
+                    .with_context(|| {
+                        format!(
+                            "service {}: backend {}:{} was never applied",
+                            s.name, b.addr, b.port
+                        )
+                    })
+            })
+            .collect::<Result<Vec<u32>>>()?;
         // Backends coming back are made active before the table that names them, and
         // backends leaving are marked after the table that no longer names them: a new
         // connection never meets a table whose every slot holds an inactive backend.
-        self.write_backends(dp, s, |state| state == BackendState::Active)?;
-        self.publish_table(dp, id, s)?;
-        self.write_backends(dp, s, |state| state != BackendState::Active)
+        self.write_backends(dp, s, &ids, |state| state == BackendState::Active)?;
+        self.publish_table(dp, id, s, &ids)?;
+        self.write_backends(dp, s, &ids, |state| state != BackendState::Active)
     }
 
     /// Writes the backends of `s` whose desired state passes `which` and changed.
@@ -146,37 +205,61 @@ impl Programmer {
         &mut self,
         dp: &mut Dataplane,
         s: &DesiredService,
+        ids: &[u32],
         which: impl Fn(BackendState) -> bool,
     ) -> Result<()> {
-        for b in s.backends.iter().filter(|b| which(b.state)) {
-            let bid = self.backends[&(s.frontend, b.addr, b.port)];
+        let mut changed = Vec::new();
+        for (b, &bid) in s.backends.iter().zip(ids).filter(|(b, _)| which(b.state)) {
             let value = (b.addr, b.port, b.state);
             if self.written_backends.get(&bid) != Some(&value) {
-                dp.set_backend(bid, b.addr, b.port, b.state)?;
-                self.written_backends.insert(bid, value);
+                changed.push((bid, b.addr, b.port, b.state));
             }
+        }
+        self.write_backend_entries(dp, &changed)
+    }
+
+    /// Writes backend entries (in few calls) and records them as written.
+    fn write_backend_entries(
+        &mut self,
+        dp: &mut Dataplane,
+        entries: &[(u32, Ipv4Addr, u16, BackendState)],
+    ) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        dp.set_backends(entries)?;
+        for &(bid, addr, port, state) in entries {
+            self.written_backends.insert(bid, (addr, port, state));
         }
         Ok(())
     }
 
-    /// Builds and publishes service `id`'s Maglev table if its inputs changed.
-    fn publish_table(&mut self, dp: &mut Dataplane, id: u32, s: &DesiredService) -> Result<()> {
+    /// Builds and publishes service `id`'s Maglev table if its inputs changed (`ids[i]`:
+    /// the id of `s.backends[i]`).
+    fn publish_table(
+        &mut self,
+        dp: &mut Dataplane,
+        id: u32,
+        s: &DesiredService,
+        ids: &[u32],
+    ) -> Result<()> {
         let table_slots = dp.options().table_slots as usize;
         // Only active backends get slots; the kernel also re-checks each pick's state,
         // which covers a state change that reaches it before the next table does.
         let weighted: Vec<WeightedBackend> = s
             .backends
             .iter()
-            .filter(|b| b.state == BackendState::Active)
-            .map(|b| WeightedBackend {
-                id: self.backends[&(s.frontend, b.addr, b.port)],
+            .zip(ids)
+            .filter(|(b, _)| b.state == BackendState::Active)
+            .map(|(b, &id)| WeightedBackend {
+                id,
                 key: (u64::from(u32::from(b.addr)) << 16) | u64::from(b.port),
                 weight: u64::from(b.weight),
             })
             .collect();
         // The failover list shares the table's window.
         let size = table_size(s.backends.len(), table_slots - FALLBACK_LEN as usize);
-        let fallback = failover_list(s, |b| self.backends[&(s.frontend, b.addr, b.port)]);
+        let fallback = failover_list(s, ids);
         let inputs = (
             weighted,
             size,
@@ -185,11 +268,12 @@ impl Programmer {
             affinity_secs(s.session_affinity),
             s.tls,
         );
-        if self.written_tables.get(&id) != Some(&inputs) {
+        let digest = digest(&inputs);
+        if self.written_tables.get(&id) != Some(&digest) {
             let table = maglev_table(&inputs.0, size);
             let flags = if s.http { SERVICE_HTTP } else { 0 } | if s.tls { SERVICE_TLS } else { 0 };
             dp.publish_service(id, &s.frontend, &table, &inputs.2, flags, inputs.4)?;
-            self.written_tables.insert(id, inputs);
+            self.written_tables.insert(id, digest);
         }
         Ok(())
     }
@@ -381,8 +465,8 @@ impl Programmer {
         s: &DesiredService,
         stale: Vec<(BackendKey, u32)>,
     ) -> Result<()> {
-        self.write_all_backends(dp, s)?;
-        self.write_owners_and_table(dp, id, s)?;
+        let ids = self.write_all_backends(dp, s)?;
+        self.write_owners_and_table(dp, id, s, &ids)?;
         for (key, bid) in stale {
             self.remove_backend(dp, key, bid)?;
         }
@@ -422,14 +506,16 @@ impl Programmer {
     }
 
     /// Gives every backend of `s` an id (new ones the next free id) and writes those
-    /// whose entry changed.
-    fn write_all_backends(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<()> {
+    /// whose entry changed. Returns the ids, in the order of `s.backends`.
+    fn write_all_backends(&mut self, dp: &mut Dataplane, s: &DesiredService) -> Result<Vec<u32>> {
         let max_backends = dp.options().max_backends;
+        let mut changed = Vec::new();
+        let mut ids = Vec::with_capacity(s.backends.len());
         for b in &s.backends {
             let key = (s.frontend, b.addr, b.port);
-            let id = match self.backends.get(&key) {
-                Some(&id) => id,
-                None => {
+            let id = match self.backends.entry(key) {
+                std::collections::btree_map::Entry::Occupied(e) => *e.get(),
+                std::collections::btree_map::Entry::Vacant(e) => {
                     let keys = &self.backend_keys;
                     let id = allocate(
                         |id| keys.contains_key(&id),
@@ -437,18 +523,19 @@ impl Programmer {
                         max_backends,
                     )
                     .context("no free backend id (capacity is checked before)")?;
-                    self.backends.insert(key, id);
+                    e.insert(id);
                     self.backend_keys.insert(id, key);
                     id
                 }
             };
+            ids.push(id);
             let value = (b.addr, b.port, b.state);
             if self.written_backends.get(&id) != Some(&value) {
-                dp.set_backend(id, b.addr, b.port, b.state)?;
-                self.written_backends.insert(id, value);
+                changed.push((id, b.addr, b.port, b.state));
             }
         }
-        Ok(())
+        self.write_backend_entries(dp, &changed)?;
+        Ok(ids)
     }
 
     /// Records which service each backend of `s` belongs to, for `lb` commands and
@@ -459,15 +546,20 @@ impl Programmer {
         dp: &mut Dataplane,
         id: u32,
         s: &DesiredService,
+        ids: &[u32],
     ) -> Result<()> {
-        for b in &s.backends {
-            let bid = self.backends[&(s.frontend, b.addr, b.port)];
-            if self.written_owners.get(&bid) != Some(&id) {
-                dp.set_backend_service(bid, id)?;
+        let changed: Vec<(u32, u32)> = ids
+            .iter()
+            .filter(|bid| self.written_owners.get(bid) != Some(&id))
+            .map(|&bid| (bid, id))
+            .collect();
+        if !changed.is_empty() {
+            dp.set_backend_services(&changed)?;
+            for (bid, _) in changed {
                 self.written_owners.insert(bid, id);
             }
         }
-        self.publish_table(dp, id, s)
+        self.publish_table(dp, id, s, ids)
     }
 
     /// Clears backend `id` (`key`) in the data plane and forgets it; its id is free again.
@@ -526,7 +618,12 @@ mod tests {
             session_affinity: None,
             tls: false,
         };
-        let list = failover_list(&s, |b| u32::from(b.addr.octets()[3]));
+        let ids: Vec<u32> = s
+            .backends
+            .iter()
+            .map(|b| u32::from(b.addr.octets()[3]))
+            .collect();
+        let list = failover_list(&s, &ids);
         assert_eq!(list, vec![4, 2, 1, 7]);
     }
 
@@ -558,7 +655,7 @@ mod tests {
             tls: false,
         };
         assert_eq!(
-            failover_list(&s, |b| u32::from(b.addr.octets()[3])).len(),
+            failover_list(&s, &(1..=40).collect::<Vec<u32>>()).len(),
             FALLBACK_LEN as usize
         );
     }

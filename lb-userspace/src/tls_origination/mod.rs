@@ -461,7 +461,6 @@ impl Forwarder {
         service: &str,
         client: SocketAddrV4,
     ) -> Option<(TlsStream<TcpStream>, SocketAddrV4)> {
-        let svc = self.reader.service(frontend)?;
         let flow = FlowKey {
             src: AddrBe::v4(client.ip().octets()),
             dst: AddrBe::v4(frontend.vip.octets()),
@@ -473,13 +472,15 @@ impl Forwarder {
         };
         let slot = |s| self.reader.slot(s);
         let backend = |id| self.reader.backend(id);
-        let (first, mut chosen, _) = lb_common::selection::select(
-            svc.table_offset,
-            svc.table_len,
-            flow_hash(&flow),
-            slot,
-            backend,
-        )?;
+        let (_, (first, mut chosen, _)) = self.reader.consistent(frontend, |svc| {
+            lb_common::selection::select(
+                svc.table_offset,
+                svc.table_len,
+                flow_hash(&flow),
+                slot,
+                backend,
+            )
+        })?;
         let mut id = first;
         let mut cursor = 0;
         for attempt in 0..=self.connect_retries {
@@ -524,15 +525,16 @@ impl Forwarder {
                 break;
             }
             // The service as published now: an ejection may have changed its list.
-            let svc = self.reader.service(frontend)?;
-            let (next, pos) = lb_common::selection::next_in_failover_list(
-                svc.table_offset + svc.table_len,
-                u32::from(svc.fallback_len),
-                cursor,
-                [id, first],
-                slot,
-                backend,
-            )?;
+            let (_, (next, pos)) = self.reader.consistent(frontend, |svc| {
+                lb_common::selection::next_in_failover_list(
+                    svc.table_offset + svc.table_len,
+                    u32::from(svc.fallback_len),
+                    cursor,
+                    [id, first],
+                    slot,
+                    backend,
+                )
+            })?;
             id = next;
             cursor = pos + 1;
             chosen = self.reader.backend(id)?;

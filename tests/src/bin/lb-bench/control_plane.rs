@@ -203,7 +203,8 @@ fn services_of(services: usize, endpoints: usize) -> Vec<lb::model::Service> {
                     address: Ipv4Addr::from(0x0ac8_0000 + (i * endpoints + j) as u32),
                     port: 8080,
                     locality: localities[j % localities.len()].clone(),
-                    labels: Default::default(),
+                    // As a parsed configuration shares them.
+                    labels: lb::model::no_labels(),
                     weight: 1,
                     hostname: None,
                 })

@@ -118,20 +118,21 @@ pub fn next<P: Packet>(
     } else {
         None
     };
+    // Whether the slot already holds this destination's current next hop: a packet
+    // longer than its MTU (a GRO-merged skb, say) is looked up without rewriting it.
+    let mut current = false;
     if let Some(nh) = cached {
         // SAFETY: pointer to this CPU's live map value returned by the kernel.
         let nh = unsafe { &*nh };
-        if nh.generation == generation
-            && nh.dst == dst
-            && nh.ingress_ifindex == ingress_ifindex
-            && u32::from(tot_len) <= nh.mtu
-        {
+        current =
+            nh.generation == generation && nh.dst == dst && nh.ingress_ifindex == ingress_ifindex;
+        if current && u32::from(tot_len) <= nh.mtu {
             let next = Next::Redirect {
                 ifindex: nh.ifindex,
                 smac: nh.smac,
                 dmac: nh.dmac,
             };
-            // The agent bumps the generation when the XDP targets change too.
+            // The XDP targets change apart from routing: checked for every packet.
             if hook == Hook::Xdp && XDP_TARGETS.get(nh.ifindex).is_none() {
                 return Next::Stack(Counter::EventStackXdpTarget);
             }
@@ -160,7 +161,7 @@ pub fn next<P: Packet>(
             if hook == Hook::Xdp && XDP_TARGETS.get(fib.ifindex).is_none() {
                 return Next::Stack(Counter::EventStackXdpTarget);
             }
-            if let Some(nh) = cached {
+            if let Some(nh) = cached.filter(|_| !current) {
                 let mtu = route_mtu(ctx, &fib, ingress_ifindex);
                 // SAFETY: pointer to this CPU's live map value returned by the kernel.
                 unsafe {

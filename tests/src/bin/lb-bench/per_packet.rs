@@ -328,7 +328,7 @@ fn measure(args: &Options) -> Result<String> {
         let (ok_plain, ok_http) = (http_ok(&dp, &WEB)?, http_ok(&dp, &WEB_HTTP)?);
         let unparsed = dp.counter(Counter::EventHttpUnparsed)?;
 
-        const PATHS: [&str; 12] = [
+        const PATHS: [&str; 13] = [
             "new TCP flow",
             "established flow",
             "reply (reverse NAT)",
@@ -341,6 +341,7 @@ fn measure(args: &Options) -> Result<String> {
             "new TCP flow, session affinity, new client",
             "forwarding alone (a program doing only the route lookup, MACs and redirect lb does after a rewrite)",
             "established flow, next-hop cache off (a route lookup per packet)",
+            "established flow, next-hop cache miss (the lookup, the route's MTU, the slot written)",
         ];
         let forward_prog = baseline.program_mut(forward_name).context("forward")?;
         anyhow::ensure!(
@@ -362,13 +363,17 @@ fn measure(args: &Options) -> Result<String> {
                 if path == 11 {
                     dp.set_nexthop_cache(false)?;
                 }
-                let prog = match path {
-                    0..8 | 11 => dp.program_mut(prog_name)?,
-                    8 | 9 => dp_affinity.program_mut(prog_name)?,
-                    _ => baseline.program_mut(forward_name).context("forward")?,
-                };
                 let mut t = Vec::with_capacity(per_round);
                 for i in 0..per_round {
+                    if path == 12 {
+                        // Every cached next hop stale: this run misses and refills.
+                        dp.routing_changed()?;
+                    }
+                    let prog = match path {
+                        0..8 | 11 | 12 => dp.program_mut(prog_name)?,
+                        8 | 9 => dp_affinity.program_mut(prog_name)?,
+                        _ => baseline.program_mut(forward_name).context("forward")?,
+                    };
                     let packet = match path {
                         0 => &new_flows[round * per_round + i],
                         1 => &est,

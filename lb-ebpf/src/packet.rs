@@ -333,6 +333,16 @@ impl TcPacket {
     }
 }
 
+impl TcPacket {
+    /// `N` bytes at `off` of the linear data (headers, made linear at `new`).
+    #[inline(always)]
+    fn load_direct<const N: usize>(&self, off: usize) -> Result<[u8; N], ()> {
+        let p: *const [u8; N] = header_at(self.data(), self.data_end(), off).ok_or(())?;
+        // SAFETY: bounds checked by header_at.
+        Ok(unsafe { p.read_unaligned() })
+    }
+}
+
 impl Packet for TcPacket {
     #[inline(always)]
     fn data(&self) -> usize {
@@ -351,7 +361,7 @@ impl Packet for TcPacket {
 
     #[inline(always)]
     fn rewrite(&mut self, end: End, l4: u8, old: Endpoint, new: Endpoint) -> Result<(), ()> {
-        let (addr_off, port_off) = offsets(end);
+        let (addr_off, _) = offsets(end);
         let (check_off, mangled0) = if l4 == proto::TCP {
             (TCP_CHECK_OFF, 0)
         } else {
@@ -370,9 +380,28 @@ impl Packet for TcPacket {
             .map_err(|_| ())?;
         c.l3_csum_replace(IP_CHECK_OFF, old.addr as u64, new.addr as u64, 4)
             .map_err(|_| ())?;
-        c.store(addr_off, &new.addr, 0).map_err(|_| ())?;
-        c.store(port_off, &new.port, 0).map_err(|_| ())?;
-        Ok(())
+        // The address and the port in one store: with the bytes between them as they
+        // are (the other address, or the source port), one helper call instead of two.
+        let (addr, port) = (new.addr.to_ne_bytes(), new.port.to_ne_bytes());
+        match end {
+            End::Dst => {
+                // Destination address, source port, destination port.
+                let sport: [u8; 2] = self.load_direct(L4_OFF)?;
+                let span = [
+                    addr[0], addr[1], addr[2], addr[3], sport[0], sport[1], port[0], port[1],
+                ];
+                c.store(addr_off, &span, 0).map_err(|_| ())
+            }
+            End::Src => {
+                // Source address, destination address, source port.
+                let dst: [u8; 4] = self.load_direct(IP_DST_OFF)?;
+                let span = [
+                    addr[0], addr[1], addr[2], addr[3], dst[0], dst[1], dst[2], dst[3], port[0],
+                    port[1],
+                ];
+                c.store(addr_off, &span, 0).map_err(|_| ())
+            }
+        }
     }
 
     #[inline(always)]

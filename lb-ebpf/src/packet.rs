@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{csum, proto, Counter};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
     maps::XDP_TARGETS,
@@ -105,20 +105,8 @@ impl XdpPacket {
         let ifindex = unsafe { (*self.ctx.ctx).ingress_ifindex };
         let ctx = self.ctx.as_ptr();
         match route::next(self, ctx, ifindex, Hook::Xdp) {
-            Next::Redirect {
-                ifindex,
-                smac,
-                dmac,
-            } => {
-                let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
-                    return xdp_action::XDP_PASS;
-                };
+            Next::Redirect { ifindex } => {
                 stats::count(Counter::EventRedirected);
-                // SAFETY: bounds checked by header_at.
-                unsafe {
-                    (*eth).dst_addr = dmac;
-                    (*eth).src_addr = smac;
-                }
                 // The target was in the map a moment ago (`route::next`); should the agent
                 // have just removed it, the frame is dropped (XDP_ABORTED), as it would be
                 // by a device that cannot take it.
@@ -298,22 +286,11 @@ impl TcPacket {
         let ifindex = unsafe { (*self.ctx.skb.skb).ifindex };
         let ctx = self.ctx.as_ptr();
         match route::next(self, ctx, ifindex, hook) {
-            Next::Redirect {
-                ifindex,
-                smac,
-                dmac,
-            } => {
-                let Some(eth) = header_at::<EthHdr>(self.data(), self.data_end(), 0) else {
-                    return TC_ACT_OK;
-                };
+            Next::Redirect { ifindex } => {
                 stats::count(Counter::EventRedirected);
-                // SAFETY: bounds checked by header_at; the helper checks the ifindex.
-                unsafe {
-                    (*eth).dst_addr = dmac;
-                    (*eth).src_addr = smac;
-                    // TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad ifindex.
-                    bpf_redirect(ifindex, 0) as i32
-                }
+                // TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad ifindex.
+                // SAFETY: a plain helper call; the kernel checks the ifindex.
+                unsafe { bpf_redirect(ifindex, 0) as i32 }
             }
             Next::ResolveNeighbour { ifindex } => {
                 stats::count(Counter::EventRedirected);

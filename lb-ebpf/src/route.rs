@@ -35,7 +35,7 @@ use lb_common::{
     maps::{nexthop_slot, NextHop},
     Counter,
 };
-use network_types::ip::Ipv4Hdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     maps::{NEXTHOP_CACHE, ROUTING_GENERATION, XDP_TARGETS},
@@ -51,12 +51,8 @@ const IP_CHECK_OFF: usize = ETH_LEN + 10;
 
 /// Where a rewritten packet goes.
 pub enum Next {
-    /// To `ifindex`, whose next hop's MAC is `dmac` (from `smac`); the TTL was decremented.
-    Redirect {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
+    /// To `ifindex`: the TTL was decremented and the next hop's MAC addresses written.
+    Redirect { ifindex: u32 },
     /// TC: to `ifindex`, the next hop not yet resolved: `bpf_redirect_neigh` resolves it.
     ResolveNeighbour { ifindex: u32 },
     /// To the stack, for the counted reason; the packet is as the rewrite left it.
@@ -127,19 +123,15 @@ pub fn next<P: Packet>(
         current =
             nh.generation == generation && nh.dst == dst && nh.ingress_ifindex == ingress_ifindex;
         if current && u32::from(tot_len) <= nh.mtu {
-            let next = Next::Redirect {
-                ifindex: nh.ifindex,
-                smac: nh.smac,
-                dmac: nh.dmac,
-            };
             // The XDP targets change apart from routing: checked for every packet.
             if hook == Hook::Xdp && XDP_TARGETS.get(nh.ifindex).is_none() {
                 return Next::Stack(Counter::EventStackXdpTarget);
             }
-            if routed && decrement_ttl(pkt, ttl, protocol, check).is_err() {
-                return Next::Stack(Counter::EventStackNotForwarded);
+            let (ifindex, smac, dmac) = (nh.ifindex, nh.smac, nh.dmac);
+            let next = send_to(pkt, routed, (ttl, protocol, check), ifindex, smac, dmac);
+            if matches!(next, Next::Redirect { .. }) {
+                stats::count(Counter::EventNexthopCached);
             }
-            stats::count(Counter::EventNexthopCached);
             return next;
         }
     }
@@ -153,7 +145,7 @@ pub fn next<P: Packet>(
     fib.__bindgen_anon_4.ipv4_dst = dst;
     // SAFETY: a valid context and a parameter block of the size given.
     let rc = unsafe { bpf_fib_lookup(ctx, &mut fib, size_of::<FibParams>() as i32, 0) } as u32;
-    let next = match rc {
+    match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // An XDP frame redirected to a device that cannot take it is dropped after
             // the program (by the driver): only the agent's known targets, checked before
@@ -176,28 +168,56 @@ pub fn next<P: Packet>(
                     }
                 };
             }
-            Next::Redirect {
+            send_to(
+                pkt,
+                routed,
+                (ttl, protocol, check),
+                fib.ifindex,
+                fib.smac,
+                fib.dmac,
+            )
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH if hook == Hook::Xdp => Next::Stack(Counter::EventStackNoNeigh),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            if routed && decrement_ttl(pkt, ttl, protocol, check).is_err() {
+                return Next::Stack(Counter::EventStackNotForwarded);
+            }
+            Next::ResolveNeighbour {
                 ifindex: fib.ifindex,
-                smac: fib.smac,
-                dmac: fib.dmac,
             }
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH if hook == Hook::Xdp => {
-            return Next::Stack(Counter::EventStackNoNeigh)
-        }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Next::ResolveNeighbour {
-            ifindex: fib.ifindex,
-        },
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Next::Stack(Counter::EventStackFragNeeded),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Next::Stack(Counter::EventStackFragNeeded),
         // Local delivery (a reply to the node's own connection), broadcast, multicast,
         // or no route.
-        BPF_FIB_LKUP_RET_NOT_FWDED => return Next::Stack(Counter::EventStackNotUnicast),
-        _ => return Next::Stack(Counter::EventStackNotForwarded),
-    };
+        BPF_FIB_LKUP_RET_NOT_FWDED => Next::Stack(Counter::EventStackNotUnicast),
+        _ => Next::Stack(Counter::EventStackNotForwarded),
+    }
+}
+
+/// The packet made ready for the next hop `ifindex`: TTL − 1 when `routed` (`ip`: its
+/// TTL, protocol and header checksum as read), the next hop's MAC addresses written.
+#[inline(always)]
+fn send_to<P: Packet>(
+    pkt: &mut P,
+    routed: bool,
+    ip: (u8, u8, u16),
+    ifindex: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+) -> Next {
+    let (ttl, protocol, check) = ip;
     if routed && decrement_ttl(pkt, ttl, protocol, check).is_err() {
         return Next::Stack(Counter::EventStackNotForwarded);
     }
-    next
+    let Some(eth) = header_at::<EthHdr>(pkt.data(), pkt.data_end(), 0) else {
+        return Next::Stack(Counter::EventStackNotForwarded);
+    };
+    // SAFETY: bounds checked by header_at; the Ethernet header is linear in both contexts.
+    unsafe {
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
+    }
+    Next::Redirect { ifindex }
 }
 
 /// The MTU of the route `found` holds (the parameters as the lookup left them): asked of a

@@ -18,6 +18,68 @@ use lb_tests::{
 
 const ADMIN: &str = "127.0.0.1:15000";
 
+/// The test bed with `lb agent` running in its node, ready, its admin endpoint at
+/// [`ADMIN`]. (Fields drop in order: the agent stops before the namespaces go.)
+struct Balanced {
+    _agent: AgentProcess,
+    _dir: TempDir,
+    bed: TestBed,
+}
+
+impl Balanced {
+    fn start(mode: AttachMode, prefix: &str) -> Self {
+        let bed = TestBed::new(mode).unwrap();
+        let dir = TempDir::new(prefix).unwrap();
+        let config = dir.0.join("lb.yaml");
+        write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
+        let agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN]).unwrap();
+        let balanced = Self {
+            _agent: agent,
+            _dir: dir,
+            bed,
+        };
+        wait_until(&balanced.bed.node, Duration::from_secs(20), || {
+            balanced.get("/ready").map(drop)
+        })
+        .expect("the agent becomes ready");
+        balanced
+    }
+
+    /// `GET path` on the admin endpoint: the body of a 200.
+    fn get(&self, path: &str) -> Result<String> {
+        let admin: SocketAddr = ADMIN.parse().unwrap();
+        match self
+            .bed
+            .node
+            .run(|| http_request(admin, "GET", path, &[], Duration::from_secs(2)))?
+        {
+            (200, body) => Ok(body),
+            (status, body) => bail!("{path}: {status} {body}"),
+        }
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/config_dump").unwrap()).unwrap()
+    }
+
+    /// One of lb's event counters, from `/metrics`.
+    fn event(&self, name: &str) -> u64 {
+        event(&self.get("/metrics").unwrap(), name)
+    }
+
+    /// `n` calls through the VIP, each answered by a backend.
+    fn calls(&self, n: usize) {
+        for i in 0..n {
+            let answer = self
+                .bed
+                .client
+                .run(|| http_get(vip_http(), "/", DEFAULT_TIMEOUT))
+                .unwrap_or_else(|e| panic!("call {i} through the VIP: {e:#}"));
+            assert!(answer.starts_with("backend-"), "{answer}");
+        }
+    }
+}
+
 /// A veth can take frames redirected to it only while its peer receives through NAPI (GRO
 /// on, or an XDP program): the kernel's `xdp-features` say so, lb's listing follows, and
 /// a data plane loaded then has it in its map.
@@ -86,28 +148,10 @@ fn xdp_redirects_to_backends_and_follows_their_links() {
     if !require_root() {
         return;
     }
-    let bed = TestBed::new(AttachMode::Xdp).unwrap();
-    let dir = TempDir::new("lbxdp").unwrap();
-    let config = dir.0.join("lb.yaml");
-    write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
-    let _agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN]).unwrap();
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let get = |path: &str| -> Result<String> {
-        match bed
-            .node
-            .run(|| http_request(admin, "GET", path, &[], Duration::from_secs(2)))?
-        {
-            (200, body) => Ok(body),
-            (status, body) => bail!("{path}: {status} {body}"),
-        }
-    };
-    wait_until(&bed.node, Duration::from_secs(20), || {
-        get("/ready").map(drop)
-    })
-    .expect("the agent becomes ready");
+    let lb = Balanced::start(AttachMode::Xdp, "lbxdp");
+    let bed = &lb.bed;
     let targets = || -> Vec<String> {
-        let dump: serde_json::Value = serde_json::from_str(&get("/config_dump").unwrap()).unwrap();
-        dump["xdp_redirect_targets"]
+        lb.config_dump()["xdp_redirect_targets"]
             .as_array()
             .unwrap()
             .iter()
@@ -125,21 +169,13 @@ fn xdp_redirects_to_backends_and_follows_their_links() {
             targets()
         );
     }
-    let calls = |n: usize| {
-        for i in 0..n {
-            let answer = bed
-                .client
-                .run(|| http_get(vip_http(), "/", DEFAULT_TIMEOUT))
-                .unwrap_or_else(|e| panic!("call {i} through the VIP: {e:#}"));
-            assert!(answer.starts_with("backend-"), "{answer}");
-        }
-    };
     // Resolves each backend's neighbour entry (XDP cannot; the stack does).
-    calls(12);
+    lb.calls(12);
 
-    let (stack_before, metrics_before) = (forwarded_by_stack(&bed.node), get("/metrics").unwrap());
-    calls(30);
-    let (stack_after, metrics) = (forwarded_by_stack(&bed.node), get("/metrics").unwrap());
+    let (stack_before, metrics_before) =
+        (forwarded_by_stack(&bed.node), lb.get("/metrics").unwrap());
+    lb.calls(30);
+    let (stack_after, metrics) = (forwarded_by_stack(&bed.node), lb.get("/metrics").unwrap());
     let fallbacks = event(&metrics, "event_stack_xdp_target")
         + event(&metrics, "event_stack_no_neigh")
         - event(&metrics_before, "event_stack_xdp_target")
@@ -160,10 +196,10 @@ fn xdp_redirects_to_backends_and_follows_their_links() {
         Ok(())
     })
     .expect("the agent takes the link out of the XDP targets");
-    let before = get("/metrics").unwrap();
+    let before = lb.get("/metrics").unwrap();
     let stack_before = forwarded_by_stack(&bed.node);
-    calls(30);
-    let metrics = get("/metrics").unwrap();
+    lb.calls(30);
+    let metrics = lb.get("/metrics").unwrap();
     assert!(
         event(&metrics, "event_stack_xdp_target") > event(&before, "event_stack_xdp_target"),
         "packets to backend 1 counted as going through the stack"
@@ -179,11 +215,11 @@ fn xdp_redirects_to_backends_and_follows_their_links() {
         Ok(())
     })
     .expect("the agent puts the link back in the XDP targets");
-    let before = get("/metrics").unwrap();
-    calls(30);
+    let before = lb.event("event_stack_xdp_target");
+    lb.calls(30);
     assert_eq!(
-        event(&get("/metrics").unwrap(), "event_stack_xdp_target"),
-        event(&before, "event_stack_xdp_target"),
+        lb.event("event_stack_xdp_target"),
+        before,
         "every packet redirected again"
     );
 }
@@ -197,29 +233,9 @@ fn the_nexthop_cache_follows_the_nodes_policy_rules() {
     if !require_root() {
         return;
     }
-    let bed = TestBed::new(AttachMode::Tc).unwrap();
-    let dir = TempDir::new("lbnh").unwrap();
-    let config = dir.0.join("lb.yaml");
-    write_atomically(&config, &topology::config_yaml(&[1, 2, 3], "")).unwrap();
-    let _agent = AgentProcess::start_with(&bed, &config, &["--admin", ADMIN]).unwrap();
-    let admin: SocketAddr = ADMIN.parse().unwrap();
-    let get = |path: &str| -> Result<String> {
-        match bed
-            .node
-            .run(|| http_request(admin, "GET", path, &[], Duration::from_secs(2)))?
-        {
-            (200, body) => Ok(body),
-            (status, body) => bail!("{path}: {status} {body}"),
-        }
-    };
-    wait_until(&bed.node, Duration::from_secs(20), || {
-        get("/ready").map(drop)
-    })
-    .expect("the agent becomes ready");
-    let cache_on = || -> bool {
-        let dump: serde_json::Value = serde_json::from_str(&get("/config_dump").unwrap()).unwrap();
-        dump["nexthop_cache"].as_bool().unwrap()
-    };
+    let lb = Balanced::start(AttachMode::Tc, "lbnh");
+    let bed = &lb.bed;
+    let cache_on = || lb.config_dump()["nexthop_cache"].as_bool().unwrap();
     let wait_cache = |on: bool| {
         wait_until(&bed.node, Duration::from_secs(5), || {
             ensure!(cache_on() == on, "next-hop cache not {on} yet");
@@ -227,17 +243,10 @@ fn the_nexthop_cache_follows_the_nodes_policy_rules() {
         })
         .unwrap_or_else(|e| panic!("{e:#}"));
     };
-    let calls = |n: usize| {
-        for i in 0..n {
-            bed.client
-                .run(|| http_get(vip_http(), "/", DEFAULT_TIMEOUT))
-                .unwrap_or_else(|e| panic!("call {i} through the VIP: {e:#}"));
-        }
-    };
     let cached_during = |n: usize| {
-        let before = event(&get("/metrics").unwrap(), "event_nexthop_cached");
-        calls(n);
-        event(&get("/metrics").unwrap(), "event_nexthop_cached") - before
+        let before = lb.event("event_nexthop_cached");
+        lb.calls(n);
+        lb.event("event_nexthop_cached") - before
     };
     wait_cache(true);
     assert!(cached_during(10) > 0, "packets reuse their next hop");

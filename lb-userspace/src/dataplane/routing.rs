@@ -170,20 +170,10 @@ pub async fn follow(agent: std::sync::Weak<std::sync::Mutex<crate::agent::Agent>
             ])
             .context("subscribing to routing changes")?;
             let connection = tokio::spawn(connection);
-            let _abort = AbortOnDrop(connection);
+            let _abort = crate::interfaces::AbortOnDrop(connection);
             let mut cacheable = uncacheable_routing(&handle).await?;
-            let set = |on: bool| -> bool {
-                let Some(agent) = agent.upgrade() else {
-                    return false;
-                };
-                let mut agent = crate::agent::lock(&agent);
-                if let Err(e) = agent.dataplane.set_nexthop_cache(on) {
-                    warn!("{e:#}");
-                }
-                true
-            };
             report(&cacheable);
-            if !set(cacheable.is_none()) {
+            if !apply(&agent, &cacheable) {
                 return Ok(());
             }
             while let Some((message, _)) = futures_util::StreamExt::next(&mut messages).await {
@@ -200,33 +190,21 @@ pub async fn follow(agent: std::sync::Weak<std::sync::Mutex<crate::agent::Agent>
                         cacheable = now;
                     }
                 }
-                let Some(agent) = agent.upgrade() else {
+                if !apply(&agent, &cacheable) {
                     return Ok(());
-                };
-                let mut agent = crate::agent::lock(&agent);
-                let outcome = if cacheable.is_none() && !agent.dataplane.nexthop_cache_on() {
-                    agent.dataplane.set_nexthop_cache(true)
-                } else if cacheable.is_some() {
-                    agent.dataplane.set_nexthop_cache(false)
-                } else {
-                    agent.dataplane.routing_changed()
-                };
-                if let Err(e) = outcome {
-                    warn!("{e:#}");
                 }
             }
             anyhow::bail!("the netlink socket closed")
         }
         .await;
-        if agent.upgrade().is_none() {
+        let Some(strong) = agent.upgrade() else {
             return;
-        }
+        };
         // Changes may be missed until subscribed again: nothing cached counts meanwhile.
-        if let Some(agent) = agent.upgrade() {
-            let _ = crate::agent::lock(&agent)
-                .dataplane
-                .set_nexthop_cache(false);
-        }
+        let _ = crate::agent::lock(&strong)
+            .dataplane
+            .set_nexthop_cache(false);
+        drop(strong);
         match result {
             Ok(()) => return,
             Err(e) => warn!("following routing changes: {e:#}; subscribing again in 1 s"),
@@ -235,20 +213,32 @@ pub async fn follow(agent: std::sync::Weak<std::sync::Mutex<crate::agent::Agent>
     }
 }
 
+/// After a routing change (or at the start): the cache off while the routing is one it
+/// cannot hold, else on, with nothing cached before counting. `false`: the agent is gone.
+fn apply(
+    agent: &std::sync::Weak<std::sync::Mutex<crate::agent::Agent>>,
+    uncacheable: &Option<String>,
+) -> bool {
+    let Some(agent) = agent.upgrade() else {
+        return false;
+    };
+    let dataplane = &mut crate::agent::lock(&agent).dataplane;
+    let outcome = match (uncacheable, dataplane.nexthop_cache_on()) {
+        (Some(_), _) => dataplane.set_nexthop_cache(false),
+        (None, true) => dataplane.routing_changed(),
+        (None, false) => dataplane.set_nexthop_cache(true),
+    };
+    if let Err(e) = outcome {
+        warn!("{e:#}");
+    }
+    true
+}
+
 fn report(uncacheable: &Option<String>) {
     match uncacheable {
         None => info!("next-hop cache on: routes follow from destination and interface"),
         Some(why) => {
             info!("next-hop cache off ({why}): every forwarded packet is looked up in the FIB")
         }
-    }
-}
-
-/// Ends the connection task when the subscription ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

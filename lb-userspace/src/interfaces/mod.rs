@@ -12,6 +12,7 @@
 mod watch;
 
 pub use watch::watch;
+pub(crate) use watch::AbortOnDrop;
 
 use std::collections::BTreeMap;
 

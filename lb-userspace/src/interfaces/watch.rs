@@ -94,8 +94,8 @@ async fn follow(agent: &Mutex<Agent>, selector: &Selector) -> Result<()> {
     anyhow::bail!("the netlink socket closed")
 }
 
-/// Ends the connection task when the subscription ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Ends a netlink connection's task when its subscription ends.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
